@@ -1,0 +1,131 @@
+"""Configuration value objects: ``Limits`` (the governor) and ``Thresholds`` (routing)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from .errors import ConfigError
+
+__all__ = ["PRICES_USD_PER_MTOK", "Limits", "Thresholds", "price_for"]
+
+# Public list prices, USD per million tokens (input, output). Unknown models cost 0 unless
+# the user sets Limits(input_usd_per_mtok=..., output_usd_per_mtok=...).
+PRICES_USD_PER_MTOK: dict[str, tuple[float, float]] = {
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-4.1": (2.00, 8.00),
+}
+
+
+def price_for(model: str) -> tuple[float, float]:
+    """(input, output) USD per million tokens for a known model name, else (0, 0)."""
+    if model in PRICES_USD_PER_MTOK:
+        return PRICES_USD_PER_MTOK[model]
+    # dated snapshots such as "gpt-4o-mini-2024-07-18" price like their family
+    for name in sorted(PRICES_USD_PER_MTOK, key=len, reverse=True):
+        if model.startswith(name + "-"):
+            return PRICES_USD_PER_MTOK[name]
+    return (0.0, 0.0)
+
+
+def _positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """How the governor spends: concurrency, rates, timeouts, retries and budget.
+
+    Every LLM call goes through one governor configured by this value.
+
+    Example:
+        >>> Limits(concurrency=16, rpm=500, tpm=200_000, timeout=30.0, max_attempts=5)
+        ... # doctest: +ELLIPSIS
+        Limits(concurrency=16, rpm=500, tpm=200000, ...)
+
+    Args:
+        concurrency: LLM calls in flight at once (the semaphore), also the number of workers.
+        rpm: requests per minute; ``None`` for no limit. A fresh limiter lets at most
+            ``rpm`` requests start in any 60 s window (no initial burst).
+        tpm: tokens per minute (estimated before the call, reconciled with the
+            response's usage); ``None`` for no limit.
+        timeout: seconds for one attempt (request and response).
+        max_attempts: attempts per call, first try included, for transient errors
+            (429, 408, 409, 5xx, timeouts, connection errors).
+        max_reasks: how many times instructor re-asks after an invalid answer.
+        backoff_initial, backoff_max: exponential backoff with full jitter, in seconds.
+        budget_tokens, budget_usd: stop new LLM calls once spent; remaining ambiguous items
+            come back as ``review`` records that say why.
+        input_usd_per_mtok, output_usd_per_mtok: prices; ``None`` means the list price of
+            a known model (see ``PRICES_USD_PER_MTOK``), else 0.
+    """
+
+    concurrency: int = 16
+    rpm: float | None = None
+    tpm: float | None = None
+    timeout: float = 30.0
+    max_attempts: int = 5
+    max_reasks: int = 2
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    budget_tokens: int | None = None
+    budget_usd: float | None = None
+    input_usd_per_mtok: float | None = None
+    output_usd_per_mtok: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int):
+            raise ConfigError(f"concurrency must be an int >= 1, got {self.concurrency!r}")
+        if self.concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be an int >= 1, got {self.max_attempts!r}")
+        if not isinstance(self.max_reasks, int) or self.max_reasks < 0:
+            raise ConfigError(f"max_reasks must be an int >= 0, got {self.max_reasks!r}")
+        _positive("rpm", self.rpm)
+        _positive("tpm", self.tpm)
+        _positive("timeout", self.timeout, allow_none=False)
+        _positive("backoff_initial", self.backoff_initial, allow_none=False)
+        _positive("backoff_max", self.backoff_max, allow_none=False)
+        _positive("budget_tokens", self.budget_tokens)
+        _positive("budget_usd", self.budget_usd)
+        for name in ("input_usd_per_mtok", "output_usd_per_mtok"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ConfigError(f"{name} must be >= 0, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Thresholds:
+    """Routing thresholds on the top candidate's score (cosine-like, in [0, 1]).
+
+    ``top >= accept and top - runner_up >= margin`` -> matched without an LLM call;
+    ``top < novel`` -> novel; anything else goes to the LLM. ``accept > 1`` sends every
+    non-novel query to the LLM (an audit).
+    """
+
+    accept: float = 0.92
+    margin: float = 0.05
+    novel: float = 0.45
+    calibrated: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("accept", "margin", "novel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{name} threshold must be a number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} threshold must be finite and >= 0, got {value!r}")
+        if self.novel > 1:
+            raise ConfigError(f"novel_threshold must be <= 1, got {self.novel}")
+
+    def as_dict(self) -> dict[str, float]:
+        d = asdict(self)
+        d.pop("calibrated")
+        return {k: float(v) for k, v in d.items()}

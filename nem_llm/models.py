@@ -1,0 +1,177 @@
+"""Pydantic value types that cross the public API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "Attempt",
+    "Candidate",
+    "DecidedBy",
+    "Diagnosis",
+    "Entity",
+    "Explanation",
+    "MatchResult",
+    "MatchStatus",
+    "RunStats",
+    "Usage",
+]
+
+MatchStatus = Literal["matched", "novel", "review", "error"]
+DecidedBy = Literal["embedding", "llm", "cache"]
+
+
+class Entity(BaseModel):
+    """One catalog entry: an id, a name, optional aliases, description and attributes.
+
+    Example:
+        >>> Entity(id="US", name="United States", aliases=["USA", "America"])
+        Entity(id='US', name='United States', aliases=['USA', 'America'], description='', attributes={})
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    aliases: list[str] = Field(default_factory=list)
+    description: str = ""
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("id", "name")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_not_blank(cls, value: list[str]) -> list[str]:
+        for i, alias in enumerate(value):
+            if not alias.strip():
+                raise ValueError(f"alias {i} is blank")
+        return value
+
+    def surface_forms(self) -> list[str]:
+        """The name followed by each distinct alias: the strings that get a vector."""
+        forms = [self.name]
+        for alias in self.aliases:
+            if alias not in forms:
+                forms.append(alias)
+        return forms
+
+
+class Candidate(BaseModel):
+    """A catalog entity retrieved for a query, with its similarity score in [0, 1]."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str
+    score: float
+    dense_score: float | None = None
+    lexical_score: float | None = None
+    matched_form: str | None = None
+
+
+class Usage(BaseModel):
+    """Tokens spent; added up per attempt, per result and per run."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            total_tokens=self.total_tokens + other.total_tokens,
+            cost_usd=self.cost_usd + other.cost_usd,
+        )
+
+
+class Attempt(BaseModel):
+    """One try of one LLM call, as the governor saw it."""
+
+    number: int
+    outcome: Literal["ok", "retry", "failed", "cancelled"]
+    error_type: str | None = None
+    error: str | None = None
+    status_code: int | None = None
+    latency_s: float = 0.0
+    waited_s: float = 0.0
+    usage: Usage = Field(default_factory=Usage)
+
+
+class MatchResult(BaseModel):
+    """The answer for one query.
+
+    ``status``: ``matched`` (``entity_id`` set), ``novel`` (not in the catalog), ``review``
+    (ambiguous and nobody could decide: no LLM configured, budget spent), ``error`` (this
+    item failed; ``error`` says why). ``decided_by`` says who decided.
+    """
+
+    query: str
+    index: int = 0
+    status: MatchStatus
+    entity_id: str | None = None
+    entity_name: str | None = None
+    score: float | None = None
+    decided_by: DecidedBy | None = None
+    candidates: list[Candidate] = Field(default_factory=list)
+    reason: str = ""
+    confidence: float | None = None
+    usage: Usage = Field(default_factory=Usage)
+    attempts: list[Attempt] = Field(default_factory=list)
+    error: str | None = None
+    error_type: str | None = None
+    latency_s: float = 0.0
+
+
+class Explanation(BaseModel):
+    """What ``explain_match`` returns: the result plus how routing saw it."""
+
+    result: MatchResult
+    candidates: list[Candidate]
+    route: Literal["matched", "novel", "adjudicate"]
+    route_reason: str
+    thresholds: dict[str, float]
+    llm_reason: str | None = None
+
+
+class Diagnosis(BaseModel):
+    """What ``diagnose`` returns: why a query routes as it does, readiness and hints."""
+
+    query: str
+    normalized_query: str
+    ready: bool
+    llm_configured: bool
+    route: Literal["matched", "novel", "adjudicate"]
+    route_reason: str
+    top_score: float | None
+    margin_to_runner_up: float | None
+    thresholds: dict[str, float]
+    hints: list[str] = Field(default_factory=list)
+
+
+class RunStats(BaseModel):
+    """Figures for one batch: counts, LLM calls, retries by cause, tokens, cost, timing."""
+
+    total: int = 0
+    by_status: dict[str, int] = Field(default_factory=dict)
+    by_decided_by: dict[str, int] = Field(default_factory=dict)
+    llm_calls: int = 0
+    llm_attempts: int = 0
+    retries: int = 0
+    retries_by_cause: dict[str, int] = Field(default_factory=dict)
+    reasks: int = 0
+    rate_limited: int = 0
+    usage: Usage = Field(default_factory=Usage)
+    wall_time_s: float = 0.0
+    latency_p50_s: float | None = None
+    latency_p95_s: float | None = None
+    time_to_first_result_s: float | None = None
+    budget_exhausted: bool = False

@@ -1,0 +1,1 @@
+"""OpenAI-compatible simulator (placeholder; being written)."""
