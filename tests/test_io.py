@@ -1,0 +1,597 @@
+"""Tests for nem_llm.io: streaming query readers, results writer and tail repair."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+import nem_llm.io as nio
+from nem_llm.errors import ConfigError, InputError
+from nem_llm.io import (
+    AtomicLineWriter,
+    QueryRow,
+    count_rows,
+    read_jsonl_rows,
+    read_queries,
+    repair_jsonl_tail,
+)
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    if isinstance(text, str):
+        text = text.encode("utf-8")
+    path.write_bytes(text)
+    return path
+
+
+def jsonl(path: Path, *rows: object) -> Path:
+    return write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def summary(rows: list[QueryRow]) -> list[tuple[int, int, str, str | None, str | None]]:
+    return [(r.index, r.line, r.id, r.query, r.error) for r in rows]
+
+
+# --------------------------------------------------------------------------- happy paths
+
+
+def test_jsonl_rows_carry_ids_queries_and_records(tmp_path: Path) -> None:
+    path = jsonl(
+        tmp_path / "q.jsonl",
+        {"id": "a", "query": "USA", "gold_id": "US"},
+        {"id": 7, "query": "Deutschland"},
+    )
+    rows = list(read_queries(path))
+    assert summary(rows) == [(0, 1, "a", "USA", None), (1, 2, "7", "Deutschland", None)]
+    assert rows[0].record == {"id": "a", "query": "USA", "gold_id": "US"}
+    assert rows[0].ok
+
+
+def test_jsonl_query_field_defaults_to_first_known_name(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "q.ndjson", {"name": "n", "text": "t"})
+    assert [r.query for r in read_queries(path)] == ["t"]
+
+
+def test_jsonl_explicit_columns_are_used(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "q.jsonl", {"key": "k1", "mention": "m", "query": "ignored"})
+    rows = list(read_queries(path, query_column="mention", id_column="key"))
+    assert summary(rows) == [(0, 1, "k1", "m", None)]
+
+
+def test_rows_without_id_column_get_their_index_as_id(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "q.jsonl", {"query": "a"}, {"query": "b"})
+    assert [r.id for r in read_queries(path)] == ["0", "1"]
+
+
+def test_csv_handles_quoted_commas_and_embedded_newlines(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "q.csv",
+        "id,text,gold_id\n"
+        'q1,"arnie mortons of chicago, 435 s. la cienega",E1\n'
+        'q2,"two\nlines",E2\n'
+        'q3,"say ""hi""",E3\n',
+    )
+    rows = list(read_queries(path, query_column="text", id_column="id"))
+    assert summary(rows) == [
+        (0, 2, "q1", "arnie mortons of chicago, 435 s. la cienega", None),
+        (1, 3, "q2", "two\nlines", None),
+        (2, 5, "q3", 'say "hi"', None),
+    ]
+    assert rows[1].record == {"id": "q2", "text": "two\nlines", "gold_id": "E2"}
+
+
+def test_csv_with_crlf_line_endings(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", 'id,query\r\nq1,a\r\nq2,"b\r\nc"\r\n')
+    assert summary(list(read_queries(path))) == [
+        (0, 2, "q1", "a", None),
+        (1, 3, "q2", "b\r\nc", None),
+    ]
+
+
+def test_tsv_is_split_on_tabs(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.tsv", "id\tquery\nq1\tAcme, Inc.\n")
+    assert summary(list(read_queries(path))) == [(0, 2, "q1", "Acme, Inc.", None)]
+
+
+def test_txt_yields_one_query_per_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.txt", "USA\r\nDeutschland\n")
+    rows = list(read_queries(path))
+    assert summary(rows) == [(0, 1, "0", "USA", None), (1, 2, "1", "Deutschland", None)]
+    assert rows[0].record is None
+
+
+def test_blank_lines_are_skipped_and_take_no_index(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.jsonl", '{"query": "a"}\n\n   \n{"query": "b"}\n')
+    assert summary(list(read_queries(path))) == [(0, 1, "0", "a", None), (1, 4, "1", "b", None)]
+
+
+def test_utf8_bom_is_stripped_from_jsonl(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.jsonl", b'\xef\xbb\xbf{"query": "a"}\n')
+    assert [r.query for r in read_queries(path)] == ["a"]
+
+
+def test_utf8_bom_is_stripped_from_csv_header(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", b"\xef\xbb\xbfid,query\nq1,a\n")
+    assert summary(list(read_queries(path))) == [(0, 2, "q1", "a", None)]
+
+
+def test_csv_header_only_yields_nothing(tmp_path: Path) -> None:
+    assert list(read_queries(write(tmp_path / "q.csv", "id,query\n"))) == []
+
+
+# --------------------------------------------------------------------------- row errors
+
+
+def test_malformed_json_line_is_a_row_error_and_reading_continues(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.jsonl", '{"query": "a"}\n{"query": }\n{"query": "c"}\n')
+    assert summary(list(read_queries(path))) == [
+        (0, 1, "0", "a", None),
+        (1, 2, "1", None, "malformed JSON: Expecting value (column 11)"),
+        (2, 3, "2", "c", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("[" * 100_000, "malformed JSON: nested too deeply"),
+        (
+            '{"query": ' + "1" * 5000 + "}",
+            "malformed JSON: Exceeds the limit (4300 digits) for integer string conversion",
+        ),
+    ],
+)
+def test_json_the_parser_cannot_handle_is_a_row_error(
+    tmp_path: Path, line: str, error: str
+) -> None:
+    path = write(tmp_path / "q.jsonl", '{"query": "a"}\n' + line + '\n{"query": "c"}\n')
+    assert summary(list(read_queries(path))) == [
+        (0, 1, "0", "a", None),
+        (1, 2, "1", None, error),
+        (2, 3, "2", "c", None),
+    ]
+
+
+def test_json_that_is_not_an_object_is_a_row_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.jsonl", '{"query": "a"}\n["b"]\n{"query": "c"}\n')
+    rows = list(read_queries(path))
+    assert (rows[1].index, rows[1].line, rows[1].error) == (
+        1,
+        2,
+        "expected a JSON object, got list",
+    )
+    assert rows[2].query == "c"
+
+
+def test_missing_query_field_is_a_row_error(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "q.jsonl", {"query": "a"}, {"other": 1, "gold_id": "G"}, {"query": "c"})
+    rows = list(read_queries(path))
+    assert summary(rows)[1:] == [
+        (1, 2, "1", None, "missing query field 'query'"),
+        (2, 3, "2", "c", None),
+    ]
+    assert rows[1].record == {"other": 1, "gold_id": "G"}
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [(5, "int"), (None, "null"), (["x"], "list"), (True, "bool")]
+)
+def test_non_string_query_is_a_row_error(tmp_path: Path, value: object, kind: str) -> None:
+    path = jsonl(tmp_path / "q.jsonl", {"query": "a"}, {"query": value}, {"query": "c"})
+    rows = list(read_queries(path))
+    assert rows[1].error == f"query is not a string (got {kind})"
+    assert rows[1].query is None
+    assert rows[2].query == "c"
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\t\n"])
+def test_empty_or_whitespace_query_is_a_row_error(tmp_path: Path, value: str) -> None:
+    path = jsonl(tmp_path / "q.jsonl", {"query": "a"}, {"query": value}, {"query": "c"})
+    assert summary(list(read_queries(path)))[1:] == [
+        (1, 2, "1", None, "empty query"),
+        (2, 3, "2", "c", None),
+    ]
+
+
+def test_empty_csv_query_is_a_row_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", "id,query\nq1,\nq2,b\n")
+    assert summary(list(read_queries(path))) == [
+        (0, 2, "q1", None, "empty query"),
+        (1, 3, "q2", "b", None),
+    ]
+
+
+def test_query_over_the_limit_is_a_row_error(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "q.jsonl", {"query": "x" * 11}, {"query": "ok"})
+    assert summary(list(read_queries(path, max_query_chars=10))) == [
+        (0, 1, "0", None, "query is 11 characters (limit 10)"),
+        (1, 2, "1", "ok", None),
+    ]
+
+
+def test_one_megabyte_jsonl_query_is_a_row_error(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "q.jsonl", {"query": "x" * 1_048_577}, {"query": "ok"})
+    assert summary(list(read_queries(path))) == [
+        (0, 1, "0", None, "query is 1,048,577 characters (limit 100,000)"),
+        (1, 2, "1", "ok", None),
+    ]
+
+
+def test_one_megabyte_csv_field_is_a_row_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", f"id,query\nq1,{'x' * 1_048_576}\nq2,ok\n")
+    rows = list(read_queries(path))
+    assert (rows[0].index, rows[0].line, rows[0].query) == (0, 2, None)
+    assert rows[0].error == (
+        "a field is longer than 131,072 characters (the csv module's field_size_limit)"
+    )
+    assert summary(rows)[1] == (1, 3, "q2", "ok", None)
+
+
+def test_huge_multiline_quoted_csv_field_is_skipped_to_its_end(tmp_path: Path) -> None:
+    big = "\n".join(["y" * 1000] * 300)  # 300 lines, ~300k characters, inside quotes
+    path = write(tmp_path / "q.csv", f'id,query\nq1,"{big}"\nq2,ok\n')
+    rows = list(read_queries(path))
+    assert [(r.index, r.line, r.error is None) for r in rows] == [(0, 2, False), (1, 302, True)]
+    assert rows[1].query == "ok"
+
+
+def test_invalid_utf8_jsonl_line_is_a_row_error_that_keeps_its_id(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "q.jsonl",
+        b'{"id": "a", "query": "x"}\n{"id": "b", "query": "caf\xe9"}\n{"id": "c", "query": "z"}\n',
+    )
+    rows = list(read_queries(path))
+    assert summary(rows) == [
+        (0, 1, "a", "x", None),
+        (1, 2, "b", None, "invalid UTF-8 at byte 25"),
+        (2, 3, "c", "z", None),
+    ]
+    assert rows[1].record is None
+
+
+def test_invalid_utf8_in_middle_csv_row_only_errors_that_row(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", b"id,query\nq1,a\nq2,caf\xe9\nq3,c\n")
+    assert summary(list(read_queries(path))) == [
+        (0, 2, "q1", "a", None),
+        (1, 3, "q2", None, "invalid UTF-8 at byte 6"),
+        (2, 4, "q3", "c", None),
+    ]
+
+
+def test_invalid_utf8_on_a_later_line_of_a_csv_record_names_that_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", b'id,query\nq1,"a\nb\xff"\nq2,c\n')
+    assert summary(list(read_queries(path))) == [
+        (0, 2, "q1", None, "invalid UTF-8 at byte 1 of line 3"),
+        (1, 4, "q2", "c", None),
+    ]
+
+
+def test_encoding_errors_replace_keeps_the_row(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.txt", b"caf\xe9\n")
+    assert [r.query for r in read_queries(path, encoding_errors="replace")] == ["caf\ufffd"]
+
+
+def test_encoding_errors_raise_is_fatal(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.txt", b"ok\ncaf\xe9\n")
+    rows = read_queries(path, encoding_errors="raise")
+    assert next(rows).query == "ok"
+    with pytest.raises(InputError, match=r"q\.txt:2: invalid UTF-8 at byte 3"):
+        next(rows)
+
+
+def test_duplicate_ids_error_on_second_and_later_rows(tmp_path: Path) -> None:
+    path = jsonl(
+        tmp_path / "q.jsonl",
+        {"id": "q1", "query": "a"},
+        {"id": "q7", "query": "b"},
+        {"id": "q7", "query": "c"},
+        {"id": "q7", "query": "d"},
+        {"id": "q8", "query": "e"},
+    )
+    assert summary(list(read_queries(path))) == [
+        (0, 1, "q1", "a", None),
+        (1, 2, "q7", "b", None),
+        (2, 3, "q7", None, "duplicate id 'q7' (first seen at line 2)"),
+        (3, 4, "q7", None, "duplicate id 'q7' (first seen at line 2)"),
+        (4, 5, "q8", "e", None),
+    ]
+
+
+def test_missing_id_in_a_later_object_is_a_row_error(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "q.jsonl", {"id": "a", "query": "x"}, {"query": "y"})
+    assert summary(list(read_queries(path)))[1] == (1, 2, "1", None, "missing id field 'id'")
+
+
+def test_csv_row_with_wrong_field_count_is_a_row_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", "id,query\nq1,a\nq2,b,extra\nq3\nq4,d\n")
+    assert summary(list(read_queries(path))) == [
+        (0, 2, "q1", "a", None),
+        (1, 3, "1", None, "expected 2 fields, got 3"),
+        (2, 4, "2", None, "expected 2 fields, got 1"),
+        (3, 5, "q4", "d", None),
+    ]
+
+
+def test_csv_unterminated_quote_is_a_row_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", 'id,query\nq1,a\nq2,"open\nq3,c\n')
+    assert summary(list(read_queries(path))) == [
+        (0, 2, "q1", "a", None),
+        (1, 3, "1", None, "unterminated quoted field (runs to the end of the file)"),
+    ]
+
+
+def test_csv_carriage_return_in_unquoted_field_is_a_row_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", "id,query\nq1,a\rb\nq2,ok\n")
+    assert summary(list(read_queries(path))) == [
+        (0, 2, "0", None, "unreadable CSV record: a line break (\\r) inside an unquoted field"),
+        (1, 3, "q2", "ok", None),
+    ]
+
+
+def test_jsonl_schema_comes_from_the_first_object_not_the_first_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.jsonl", '[1]\n{"id": "x", "text": "t"}\n')
+    assert summary(list(read_queries(path))) == [
+        (0, 1, "0", None, "expected a JSON object, got list"),
+        (1, 2, "x", "t", None),
+    ]
+
+
+def test_over_long_line_is_a_row_error_and_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nio, "MAX_LINE_BYTES", 64)
+    path = write(tmp_path / "q.txt", "a\n" + "x" * 500 + "\nb\n")
+    assert summary(list(read_queries(path, max_query_chars=1))) == [
+        (0, 1, "0", "a", None),
+        (1, 2, "1", None, "line is longer than 64 bytes"),
+        (2, 3, "2", "b", None),
+    ]
+
+
+# --------------------------------------------------------------------------- fatal errors
+
+
+def test_missing_file_is_fatal(tmp_path: Path) -> None:
+    path = tmp_path / "nope.jsonl"
+    with pytest.raises(InputError, match="file not found") as info:
+        read_queries(path)
+    assert info.value.source == str(path)
+    assert str(path) in str(info.value)
+
+
+def test_unknown_extension_is_fatal(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.xlsx", "x")
+    with pytest.raises(InputError, match=r"unknown file extension '\.xlsx'") as info:
+        read_queries(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["q.jsonl", "q.csv", "q.txt"])
+@pytest.mark.parametrize("content", [b"", b"\n  \n", b"\xef\xbb\xbf"])
+def test_empty_file_is_fatal(tmp_path: Path, name: str, content: bytes) -> None:
+    path = write(tmp_path / name, content)
+    with pytest.raises(InputError) as info:
+        read_queries(path)
+    assert str(info.value) == f"{path}:1: file is empty"
+
+
+def test_csv_header_without_configured_query_column_is_fatal(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", "\na,b,c\n1,2,3\n")
+    with pytest.raises(InputError) as info:
+        read_queries(path, query_column="text")
+    assert str(info.value) == f"{path}:2: no column 'text' in header (found: a, b, c)"
+
+
+def test_csv_header_without_any_default_query_column_is_fatal(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", "a,b\n1,2\n")
+    with pytest.raises(InputError, match=r"q\.csv:1: no query column in header") as info:
+        read_queries(path)
+    assert "found: a, b" in str(info.value)
+
+
+def test_csv_header_without_configured_id_column_is_fatal(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", "key,query\n1,a\n")
+    with pytest.raises(InputError) as info:
+        read_queries(path, id_column="id")
+    assert str(info.value) == f"{path}:1: no id column 'id' in header (found: key, query)"
+
+
+def test_jsonl_whose_first_line_is_not_json_is_fatal(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.jsonl", '\nid,query\n{"query": "a"}\n')
+    with pytest.raises(InputError) as info:
+        read_queries(path)
+    assert str(info.value) == (
+        f"{path}:2: not a JSONL file: the first line is not JSON (Expecting value (column 1))"
+    )
+
+
+def test_jsonl_first_object_without_configured_query_field_is_fatal(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "q.jsonl", {"id": 1, "q": "a"})
+    with pytest.raises(InputError) as info:
+        read_queries(path, query_column="text")
+    assert str(info.value) == f"{path}:1: no field 'text' in the first object (found: id, q)"
+
+
+def test_fatal_errors_surface_when_called_not_when_iterated(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", "a,b\n" + "1,2\n" * 10)
+    with pytest.raises(InputError):
+        read_queries(path)  # no iteration needed
+
+
+@pytest.mark.parametrize("kwargs", [{"max_query_chars": 0}, {"encoding_errors": "ignore"}])
+def test_bad_options_raise_config_error(tmp_path: Path, kwargs: dict[str, object]) -> None:
+    path = jsonl(tmp_path / "q.jsonl", {"query": "a"})
+    with pytest.raises(ConfigError):
+        read_queries(path, **kwargs)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_first_row_of_a_huge_file_is_read_without_reading_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "huge.jsonl"
+    line = b'{"id": "q%d", "query": "some mention text of a typical length"}\n'
+    block = b"".join(line % i for i in range(10_000))
+    with path.open("wb") as fh:
+        for _ in range(200):  # 2 million lines, ~130 MB
+            fh.write(block)
+    tracemalloc.start()
+    try:
+        rows = read_queries(path)
+        first = next(rows)
+        rows.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert first.id == "q0"
+    assert peak < 2 * 1024 * 1024
+
+
+def test_closing_the_reader_early_closes_the_file(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "q.jsonl", {"query": "a"}, {"query": "b"})
+    rows = read_queries(path)
+    assert next(rows).query == "a"
+    rows.close()  # no ResourceWarning (filterwarnings=error would turn it into a failure)
+    assert list(rows) == []
+
+
+# --------------------------------------------------------------------------- count_rows
+
+
+def test_count_rows_counts_lines_of_jsonl(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "q.jsonl", *({"query": str(i)} for i in range(5)))
+    assert count_rows(path) == 5
+
+
+def test_count_rows_subtracts_the_csv_header(tmp_path: Path) -> None:
+    assert count_rows(write(tmp_path / "q.csv", "id,query\nq1,a\nq2,b\n")) == 2
+
+
+def test_count_rows_counts_a_last_line_without_newline(tmp_path: Path) -> None:
+    assert count_rows(write(tmp_path / "q.txt", "a\nb")) == 2
+
+
+def test_count_rows_of_a_header_only_csv_is_zero(tmp_path: Path) -> None:
+    assert count_rows(write(tmp_path / "q.csv", "id,query")) == 0
+
+
+def test_count_rows_of_missing_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="file not found"):
+        count_rows(tmp_path / "nope.csv")
+
+
+# --------------------------------------------------------------------------- writer and tail
+
+
+def test_writer_writes_one_json_line_per_row(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    with AtomicLineWriter(path, append=False) as out:
+        assert out.write({"id": "q1", "name": "Zürich"}) == len(
+            '{"id": "q1", "name": "Zürich"}\n'.encode()
+        )
+        out.write({"id": "q2", "text": "a\nb"})
+    assert (
+        path.read_text("utf-8") == '{"id": "q1", "name": "Zürich"}\n{"id": "q2", "text": "a\\nb"}\n'
+    )
+    assert out.closed
+    assert out.rows_written == 2
+
+
+def test_writer_append_keeps_existing_rows(tmp_path: Path) -> None:
+    path = write(tmp_path / "out.jsonl", '{"id": "q1"}\n')
+    with AtomicLineWriter(path, append=True, fsync=True) as out:
+        out.write({"id": "q2"})
+    assert [row["id"] for _, row in read_jsonl_rows(path)] == ["q1", "q2"]
+
+
+def test_writer_without_append_truncates(tmp_path: Path) -> None:
+    path = write(tmp_path / "out.jsonl", '{"id": "old"}\n')
+    with AtomicLineWriter(path, append=False) as out:
+        out.write({"id": "new"})
+    assert path.read_text() == '{"id": "new"}\n'
+
+
+def test_writer_rejects_nan_without_writing_anything(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    with AtomicLineWriter(path, append=False) as out, pytest.raises(ValueError):
+        out.write({"score": float("nan")})
+    assert path.read_bytes() == b""
+
+
+def test_writer_refuses_to_write_after_close(tmp_path: Path) -> None:
+    out = AtomicLineWriter(tmp_path / "out.jsonl", append=False)
+    out.close()
+    out.close()
+    with pytest.raises(ValueError, match="closed"):
+        out.write({"id": 1})
+
+
+def test_repair_cuts_a_torn_last_line_and_returns_bytes_removed(tmp_path: Path) -> None:
+    path = write(tmp_path / "out.jsonl", '{"id": "q1"}\n{"id": "q2"}\n{"id": "q')
+    assert repair_jsonl_tail(path) == len('{"id": "q')
+    assert path.read_text() == '{"id": "q1"}\n{"id": "q2"}\n'
+
+
+def test_repair_cuts_a_last_line_that_is_not_json(tmp_path: Path) -> None:
+    path = write(tmp_path / "out.jsonl", '{"id": "q1"}\n{"id": \n')
+    assert repair_jsonl_tail(path) == len('{"id": \n')
+    assert path.read_text() == '{"id": "q1"}\n'
+
+
+def test_repair_cuts_a_torn_only_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "out.jsonl", '{"id"')
+    assert repair_jsonl_tail(path) == 5
+    assert path.read_bytes() == b""
+
+
+def test_repair_leaves_a_clean_file_alone(tmp_path: Path) -> None:
+    path = write(tmp_path / "out.jsonl", '{"id": "q1"}\n{"id": "q2"}\n')
+    assert repair_jsonl_tail(path) == 0
+    assert path.read_text() == '{"id": "q1"}\n{"id": "q2"}\n'
+
+
+def test_repair_of_a_missing_file_removes_nothing(tmp_path: Path) -> None:
+    assert repair_jsonl_tail(tmp_path / "out.jsonl") == 0
+
+
+def test_repair_then_append_gives_whole_lines(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    with AtomicLineWriter(path, append=False) as out:
+        out.write({"id": "q1"})
+    with path.open("ab") as fh:  # a crash mid-write
+        fh.write(b'{"id": "q2", "sta')
+    repair_jsonl_tail(path)
+    with AtomicLineWriter(path, append=True) as out:
+        out.write({"id": "q2"})
+    assert [(n, r["id"]) for n, r in read_jsonl_rows(path)] == [(1, "q1"), (2, "q2")]
+
+
+# --------------------------------------------------------------------------- read_jsonl_rows
+
+
+def test_read_jsonl_rows_yields_line_numbers_and_dicts(tmp_path: Path) -> None:
+    path = write(tmp_path / "out.jsonl", '{"id": "q1"}\n\n{"id": "q2"}\n')
+    assert list(read_jsonl_rows(path)) == [(1, {"id": "q1"}), (3, {"id": "q2"})]
+
+
+@pytest.mark.parametrize("tail", ['{"id": "q2"', '{"id": "q2"}', "[1]\n", '{"id": \n'])
+def test_read_jsonl_rows_skips_what_repair_would_remove(tmp_path: Path, tail: str) -> None:
+    path = write(tmp_path / "out.jsonl", '{"id": "q1"}\n' + tail)
+    assert list(read_jsonl_rows(path)) == [(1, {"id": "q1"})]
+
+
+def test_read_jsonl_rows_raises_on_a_bad_line_before_the_last(tmp_path: Path) -> None:
+    path = write(tmp_path / "out.jsonl", '{"id": "q1"}\n{"id": \n{"id": "q3"}\n')
+    rows = read_jsonl_rows(path)
+    assert next(rows) == (1, {"id": "q1"})
+    with pytest.raises(InputError) as info:
+        next(rows)
+    assert str(info.value) == f"{path}:2: malformed JSON: Expecting value (column 8)"
+
+
+def test_read_jsonl_rows_of_missing_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="file not found"):
+        read_jsonl_rows(tmp_path / "out.jsonl")
