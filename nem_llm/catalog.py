@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -17,7 +17,7 @@ from .models import Entity
 
 __all__ = ["Catalog", "EntitySource", "load_catalog"]
 
-EntitySource = Union[str, os.PathLike[str], Iterable[Union[Entity, Mapping[str, Any]]]]
+EntitySource = str | os.PathLike[str] | Iterable[Entity | Mapping[str, Any]]
 
 # The longest name or alias we embed; longer surface forms are almost always a data error.
 MAX_FORM_CHARS = 10_000
@@ -39,11 +39,14 @@ class Catalog:
         return len(self.entities)
 
     @classmethod
-    def from_entities(cls, entities: Sequence[Entity]) -> Catalog:
+    def from_entities(
+        cls, entities: Sequence[Entity], *, include_description: bool = False
+    ) -> Catalog:
+        """Flatten entities into surface forms (see ``Entity.surface_forms``)."""
         forms: list[str] = []
         owner: list[int] = []
         for i, entity in enumerate(entities):
-            for form in entity.surface_forms():
+            for form in entity.surface_forms(include_description=include_description):
                 forms.append(form)
                 owner.append(i)
         return cls(
@@ -65,7 +68,7 @@ def _first_error(exc: ValidationError) -> str:
     return f"field {loc!r}: {msg}"
 
 
-def _coerce(raw: Any, source: str, line: int) -> Entity:
+def _coerce(raw: Any, source: str, line: int | None) -> Entity:
     if isinstance(raw, Entity):
         return raw
     if not isinstance(raw, Mapping):
@@ -135,7 +138,9 @@ def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise CatalogError(f"invalid UTF-8 at byte {exc.start}", source=str(path), line=line) from None
+        raise CatalogError(
+            f"invalid UTF-8 at byte {exc.start}", source=str(path), line=line
+        ) from None
     reader = csv.DictReader(text.splitlines())
     fields = reader.fieldnames or []
     for required in ("id", "name"):
@@ -158,7 +163,7 @@ def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
         yield line, entity
 
 
-def load_catalog(source: EntitySource | Catalog) -> Catalog:
+def load_catalog(source: EntitySource | Catalog, *, include_description: bool = False) -> Catalog:
     """Validate entities from a list of dicts/``Entity`` models or a JSONL/CSV path.
 
     CSV files need ``id`` and ``name`` columns; ``aliases`` are ``|``-separated; other
@@ -171,6 +176,8 @@ def load_catalog(source: EntitySource | Catalog) -> Catalog:
     """
     if isinstance(source, Catalog):
         return source
+    if isinstance(source, Entity | Mapping):
+        raise CatalogError("expected a list of entities or a path, got a single entity")
     rows: Iterable[tuple[int, Any]]
     if isinstance(source, str | os.PathLike):
         path = Path(source)
@@ -194,7 +201,7 @@ def load_catalog(source: EntitySource | Catalog) -> Catalog:
     seen: dict[str, int] = {}
     for line, raw in rows:
         where = line_label if line_label else f"entities[{line}]"
-        entity = _coerce(raw, where, line if line_label else None)  # type: ignore[arg-type]
+        entity = _coerce(raw, where, line if line_label else None)
         if entity.id in seen:
             first = seen[entity.id]
             raise CatalogError(
@@ -207,4 +214,4 @@ def load_catalog(source: EntitySource | Catalog) -> Catalog:
         entities.append(entity)
     if not entities:
         raise CatalogError("catalog is empty", source=label)
-    return Catalog.from_entities(entities)
+    return Catalog.from_entities(entities, include_description=include_description)

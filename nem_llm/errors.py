@@ -19,6 +19,11 @@ propagates.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .models import Attempt, Usage
+
 __all__ = [
     "AdjudicationError",
     "BudgetExceededError",
@@ -72,11 +77,22 @@ class NotReadyError(NemLLMError, RuntimeError):
 
 
 class LLMError(NemLLMError):
-    """An LLM call failed for good; ``attempts`` holds the per-attempt log."""
+    """An LLM call failed for good.
+
+    Attributes:
+        cause: a short machine-readable cause ("rate_limit", "http_400", "timeout",
+            "invalid_answer", "budget", ...).
+        attempts: the governor's per-attempt log (set by the governor).
+        usage: tokens spent by the failed call, failed attempts included.
+        reasks: validation re-asks instructor made.
+    """
 
     def __init__(self, message: str, *, cause: str | None = None) -> None:
         super().__init__(message)
         self.cause = cause or type(self).__name__
+        self.attempts: list[Attempt] = []
+        self.usage: Usage | None = None
+        self.reasks = 0
 
 
 class BudgetExceededError(LLMError):

@@ -27,8 +27,8 @@ class Entity(BaseModel):
     """One catalog entry: an id, a name, optional aliases, description and attributes.
 
     Example:
-        >>> Entity(id="US", name="United States", aliases=["USA", "America"])
-        Entity(id='US', name='United States', aliases=['USA', 'America'], description='', attributes={})
+        >>> Entity(id="US", name="United States", aliases=["USA", "America"]).surface_forms()
+        ['United States', 'USA', 'America']
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -54,12 +54,19 @@ class Entity(BaseModel):
                 raise ValueError(f"alias {i} is blank")
         return value
 
-    def surface_forms(self) -> list[str]:
-        """The name followed by each distinct alias: the strings that get a vector."""
+    def surface_forms(self, *, include_description: bool = False) -> list[str]:
+        """The name followed by each distinct alias: the strings that get a vector.
+
+        With ``include_description``, ``"name, description"`` is one more form: it lifts
+        retrieval on record-like catalogs (people, restaurants, papers) where queries
+        carry addresses or authors.
+        """
         forms = [self.name]
         for alias in self.aliases:
             if alias not in forms:
                 forms.append(alias)
+        if include_description and self.description.strip():
+            forms.append(f"{self.name}, {self.description}")
         return forms
 
 
@@ -103,6 +110,7 @@ class Attempt(BaseModel):
     status_code: int | None = None
     latency_s: float = 0.0
     waited_s: float = 0.0
+    reasks: int = 0
     usage: Usage = Field(default_factory=Usage)
 
 
@@ -149,12 +157,13 @@ class Diagnosis(BaseModel):
     normalized_query: str
     ready: bool
     llm_configured: bool
-    route: Literal["matched", "novel", "adjudicate"]
+    route: Literal["matched", "novel", "adjudicate"] | None
     route_reason: str
     top_score: float | None
     margin_to_runner_up: float | None
     thresholds: dict[str, float]
     hints: list[str] = Field(default_factory=list)
+    candidates: list[Candidate] = Field(default_factory=list)
 
 
 class RunStats(BaseModel):

@@ -1,0 +1,247 @@
+"""LLM adjudication: prompt rendering (pure) and the one instructor call (the only LLM I/O).
+
+One call per ambiguous query selects among its candidates. The response model's
+``entity_id`` is a ``Literal`` of the offered candidate ids plus ``"none"``, so the model
+can never return an id that was not offered: anything else fails validation and instructor
+re-asks, at most ``max_reasks`` times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from string import Template
+from typing import Annotated, Any, Literal
+
+import instructor
+from pydantic import BaseModel, BeforeValidator, Field, create_model
+
+from .catalog import Catalog
+from .config import price_for
+from .errors import AdjudicationError
+from .models import Candidate, Usage
+
+__all__ = [
+    "NONE",
+    "PROMPT_VERSION",
+    "Adjudicator",
+    "Decision",
+    "choice_model",
+    "estimate_tokens",
+    "render_messages",
+]
+
+NONE = "none"
+_DESCRIPTION_CHARS = 300
+_REASON_CHARS = 500
+
+
+def _template(name: str) -> str:
+    return (resources.files("nem_llm.prompts") / name).read_text(encoding="utf-8")
+
+
+SYSTEM_TEMPLATE = _template("adjudicate_system.txt")
+USER_TEMPLATE = Template(_template("adjudicate_user.txt"))
+# part of the decision-cache key: editing a template invalidates cached decisions
+PROMPT_VERSION = hashlib.sha256(
+    (SYSTEM_TEMPLATE + "\x00" + USER_TEMPLATE.template).encode()
+).hexdigest()[:12]
+
+
+def _clean(text: str, limit: int | None = None) -> str:
+    """Escape markup so data can never close the <query>/<candidates> blocks."""
+    text = " ".join(text.split())
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return html.escape(text, quote=False)
+
+
+def render_messages(
+    query: str, candidates: Sequence[Candidate], catalog: Catalog
+) -> list[dict[str, str]]:
+    """Build the chat messages for one query: system instructions, then delimited data."""
+    lines = []
+    for i, cand in enumerate(candidates, start=1):
+        entity = catalog.entities[catalog.by_id[cand.id]]
+        parts = [f"[{i}] id: {_clean(entity.id)}", f"name: {_clean(entity.name)}"]
+        if entity.aliases:
+            parts.append("aliases: " + "; ".join(_clean(a) for a in entity.aliases[:8]))
+        if entity.description:
+            parts.append("description: " + _clean(entity.description, _DESCRIPTION_CHARS))
+        lines.append(" | ".join(parts))
+    user = USER_TEMPLATE.substitute(query=_clean(query), candidates="\n".join(lines))
+    return [{"role": "system", "content": SYSTEM_TEMPLATE}, {"role": "user", "content": user}]
+
+
+def estimate_tokens(messages: Sequence[dict[str, str]], completion_tokens: int = 80) -> int:
+    """A cheap upper-ish estimate (4 characters a token) for the TPM limiter and budget."""
+    chars = sum(len(m["content"]) for m in messages)
+    return chars // 4 + 120 + completion_tokens  # +120: tool schema and message framing
+
+
+def _clamp_confidence(value: Any) -> Any:
+    # small models say 1.2 or "0.9"; a clamp is kinder than a costly re-ask
+    try:
+        return min(1.0, max(0.0, float(value)))
+    except (TypeError, ValueError):
+        return value
+
+
+def _cap_reason(value: Any) -> Any:
+    return value[:_REASON_CHARS] if isinstance(value, str) else value
+
+
+@lru_cache(maxsize=4096)
+def choice_model(candidate_ids: tuple[str, ...]) -> type[BaseModel]:
+    """The response model for one candidate list: ``entity_id`` is one of them or "none".
+
+    Cached per candidate tuple: building a Pydantic class and its JSON schema costs about
+    half a millisecond, and repeated candidate lists are common.
+    """
+    choices = (*candidate_ids, NONE)
+    choice_type: Any = Literal[choices]
+    return create_model(
+        "EntityChoice",
+        __doc__="The catalog entry the query refers to, or none.",
+        entity_id=(
+            choice_type,
+            Field(description='The id of the matching candidate, or "none".'),
+        ),
+        confidence=(
+            Annotated[float, BeforeValidator(_clamp_confidence)],
+            Field(ge=0.0, le=1.0, description="How sure you are, 0 to 1."),
+        ),
+        reason=(
+            Annotated[str, BeforeValidator(_cap_reason)],
+            Field(description="One short sentence: why this candidate (or none)."),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The LLM's answer for one query: an id among the candidates, or ``None`` for none."""
+
+    entity_id: str | None
+    confidence: float | None
+    reason: str
+    usage: Usage
+    reasks: int
+
+
+# re-asks of the current call: a contextvar, because one client-level hook serves every task
+_REASKS: ContextVar[list[int] | None] = ContextVar("nem_llm_reasks", default=None)
+
+
+def _count_reask(*_args: Any, **_kwargs: Any) -> None:
+    counter = _REASKS.get()
+    if counter is not None:
+        counter[0] += 1
+
+
+def _usage_of(raw: Any, prices: tuple[float, float]) -> Usage:
+    if raw is None:
+        return Usage()
+    prompt = int(getattr(raw, "prompt_tokens", 0) or 0)
+    completion = int(getattr(raw, "completion_tokens", 0) or 0)
+    total = int(getattr(raw, "total_tokens", 0) or 0) or prompt + completion
+    cost = (prompt * prices[0] + completion * prices[1]) / 1_000_000
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=total, cost_usd=cost
+    )
+
+
+class Adjudicator:
+    """Asks an instructor-patched ``AsyncOpenAI`` client to pick one candidate.
+
+    Transport errors (429, 5xx, timeouts, connection) propagate unchanged for the governor
+    to classify and retry; an answer that stays invalid after ``max_reasks`` re-asks raises
+    :class:`AdjudicationError` carrying the tokens it cost.
+    """
+
+    def __init__(
+        self,
+        client: instructor.AsyncInstructor,
+        model: str,
+        *,
+        max_reasks: int = 2,
+        temperature: float | None = 0.0,
+        prices: tuple[float, float] | None = None,
+        create_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.client = client
+        self.model = model
+        self.max_reasks = max_reasks
+        self.prices = prices if prices is not None else price_for(model)
+        self._kwargs: dict[str, Any] = dict(create_kwargs or {})
+        if temperature is not None:
+            self._kwargs.setdefault("temperature", temperature)
+        client.on("parse:error", _count_reask)
+
+    async def decide(
+        self,
+        messages: list[dict[str, str]],
+        candidate_ids: tuple[str, ...],
+        *,
+        request_timeout: float,
+    ) -> Decision:
+        """One adjudication call (with instructor's re-asks on invalid answers)."""
+        response_model = choice_model(candidate_ids)
+        reasks = [0]
+        _REASKS.set(reasks)
+        try:
+            choice, completion = await self.client.chat.completions.create_with_completion(
+                model=self.model,
+                messages=messages,  # type: ignore[arg-type]
+                response_model=response_model,
+                max_retries=self.max_reasks,
+                timeout=request_timeout,
+                **self._kwargs,
+            )
+        except instructor.core.InstructorRetryException as exc:
+            cause = exc.__cause__
+            if cause is not None and not _is_validation_error(cause):
+                # a transport error inside instructor's loop: hand the original over
+                cause.nem_llm_usage = _usage_of(  # type: ignore[attr-defined]
+                    exc.total_usage, self.prices
+                )
+                raise cause from None
+            usage = _usage_of(exc.total_usage, self.prices)
+            err = AdjudicationError(
+                f"no valid choice after {exc.n_attempts} answer(s): {_short(str(exc))}",
+                cause="invalid_answer",
+            )
+            err.usage = usage
+            err.reasks = max(reasks[0] - 1, 0)
+            raise err from None
+        total = getattr(choice, "_total_usage", None) or getattr(completion, "usage", None)
+        entity_id = str(choice.entity_id)  # type: ignore[attr-defined]
+        return Decision(
+            entity_id=None if entity_id == NONE else entity_id,
+            confidence=float(choice.confidence),  # type: ignore[attr-defined]
+            reason=str(choice.reason),  # type: ignore[attr-defined]
+            usage=_usage_of(total, self.prices),
+            reasks=reasks[0],
+        )
+
+
+def _is_validation_error(exc: BaseException) -> bool:
+    from json import JSONDecodeError
+
+    from pydantic import ValidationError
+
+    return isinstance(exc, ValidationError | JSONDecodeError) or type(exc).__name__ in {
+        "AsyncValidationError",
+        "ResponseParsingError",
+        "ValidationError",
+    }
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

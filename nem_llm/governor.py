@@ -1,0 +1,396 @@
+"""The governor: every LLM call in nem_llm goes through :meth:`Governor.call`.
+
+Order of operations for one call::
+
+    async for attempt in AsyncRetrying(...):      # tenacity: transient errors only,
+        with attempt:                             # full-jitter backoff, Retry-After honoured
+            check budget                          # spent + in flight >= budget -> stop
+            wait for cooldown                     # a 429 pauses dispatch for every caller
+            async with semaphore:                 # held until the response has arrived
+                await rpm.acquire()               # aiolimiter, no initial burst
+                await tpm.acquire(estimate)       # token bucket, reconciled with usage
+                result = await asyncio.wait_for(fn(), timeout)
+
+Backoff sleeps happen outside the semaphore and the limiters. The openai client's own
+retries must be off (``max_retries=0``) and instructor re-asks only on invalid answers, so
+this is the one retry layer.
+
+Rate limiter burst behaviour: ``rpm`` uses ``aiolimiter.AsyncLimiter(1, 60 / rpm)``, a
+bucket of one request that leaks at ``rpm / 60`` per second, so consecutive requests start
+at least ``60 / rpm`` seconds apart and a fresh limiter lets at most ``rpm`` requests start
+in any 60 s window (the default ``AsyncLimiter(rpm, 60)`` would let ``rpm`` through at once
+and ``~2 * rpm`` in the first minute). ``tpm`` uses :class:`TokenBucket` with a burst of 2 s
+of tokens and a leak rate lowered by that burst, for the same guarantee in tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import httpx
+import openai
+from aiolimiter import AsyncLimiter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from .config import Limits, price_for
+from .errors import BudgetExceededError, LLMError
+from .models import Attempt, Usage
+
+__all__ = ["Governed", "Governor", "TokenBucket", "classify_error"]
+
+T = TypeVar("T")
+
+_TRANSIENT_STATUS = frozenset({408, 409, 429})
+_MAX_RETRY_AFTER = 600.0
+
+
+class TokenBucket:
+    """A token-weighted leaky bucket that never lets more than ``tpm`` start in 60 s.
+
+    Capacity ``burst`` tokens; it drains at ``(tpm - burst) / 60`` tokens per second, so the
+    tokens admitted in any 60 s window are at most ``burst + (tpm - burst) = tpm``. Waiters
+    are served first come, first served. ``reconcile`` corrects an estimate once the real
+    usage is known. Time comes from the running loop (so a fake loop clock drives it).
+    """
+
+    def __init__(self, tpm: float, *, burst: float | None = None) -> None:
+        self.tpm = float(tpm)
+        self.capacity = float(burst) if burst is not None else max(self.tpm / 30.0, 1.0)
+        if not 0 < self.capacity < self.tpm:
+            raise ValueError("burst must be between 0 and tpm")
+        self.rate = (self.tpm - self.capacity) / 60.0
+        self._level = 0.0
+        self._last: float | None = None
+        self._lock = asyncio.Lock()
+
+    def _leak(self, now: float) -> None:
+        if self._last is not None:
+            self._level = max(0.0, self._level - (now - self._last) * self.rate)
+        self._last = now
+
+    async def acquire(self, tokens: float) -> float:
+        """Wait until ``tokens`` fit; returns the amount charged (capped at the capacity)."""
+        amount = min(float(tokens), self.capacity)
+        loop = asyncio.get_running_loop()
+        async with self._lock:  # FIFO: asyncio.Lock wakes waiters in arrival order
+            while True:
+                self._leak(loop.time())
+                excess = self._level + amount - self.capacity
+                if excess <= 1e-9:
+                    self._level += amount
+                    return amount
+                await asyncio.sleep(excess / self.rate)
+
+    def reconcile(self, charged: float, actual: float) -> None:
+        """Replace a charged estimate with the actual tokens (credit or debit)."""
+        self._level = max(0.0, self._level + float(actual) - charged)
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """How the governor classifies one exception."""
+
+    transient: bool
+    cause: str
+    status_code: int | None = None
+    retry_after: float | None = None
+
+
+def _retry_after(headers: httpx.Headers | None) -> float | None:
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return min(float(ms) / 1000.0, _MAX_RETRY_AFTER)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return min(float(value), _MAX_RETRY_AFTER)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        if parsed is None:
+            return None
+        return min(max(parsed.timestamp() - time.time(), 0.0), _MAX_RETRY_AFTER)
+
+
+def classify_error(exc: BaseException) -> ErrorInfo:
+    """Transient (429, 408, 409, 5xx, timeouts, connection errors) or final, and why."""
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        transient = status in _TRANSIENT_STATUS or status >= 500
+        cause = "rate_limit" if status == 429 else f"http_{status}"
+        ra = _retry_after(exc.response.headers) if transient else None
+        return ErrorInfo(transient, cause, status, ra)
+    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException | TimeoutError):
+        return ErrorInfo(True, "timeout")
+    if isinstance(exc, openai.APIConnectionError | httpx.TransportError | ConnectionError):
+        return ErrorInfo(True, "connection")
+    if isinstance(exc, LLMError):
+        return ErrorInfo(False, exc.cause)
+    return ErrorInfo(False, type(exc).__name__)
+
+
+@dataclass
+class Governed(Generic[T]):
+    """A successful governed call: the value, the attempt log and the tokens of all tries."""
+
+    value: T
+    attempts: list[Attempt]
+    usage: Usage
+
+
+@dataclass
+class GovernorStats:
+    """Running totals since the governor was made (the CLI's live counters)."""
+
+    calls: int = 0
+    attempts: int = 0
+    failures: int = 0
+    retries_by_cause: Counter[str] = field(default_factory=Counter)
+    rate_limited: int = 0
+    usage: Usage = field(default_factory=Usage)
+    in_flight: int = 0
+
+
+def _exc_usage(exc: BaseException) -> Usage:
+    usage = getattr(exc, "usage", None) or getattr(exc, "nem_llm_usage", None)
+    return usage if isinstance(usage, Usage) else Usage()
+
+
+class Governor:
+    """The one place LLM calls are admitted, paced, retried and paid for.
+
+    Args:
+        limits: concurrency, rates, timeout, retries, budget.
+        model: the model name (for list prices when ``limits`` sets none).
+        rng: random source for backoff jitter (seed it in tests).
+        sleep: the sleep used between retries (tenacity's hook; a fake in tests).
+    """
+
+    def __init__(
+        self,
+        limits: Limits,
+        *,
+        model: str = "",
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+    ) -> None:
+        self.limits = limits
+        list_in, list_out = price_for(model)
+        self.prices = (
+            limits.input_usd_per_mtok if limits.input_usd_per_mtok is not None else list_in,
+            limits.output_usd_per_mtok if limits.output_usd_per_mtok is not None else list_out,
+        )
+        self._sem = asyncio.Semaphore(limits.concurrency)
+        self._rpm = AsyncLimiter(1, 60.0 / limits.rpm) if limits.rpm else None
+        self._tpm = TokenBucket(limits.tpm) if limits.tpm else None
+        self._rng = rng or random.Random()
+        self._sleep = sleep or asyncio.sleep
+        self._cooldown_until = 0.0
+        self._reserved_tokens = 0
+        self._reserved_usd = 0.0
+        self.budget_exhausted = False
+        self.stats = GovernorStats()
+
+    # -- budget ------------------------------------------------------------------------
+
+    def _budget_left(self) -> bool:
+        lim, used = self.limits, self.stats.usage
+        if lim.budget_tokens is not None and (
+            used.total_tokens + self._reserved_tokens >= lim.budget_tokens
+        ):
+            return False
+        return not (
+            lim.budget_usd is not None and used.cost_usd + self._reserved_usd >= lim.budget_usd
+        )
+
+    def _estimate_usd(self, tokens: int) -> float:
+        return tokens * self.prices[0] / 1_000_000
+
+    # -- retry policy ------------------------------------------------------------------
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        info = classify_error(exc) if exc is not None else None
+        if info is not None and info.retry_after is not None:
+            return info.retry_after
+        # full jitter: uniform(0, min(max, initial * 2**(n-1)))
+        cap = min(
+            self.limits.backoff_max, self.limits.backoff_initial * 2 ** (state.attempt_number - 1)
+        )
+        return self._rng.uniform(0.0, cap)
+
+    async def _wait_cooldown(self) -> float:
+        loop = asyncio.get_running_loop()
+        waited = 0.0
+        while (delay := self._cooldown_until - loop.time()) > 0:
+            waited += delay
+            await asyncio.sleep(delay)
+        return waited
+
+    def _start_cooldown(self, seconds: float) -> None:
+        until = asyncio.get_running_loop().time() + seconds
+        self._cooldown_until = max(self._cooldown_until, until)
+
+    # -- the call ----------------------------------------------------------------------
+
+    async def call(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        estimated_tokens: int,
+        usage_of: Callable[[T], Usage],
+    ) -> Governed[T]:
+        """Run ``fn`` under the limits, retrying transient failures.
+
+        Args:
+            fn: makes one attempt (a fresh coroutine per call).
+            estimated_tokens: prompt + completion estimate, for the TPM limiter and budget.
+            usage_of: reads the tokens an answer cost.
+
+        Raises:
+            BudgetExceededError: the budget was spent before this call could start.
+            LLMError: a final failure (non-transient, or attempts exhausted); ``attempts``
+                and ``usage`` are attached. ``asyncio.CancelledError`` propagates.
+        """
+        loop = asyncio.get_running_loop()
+        attempts: list[Attempt] = []
+        total = Usage()
+        next_wait = 0.0
+        self.stats.calls += 1
+
+        def before_sleep(state: RetryCallState) -> None:
+            nonlocal next_wait
+            next_wait = state.upcoming_sleep
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.limits.max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception(lambda e: classify_error(e).transient),
+            sleep=self._sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    number = attempt.retry_state.attempt_number
+                    waited, next_wait = next_wait, 0.0
+                    if not self._budget_left():
+                        self.budget_exhausted = True
+                        raise BudgetExceededError("budget spent: no new LLM calls", cause="budget")
+                    waited += await self._wait_cooldown()
+                    est_usd = self._estimate_usd(estimated_tokens)
+                    self._reserved_tokens += estimated_tokens
+                    self._reserved_usd += est_usd
+                    charged = 0.0
+                    started = loop.time()
+                    try:
+                        async with self._sem:
+                            if self._rpm is not None:
+                                await self._rpm.acquire()
+                            if self._tpm is not None:
+                                charged = await self._tpm.acquire(estimated_tokens)
+                            waited += await self._wait_cooldown()  # a 429 may have landed meanwhile
+                            started = loop.time()
+                            self.stats.attempts += 1
+                            self.stats.in_flight += 1
+                            try:
+                                async with asyncio.timeout(self.limits.timeout):
+                                    value = await fn()
+                            finally:
+                                self.stats.in_flight -= 1
+                    except BaseException as exc:
+                        usage = _exc_usage(exc)
+                        self._settle(usage, charged)
+                        total += usage
+                        failed = self._failed_attempt(number, exc, started, waited, usage)
+                        failed.reasks = getattr(exc, "reasks", 0)
+                        attempts.append(failed)
+                        raise
+                    finally:
+                        self._reserved_tokens -= estimated_tokens
+                        self._reserved_usd -= est_usd
+                    usage = usage_of(value)
+                    self._settle(usage, charged)
+                    total += usage
+                    attempts.append(
+                        Attempt(
+                            number=number,
+                            outcome="ok",
+                            latency_s=loop.time() - started,
+                            waited_s=waited,
+                            usage=usage,
+                        )
+                    )
+                    return Governed(value, attempts, total)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.stats.failures += 1
+            raise self._final_error(exc, attempts, total) from exc
+        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    def _settle(self, usage: Usage, charged: float) -> None:
+        self.stats.usage += usage
+        if self._tpm is not None and charged:
+            self._tpm.reconcile(charged, usage.total_tokens)
+
+    def _failed_attempt(
+        self, number: int, exc: BaseException, started: float, waited: float, usage: Usage
+    ) -> Attempt:
+        latency = asyncio.get_running_loop().time() - started
+        if isinstance(exc, asyncio.CancelledError):
+            return Attempt(number=number, outcome="cancelled", latency_s=latency, usage=usage)
+        info = classify_error(exc)
+        if info.transient:
+            will_retry = number < self.limits.max_attempts
+            if will_retry:
+                self.stats.retries_by_cause[info.cause] += 1
+            if info.status_code == 429:
+                self.stats.rate_limited += 1
+                # pause dispatch for every caller, not only this one
+                self._start_cooldown(info.retry_after if info.retry_after is not None else 1.0)
+        else:
+            will_retry = False
+        return Attempt(
+            number=number,
+            outcome="retry" if will_retry else "failed",
+            error_type=info.cause,
+            error=_short(str(exc)),
+            status_code=info.status_code,
+            latency_s=latency,
+            waited_s=waited,
+            usage=usage,
+        )
+
+    def _final_error(self, exc: BaseException, attempts: list[Attempt], usage: Usage) -> LLMError:
+        if isinstance(exc, LLMError):
+            err = exc
+        else:
+            info = classify_error(exc)
+            n = len(attempts)
+            err = LLMError(
+                f"{info.cause}: {_short(str(exc)) or type(exc).__name__} "
+                f"(after {n} attempt{'s' if n != 1 else ''})",
+                cause=info.cause,
+            )
+        err.attempts = attempts
+        err.usage = usage
+        return err
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
