@@ -14,6 +14,7 @@ from .errors import (
     NotReadyError,
     QueryError,
 )
+from .matcher import Matcher
 from .models import Attempt, Candidate, Diagnosis, Entity, Explanation, MatchResult, RunStats, Usage
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "LLMError",
     "Limits",
     "MatchResult",
+    "Matcher",
     "NemLLMError",
     "NotReadyError",
     "QueryError",

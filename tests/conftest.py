@@ -1,0 +1,52 @@
+"""Shared fixtures: small catalogs, fake embedder, and an event-loop hygiene guard."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nem_llm.testing import FakeEmbedder
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURES = Path(__file__).parent / "data"
+
+
+@pytest.fixture(autouse=True)
+def _sync_test_event_loop(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Give each sync test its own loop and close it afterwards.
+
+    The looptime plugin asks the policy for a loop even in sync tests; on Python 3.11 that
+    creates one nobody closes, whose ResourceWarning then fails a later test (warnings are
+    errors here).
+    """
+    if inspect.iscoroutinefunction(request.function):
+        yield
+        return
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+@pytest.fixture
+def countries() -> list[dict[str, Any]]:
+    return [
+        {"id": "US", "name": "United States", "aliases": ["USA", "United States of America"]},
+        {"id": "DE", "name": "Germany", "aliases": ["Deutschland"]},
+        {"id": "UK", "name": "United Kingdom", "aliases": ["Great Britain", "UK"]},
+        {"id": "FR", "name": "France", "aliases": ["République française"]},
+        {"id": "AT", "name": "Austria", "aliases": ["Österreich"]},
+    ]
+
+
+@pytest.fixture
+def fake_embedder() -> FakeEmbedder:
+    return FakeEmbedder()
