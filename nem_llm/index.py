@@ -141,12 +141,19 @@ class HybridIndex:
             end = int(self._starts[e + 1]) if e + 1 < len(self._starts) else n_forms
             best = start + int(np.argmax(form_scores[row, start:end]))
             entity = self.catalog.entities[int(e)]
+            dense = float(query_vecs[row] @ self.form_vectors[best])
+            w = self.lexical_weight
+            # the lexical part, recovered from the combined score (exact unless clipped)
+            lexical = (float(form_scores[row, best]) - (1.0 - w) * dense) / w if w > 0 else None
             cands.append(
                 Candidate(
                     id=entity.id,
                     name=entity.name,
                     score=round(float(ent_scores[row, e]), 6),
-                    dense_score=round(float(query_vecs[row] @ self.form_vectors[best]), 6),
+                    dense_score=round(dense, 6),
+                    lexical_score=None
+                    if lexical is None
+                    else round(min(max(lexical, 0.0), 1.0), 6),
                     matched_form=self.catalog.forms[best],
                 )
             )

@@ -902,10 +902,20 @@ class AtomicLineWriter:
             UnicodeEncodeError: a string holds a lone surrogate.
             In each case nothing is written.
         """
+        obj = row if isinstance(row, dict) else dict(row)
+        return self.write_line(json.dumps(obj, ensure_ascii=False, allow_nan=False))
+
+    def write_line(self, text: str) -> int:
+        """Write one already-serialized JSON row (no newline inside); return bytes written.
+
+        Raises:
+            ValueError: the writer is closed, or ``text`` holds a newline.
+        """
         if self._fd < 0:
             raise ValueError("write to a closed AtomicLineWriter")
-        obj = row if isinstance(row, dict) else dict(row)
-        data = (json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+        if "\n" in text:
+            raise ValueError("a JSONL row must not contain a newline")
+        data = (text + "\n").encode("utf-8")
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)

@@ -34,7 +34,7 @@ from .catalog import Catalog, EntitySource, load_catalog
 from .config import Limits, Thresholds
 from .embedding import Embedder, MicroBatcher, SentenceTransformerEmbedder
 from .errors import BudgetExceededError, ConfigError, LLMError, NemLLMError, NotReadyError
-from .governor import Governor
+from .governor import Governor, GovernorStats
 from .index import HybridIndex
 from .models import Candidate, Diagnosis, Explanation, MatchResult, RunStats, Usage
 from .routing import LabelledScore, Route, calibrate, route
@@ -96,6 +96,7 @@ class Matcher:
         entities: EntitySource | Catalog,
         *,
         client: AsyncOpenAI | None = None,
+        llm: bool = True,
         model: str = "gpt-4o-mini",
         mode: instructor.Mode = instructor.Mode.TOOLS,
         base_url: str | None = None,
@@ -143,7 +144,9 @@ class Matcher:
         self.index: HybridIndex | None = None
         self.last_run_stats: RunStats | None = None
 
-        self._client, self._owns_client = self._resolve_client(client, base_url, api_key)
+        self._client, self._owns_client = (
+            self._resolve_client(client, base_url, api_key) if llm else (None, False)
+        )
         self._adjudicator: Adjudicator | None = None
         if self._client is not None:
             patched = instructor.from_openai(self._client, mode=mode)
@@ -570,6 +573,28 @@ class Matcher:
         )
         self.last_run_stats = collector.finish(loop.time() - started)
         return results
+
+    async def retrieve_async(
+        self, queries: Sequence[str], *, top_k: int | None = None
+    ) -> list[list[Candidate]]:
+        """Retrieval only: the top-k candidates of each query, best first (no routing, no LLM).
+
+        Raises:
+            QueryError: naming the first invalid query.
+        """
+        self._require_index()
+        k = top_k or self.top_k
+        normalized = [
+            validate_query(q, index=i, max_chars=self.max_query_chars)
+            for i, q in enumerate(queries)
+        ]
+        return list(await asyncio.gather(*(self._candidates(n, k) for n in normalized)))
+
+    @property
+    def governor_stats(self) -> GovernorStats | None:
+        """Running LLM totals (calls, attempts, retries, 429s, tokens, cost, in flight) of the
+        current event loop's governor, for live progress displays; ``None`` before use."""
+        return self._runtime.governor.stats if self._runtime is not None else None
 
     async def explain_match_async(self, query: str, *, top_k: int | None = None) -> Explanation:
         """Match one query and say how: candidates, scores, routing decision, LLM reason."""

@@ -1,0 +1,425 @@
+"""The ``nem-llm`` command line: match, eval, bench, sim, local-llm.
+
+User errors (bad files, bad options) print one line ``error: ...`` and exit with status 2;
+``--debug`` shows the traceback. The OpenAI key is read from the environment by the
+openai client and is never printed or written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Coroutine
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from .errors import NemLLMError
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="nem-llm",
+    help="LLM-assisted entity matching: link messy mentions to a catalog.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+class StrategyOpt(StrEnum):
+    sequential = "sequential"
+    gather = "gather"
+    as_completed = "as_completed"
+
+
+class OrderOpt(StrEnum):
+    input = "input"
+    completion = "completion"
+
+
+class LLMOpt(StrEnum):
+    off = "off"
+    env = "env"
+    sim = "sim"
+
+
+_debug = False
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine; user errors become one line and exit status 2."""
+    try:
+        return asyncio.run(main())
+    except NemLLMError as exc:
+        if _debug:
+            traceback.print_exc()
+        raise _fail(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        if _debug:
+            traceback.print_exc()
+        raise _fail(f"{type(exc).__name__}: {exc}") from None
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+def _limits(**kwargs: Any) -> Any:
+    from .config import Limits
+
+    try:
+        return Limits(**{k: v for k, v in kwargs.items() if v is not None})
+    except NemLLMError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _stats_table(title: str, stats: Any, extra: dict[str, str] | None = None) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for k, v in (extra or {}).items():
+        table.add_row(k, v)
+    table.add_row("results", str(stats.total))
+    for status, n in sorted(stats.by_status.items()):
+        table.add_row(f"  status {status}", str(n))
+    for who, n in sorted(stats.by_decided_by.items()):
+        table.add_row(f"  decided by {who}", str(n))
+    table.add_row("LLM calls", str(stats.llm_calls))
+    table.add_row("LLM attempts", str(stats.llm_attempts))
+    retries = ", ".join(f"{k} {v}" for k, v in sorted(stats.retries_by_cause.items()))
+    table.add_row("retries", f"{stats.retries}" + (f" ({retries})" if retries else ""))
+    table.add_row("429s received", str(stats.rate_limited))
+    table.add_row("tokens", f"{stats.usage.total_tokens:,}")
+    table.add_row("cost", f"${stats.usage.cost_usd:.4f}")
+    table.add_row("wall time", f"{stats.wall_time_s:.1f} s")
+    if stats.latency_p50_s is not None:
+        table.add_row(
+            "latency p50 / p95", f"{stats.latency_p50_s:.3f} / {stats.latency_p95_s:.3f} s"
+        )
+    return table
+
+
+# -- match -------------------------------------------------------------------------------
+
+
+@app.command()
+def match(
+    catalog: Annotated[Path, typer.Option(help="Entities: JSONL or CSV (id, name, ...).")],
+    queries: Annotated[Path, typer.Option(help="Queries: JSONL, CSV, TSV or TXT.")],
+    out: Annotated[Path, typer.Option(help="Results JSONL (one row per input row).")],
+    strategy: StrategyOpt = StrategyOpt.as_completed,
+    concurrency: Annotated[int, typer.Option(help="LLM calls in flight.")] = 16,
+    rpm: Annotated[float | None, typer.Option(help="Requests per minute cap.")] = None,
+    tpm: Annotated[float | None, typer.Option(help="Tokens per minute cap.")] = None,
+    model: str = "gpt-4o-mini",
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL).")
+    ] = None,
+    query_column: Annotated[str | None, typer.Option(help="Column/key holding the query.")] = None,
+    id_column: Annotated[str | None, typer.Option(help="Column/key holding the row id.")] = None,
+    top_k: Annotated[int, typer.Option(help="Candidates shown to the LLM.")] = 5,
+    budget_usd: Annotated[float | None, typer.Option(help="Stop LLM calls past this.")] = None,
+    budget_tokens: Annotated[int | None, typer.Option(help="Stop LLM calls past this.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per LLM attempt.")] = 30.0,
+    max_attempts: Annotated[int, typer.Option(help="Attempts per LLM call.")] = 5,
+    order: Annotated[OrderOpt, typer.Option(help="Output row order.")] = OrderOpt.input,
+    accept_threshold: float | None = None,
+    margin: float | None = None,
+    novel_threshold: float | None = None,
+    index_description: Annotated[
+        bool, typer.Option(help="Also index 'name, description' (record-like catalogs).")
+    ] = False,
+    state: Annotated[
+        Path | None, typer.Option(help="State directory (default: <out>.state).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no table.")] = False,
+    stats_json: Annotated[Path | None, typer.Option(help="Write run stats as JSON.")] = None,
+) -> None:
+    """Match every row of a queries file against a catalog; resumable and cached."""
+    from .batch import MatchJob, run_match_job
+
+    limits = _limits(
+        concurrency=concurrency,
+        rpm=rpm,
+        tpm=tpm,
+        timeout=timeout,
+        max_attempts=max_attempts,
+        budget_usd=budget_usd,
+        budget_tokens=budget_tokens,
+    )
+    for label, path in (("catalog", catalog), ("queries", queries)):
+        if not path.is_file():
+            raise _fail(f"{path}: {label} file not found")
+    job = MatchJob(
+        catalog=catalog,
+        queries=queries,
+        out=out,
+        query_column=query_column,
+        id_column=id_column,
+        strategy=strategy.value,
+        order=order.value,
+        model=model,
+        base_url=base_url,
+        top_k=top_k,
+        limits=limits,
+        accept_threshold=accept_threshold,
+        margin=margin,
+        novel_threshold=novel_threshold,
+        index_description=index_description,
+        state=state,
+    )
+    progress = Progress(
+        TextColumn("[bold]matching"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[llm]}"),
+        console=err,
+        disable=quiet,
+        transient=False,
+    )
+
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        this = asyncio.current_task()
+        presses = 0
+
+        def on_signal() -> None:
+            nonlocal presses
+            presses += 1
+            if presses == 1:
+                err.print(
+                    "\n[yellow]stopping: finishing in-flight rows (Ctrl-C again to cancel)[/]"
+                )
+                stop.set()
+            elif this is not None:
+                this.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        task_id = progress.add_task("match", total=None, rate="", llm="")
+        started = loop.time()
+        first: list[int] = []
+
+        def on_progress(done: int, total: int | None, gov: Any) -> None:
+            if not first:
+                first.append(done)
+            elapsed = max(loop.time() - started, 1e-9)
+            rate = (done - first[0] + 1) / elapsed
+            llm = ""
+            if gov is not None:
+                llm = (
+                    f"LLM {gov.calls} calls · {gov.usage.total_tokens:,} tok · "
+                    f"${gov.usage.cost_usd:.4f}"
+                )
+            progress.update(task_id, completed=done, total=total, rate=f"{rate:,.0f}/s", llm=llm)
+
+        with progress:
+            try:
+                return await run_match_job(job, stop=stop, on_progress=on_progress)
+            except asyncio.CancelledError:
+                return None
+
+    summary = _run(main)
+    if summary is None:
+        err.print("[yellow]cancelled.[/] Finished rows are saved; run the same command to resume.")
+        raise typer.Exit(130)
+    if stats_json is not None:
+        data = summary.stats.model_dump(mode="json")
+        data.update(
+            rows_total=summary.rows_total,
+            rows_resumed=summary.rows_resumed,
+            interrupted=summary.interrupted,
+        )
+        stats_json.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    if not quiet:
+        extra = {"output": str(summary.out), "rows in output": f"{summary.rows_total:,}"}
+        if summary.rows_resumed:
+            extra["resumed from earlier run"] = f"{summary.rows_resumed:,}"
+        if not summary.llm_configured:
+            extra["LLM"] = "not configured: ambiguous rows are 'review'"
+        err.print(_stats_table("nem-llm match", summary.stats, extra))
+    if summary.interrupted:
+        err.print(
+            "[yellow]interrupted:[/] finished rows are saved; run the same command to resume."
+        )
+        raise typer.Exit(130)
+
+
+# -- eval --------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_(
+    catalog: Annotated[Path, typer.Option(help="Entities JSONL/CSV.")],
+    queries: Annotated[Path, typer.Option(help="Labelled queries with 'gold_id' (null = absent).")],
+    llm: Annotated[
+        LLMOpt, typer.Option(help="off: no LLM; env: OPENAI_* settings; sim: simulator oracle.")
+    ] = LLMOpt.off,
+    oracle_error_rate: Annotated[float, typer.Option(help="Simulator oracle error rate.")] = 0.1,
+    model: str = "gpt-4o-mini",
+    top_k: int = 5,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N queries only.")] = None,
+    concurrency: int = 32,
+    accept_threshold: float | None = None,
+    margin: float | None = None,
+    novel_threshold: float | None = None,
+    index_description: bool = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the report as JSON.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Set name in the table.")] = None,
+) -> None:
+    """Measure retrieval recall, routing and end-to-end accuracy on labelled queries."""
+    from .eval_job import run_eval
+
+    report = _run(
+        lambda: run_eval(
+            catalog=catalog,
+            queries=queries,
+            llm=llm.value,
+            oracle_error_rate=oracle_error_rate,
+            model=model,
+            top_k=top_k,
+            limit=limit,
+            concurrency=concurrency,
+            accept_threshold=accept_threshold,
+            margin=margin,
+            novel_threshold=novel_threshold,
+            index_description=index_description,
+            name=name or catalog.stem.removesuffix("_catalog"),
+            progress=err,
+        )
+    )
+    from .evaluation import render_eval_table
+
+    out.print(render_eval_table([report]), highlight=False, soft_wrap=True)
+    if json_out is not None:
+        json_out.write_text(report.model_dump_json(indent=2), encoding="utf-8")
+
+
+# -- sim / local-llm ---------------------------------------------------------------------
+
+
+@app.command()
+def sim(
+    port: int = 8089,
+    host: str = "127.0.0.1",
+    rpm: float | None = None,
+    tpm: float | None = None,
+    latency: Annotated[str, typer.Option(help="fixed | uniform | lognormal")] = "fixed",
+    latency_p50: float = 0.0,
+    latency_p99: float | None = None,
+    latency_min: float = 0.0,
+    latency_max: float = 0.0,
+    seed: int = 0,
+    rate_429: float = 0.0,
+    rate_500: float = 0.0,
+    rate_503: float = 0.0,
+    rate_hang: float = 0.0,
+    rate_malformed: float = 0.0,
+    rate_invalid: float = 0.0,
+    retry_after: float = 1.0,
+    policy: Annotated[str, typer.Option(help="top | oracle")] = "top",
+    gold: Annotated[Path | None, typer.Option(help="Labelled JSONL for the oracle.")] = None,
+    oracle_error_rate: float = 0.0,
+    model: str = "nem-llm-sim",
+) -> None:
+    """Serve the OpenAI-compatible SIMULATOR (answers come from a policy, not a model)."""
+    from .sim import SimConfig, serve_forever
+
+    try:
+        config = SimConfig(
+            seed=seed,
+            model=model,
+            latency=latency,  # type: ignore[arg-type]  # SimConfig validates it
+            latency_p50=latency_p50,
+            latency_p99=latency_p99,
+            latency_min=latency_min,
+            latency_max=latency_max,
+            rpm=rpm,
+            tpm=tpm,
+            rate_429=rate_429,
+            rate_500=rate_500,
+            rate_503=rate_503,
+            rate_hang=rate_hang,
+            rate_malformed=rate_malformed,
+            rate_invalid=rate_invalid,
+            retry_after=retry_after,
+            policy=policy,  # type: ignore[arg-type]
+            gold_path=str(gold) if gold else None,
+            oracle_error_rate=oracle_error_rate,
+        )
+    except (NemLLMError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+    def ready(server: Any) -> None:
+        out.print(f"simulator listening: OPENAI_BASE_URL={server.base_url}", highlight=False)
+        out.print("(a simulator: its answers are not a model's; Ctrl-C to stop)", style="dim")
+
+    serve_forever(config, host, port, on_ready=ready)
+
+
+@app.command("local-llm")
+def local_llm(
+    port: Annotated[int, typer.Option(help="Port (0 = a free one).")] = 8090,
+) -> None:
+    """Serve the real local model (llama.cpp + SmolLM2-135M) on 127.0.0.1."""
+    from . import local_llm as local
+
+    ok, reason = local.local_llm_available()
+    if not ok:
+        raise _fail(reason)
+    try:
+        local.serve_forever(
+            port,
+            on_ready=lambda srv: out.print(
+                f"local LLM ready: OPENAI_BASE_URL={srv.base_url} model={srv.model}",
+                highlight=False,
+            ),
+        )
+    except NemLLMError as exc:
+        raise _fail(str(exc)) from None
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,127 @@
+"""The job behind ``nem-llm eval``: labelled queries in, an ``EvalReport`` out."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from openai import AsyncOpenAI
+
+from .catalog import load_catalog
+from .config import Limits
+from .errors import InputError
+from .evaluation import RECALL_KS, EvalReport, evaluate
+from .io import read_queries
+from .matcher import Matcher
+from .models import Candidate
+
+__all__ = ["run_eval"]
+
+_RETRIEVE_CHUNK = 256
+
+
+def _labelled(path: Path, limit: int | None) -> tuple[list[str], list[str | None]]:
+    texts: list[str] = []
+    golds: list[str | None] = []
+    rows = read_queries(path)
+    try:
+        for row in rows:
+            if limit is not None and len(texts) >= limit:
+                break
+            if row.error is not None or row.query is None or row.record is None:
+                raise InputError(row.error or "unreadable row", source=str(path), line=row.line)
+            if "gold_id" not in row.record:
+                raise InputError(
+                    "no 'gold_id' field (null = not in the catalog)",
+                    source=str(path),
+                    line=row.line,
+                )
+            gold = row.record["gold_id"]
+            texts.append(row.query)
+            golds.append(None if gold is None else str(gold))
+    finally:
+        rows.close()
+    if not texts:
+        raise InputError("no labelled queries", source=str(path))
+    return texts, golds
+
+
+async def run_eval(
+    *,
+    catalog: Path,
+    queries: Path,
+    llm: str = "off",
+    oracle_error_rate: float = 0.1,
+    model: str = "gpt-4o-mini",
+    top_k: int = 5,
+    limit: int | None = None,
+    concurrency: int = 32,
+    accept_threshold: float | None = None,
+    margin: float | None = None,
+    novel_threshold: float | None = None,
+    index_description: bool = False,
+    name: str = "",
+    progress: Any = None,
+) -> EvalReport:
+    """Evaluate retrieval, routing and end-to-end decisions on labelled queries.
+
+    ``llm``: ``"off"`` (ambiguous queries stay ``review``), ``"env"`` (the OPENAI_*
+    settings), or ``"sim"`` (the simulator's oracle, wrong ``oracle_error_rate`` of the
+    time; a simulator, not a model).
+    """
+    entities = load_catalog(catalog, include_description=index_description)
+    texts, golds = _labelled(queries, limit)
+    async with AsyncExitStack() as stack:
+        client: AsyncOpenAI | None = None
+        model_name = model
+        if llm == "sim":
+            from .sim import SimConfig, SimServer
+
+            sim = await stack.enter_async_context(
+                SimServer(
+                    SimConfig(
+                        policy="oracle",
+                        gold_path=str(queries),
+                        oracle_error_rate=oracle_error_rate,
+                        seed=1,
+                    )
+                )
+            )
+            client = AsyncOpenAI(base_url=sim.base_url, api_key="sim", max_retries=0)
+            model_name = "nem-llm-sim"
+        matcher = Matcher(
+            entities,
+            client=client,
+            llm=llm != "off",
+            model=model_name,
+            limits=Limits(concurrency=concurrency),
+            top_k=top_k,
+            accept_threshold=accept_threshold,
+            margin=margin,
+            novel_threshold=novel_threshold,
+        )
+        await stack.enter_async_context(matcher)
+        await matcher.fit_async()
+        k = max(RECALL_KS)
+        retrieved: list[list[Candidate]] = []
+        for lo in range(0, len(texts), _RETRIEVE_CHUNK):
+            retrieved.extend(
+                await matcher.retrieve_async(texts[lo : lo + _RETRIEVE_CHUNK], top_k=k)
+            )
+        task = None
+        if progress is not None:
+            from rich.progress import Progress
+
+            bar = stack.enter_context(Progress(console=progress, transient=True))
+            task = bar.add_task(f"eval {name}", total=len(texts))
+
+        def on_progress(done: int, total: int | None) -> None:
+            if task is not None:
+                bar.update(task, completed=done)
+
+        results = await matcher.match_batch_async(texts, on_progress=on_progress)
+        if client is not None:
+            await client.close()
+    label = {"off": "off", "env": model, "sim": f"sim oracle err={oracle_error_rate:g}"}[llm]
+    return evaluate(results, golds, retrieved, name=name, llm=label)
