@@ -14,11 +14,15 @@ Typical use, in tests or benches::
         client = openai.AsyncOpenAI(base_url=srv.base_url, api_key="local", max_retries=0)
         ... client.chat.completions.create(model=srv.model, ...)
 
-The server answers instructor in ``Mode.TOOLS`` (forced ``tool_choice``): llama.cpp then
-compiles the tool's JSON schema into a grammar, so the arguments are valid JSON with the
-right keys and ``enum`` values. Numeric bounds (``minimum``/``maximum``) are not part of
-that grammar; pydantic checks them and instructor re-asks. ``Mode.JSON_SCHEMA`` does not
-work there (the server rejects ``response_format={"type": "json_schema"}``).
+The server answers instructor in ``Mode.TOOLS`` (forced ``tool_choice``) with the model's
+own chat template: llama-cpp-python then compiles the tool's JSON schema into a grammar,
+so the arguments have the right keys, in order, and only allowed ``enum`` values. That
+grammar leaves out numeric bounds (``minimum``/``maximum``) and lets raw control
+characters (a newline) into strings, which is invalid JSON; pydantic catches both and
+instructor re-asks. The default template does not show the tools to the model (only the
+grammar steers it); ``chat_format="chatml-function-calling"`` puts them in the prompt.
+``Mode.JSON_SCHEMA`` does not work there (the server rejects
+``response_format={"type": "json_schema"}``).
 """
 
 from __future__ import annotations
@@ -137,13 +141,21 @@ def _require_server() -> None:
 def local_llm_available() -> tuple[bool, str]:
     """Tell whether the local LLM can run here, as ``(available, reason)``; starts nothing.
 
-    ``reason`` names the model file when available, otherwise what to ``pip install``.
+    ``reason`` names the model file when available, otherwise everything that is
+    missing and the ``pip install`` command for each.
     """
+    problems: list[str] = []
+    path: Path | None = None
     try:
         _require_server()
+    except LocalLLMUnavailable as exc:
+        problems.append(str(exc))
+    try:
         path = smollm2_model_path()
     except LocalLLMUnavailable as exc:
-        return False, str(exc)
+        problems.append(str(exc))
+    if problems or path is None:
+        return False, "; ".join(problems)
     return True, f"llama-cpp-python server and {path.name} are installed"
 
 
@@ -290,16 +302,16 @@ class LocalLLMServer:
         else:
             fd, name = tempfile.mkstemp(prefix="nem-llm-llama-server-", suffix=".log")
             self._log_file, self._log_path = fd, Path(name)
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            # own session: a Ctrl-C in the terminal reaches us, and we stop the child
-            start_new_session=True,
-        )
         atexit.register(self.stop)
         try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                # own session: a Ctrl-C in the terminal reaches only us, and we stop the child
+                start_new_session=True,
+            )
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -455,4 +467,4 @@ def serve_forever(
         pass
     finally:
         if handler_installed:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
