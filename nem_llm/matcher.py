@@ -237,8 +237,9 @@ class Matcher:
         Without ``training_data`` the thresholds are the documented defaults (or the ones
         given to the constructor).
         """
+        if self._closed:
+            raise NemLLMError("this Matcher is closed")
         loop = asyncio.get_running_loop()
-        self._runtime_for_loop()
         if self.index is None:
             self.index = await loop.run_in_executor(self._executor, self._build_index)
         if training_data:
@@ -264,12 +265,22 @@ class Matcher:
     ) -> Thresholds:
         if not 0.0 < target_precision <= 1.0:
             raise ConfigError(f"target_precision must be in (0, 1], got {target_precision}")
-        examples = []
+        items: list[tuple[str, int]] = []
+        golds: list[str | None] = []
         for i, pair in enumerate(training_data):
             if not isinstance(pair, tuple | list) or len(pair) != 2:
                 raise ConfigError(f"training_data[{i}] must be a (query, gold_id) pair")
             query, gold = pair
-            cands = await self._candidates(validate_query(query, index=i), self.top_k)
+            items.append((validate_query(query, index=i, max_chars=self.max_query_chars), 2))
+            golds.append(gold)
+        # straight to the worker thread in large batches: no micro-batcher, no loop binding
+        loop = asyncio.get_running_loop()
+        found: list[list[Candidate]] = []
+        for lo in range(0, len(items), 256):
+            chunk = items[lo : lo + 256]
+            found.extend(await loop.run_in_executor(self._executor, self._retrieve_batch, chunk))
+        examples = []
+        for cands, gold in zip(found, golds, strict=True):
             top = cands[0].score if cands else 0.0
             second = cands[1].score if len(cands) > 1 else 0.0
             examples.append(
@@ -736,10 +747,8 @@ class Matcher:
 
     def close(self) -> None:
         """Sync twin of :meth:`aclose`; also stops the private loop thread."""
-        if self._sync.loop is not None:
+        if not self._closed:
             self._sync.run(self.aclose())
-        elif not self._closed:
-            asyncio.run(self.aclose())
         self._sync.close()
 
     def __enter__(self) -> Matcher:

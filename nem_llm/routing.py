@@ -85,9 +85,10 @@ def calibrate(
 
     - accept/margin: among all (accept, margin) pairs whose auto-accepted examples are at
       least ``target_precision`` correct (top candidate is the gold id), the pair that
-      auto-accepts the most examples; ties go to the higher threshold.
-    - novel: the highest threshold whose "novel" examples (top below it) are at least
-      ``target_precision`` truly absent (gold is None), capped below accept.
+      auto-accepts the most examples; ties keep the larger margin.
+    - novel: the highest cut whose "novel" examples (top below it) are at least
+      ``target_precision`` truly absent (gold is None), placed midway between the highest
+      novel example and the cut; capped at accept.
 
     With fewer than ``min_examples`` examples, or no pair reaching the target, the
     corresponding default is kept (the LLM then sees more queries: the safe side).
@@ -101,7 +102,7 @@ def calibrate(
     none = np.array([e.gold_is_none for e in examples], dtype=np.float64)
 
     accept, margin, best_cov = base.accept, base.margin, 0
-    for m in _MARGINS:
+    for m in sorted(_MARGINS, reverse=True):  # ties keep the larger (safer) margin
         sel = gap >= m
         t, c = top[sel], ok[sel]
         if t.size == 0:
@@ -129,6 +130,9 @@ def calibrate(
             precision = cum[n_below] / n_below
         good = np.flatnonzero((n_below > 0) & (precision >= target_precision))
         if good.size:
-            novel = float(t[good].max())
+            cut = int(good[np.argmax(t[good])])
+            # midway between the highest score called novel and the cut, so the threshold
+            # does not hug the first non-novel example
+            novel = float((t[n_below[cut] - 1] + t[cut]) / 2)
     novel = min(novel, accept)
     return Thresholds(accept=accept, margin=margin, novel=novel, calibrated=True)
