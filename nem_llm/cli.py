@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import traceback
@@ -89,6 +90,9 @@ def _root(
 ) -> None:
     global _debug
     _debug = debug
+    # the model loader's own tqdm bar ("Loading weights") is noise next to ours, and
+    # --quiet must print nothing; read when transformers is first imported (lazily)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _limits(**kwargs: Any) -> Any:
@@ -295,6 +299,11 @@ def eval_(
     margin: float | None = None,
     novel_threshold: float | None = None,
     index_description: bool = False,
+    calibrate: Annotated[
+        float,
+        typer.Option(help="Share of queries used to calibrate thresholds (rest evaluated)."),
+    ] = 0.0,
+    target_precision: float = 0.99,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the report as JSON.")
     ] = None,
@@ -317,6 +326,8 @@ def eval_(
             margin=margin,
             novel_threshold=novel_threshold,
             index_description=index_description,
+            calibrate_fraction=calibrate,
+            target_precision=target_precision,
             name=name or catalog.stem.removesuffix("_catalog"),
             progress=err,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from openai import AsyncOpenAI
 
 from .catalog import load_catalog
 from .config import Limits
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .evaluation import RECALL_KS, EvalReport, evaluate
 from .io import read_queries
 from .matcher import Matcher
@@ -61,6 +62,9 @@ async def run_eval(
     margin: float | None = None,
     novel_threshold: float | None = None,
     index_description: bool = False,
+    calibrate_fraction: float = 0.0,
+    target_precision: float = 0.99,
+    seed: int = 0,
     name: str = "",
     progress: Any = None,
 ) -> EvalReport:
@@ -69,9 +73,22 @@ async def run_eval(
     ``llm``: ``"off"`` (ambiguous queries stay ``review``), ``"env"`` (the OPENAI_*
     settings), or ``"sim"`` (the simulator's oracle, wrong ``oracle_error_rate`` of the
     time; a simulator, not a model).
+
+    ``calibrate_fraction > 0``: a seeded random share of the queries calibrates the
+    thresholds (``fit_async(training_data=...)``) and the report covers only the rest.
     """
+    if not 0.0 <= calibrate_fraction < 1.0:
+        raise ConfigError(f"calibrate_fraction must be in [0, 1), got {calibrate_fraction}")
     entities = load_catalog(catalog, include_description=index_description)
     texts, golds = _labelled(queries, limit)
+    training: list[tuple[str, str | None]] = []
+    if calibrate_fraction > 0:
+        order = list(range(len(texts)))
+        random.Random(seed).shuffle(order)
+        cut = int(len(order) * calibrate_fraction)
+        training = [(texts[i], golds[i]) for i in order[:cut]]
+        keep = sorted(order[cut:])
+        texts, golds = [texts[i] for i in keep], [golds[i] for i in keep]
     async with AsyncExitStack() as stack:
         client: AsyncOpenAI | None = None
         model_name = model
@@ -102,7 +119,7 @@ async def run_eval(
             novel_threshold=novel_threshold,
         )
         await stack.enter_async_context(matcher)
-        await matcher.fit_async()
+        await matcher.fit_async(training or None, target_precision=target_precision)
         k = max(RECALL_KS)
         retrieved: list[list[Candidate]] = []
         for lo in range(0, len(texts), _RETRIEVE_CHUNK):
@@ -124,4 +141,7 @@ async def run_eval(
         if client is not None:
             await client.close()
     label = {"off": "off", "env": model, "sim": f"sim oracle err={oracle_error_rate:g}"}[llm]
-    return evaluate(results, golds, retrieved, name=name, llm=label)
+    report = evaluate(results, golds, retrieved, name=name, llm=label)
+    report.calibrated_on = len(training)
+    report.thresholds = matcher.thresholds.as_dict()
+    return report

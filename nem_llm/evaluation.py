@@ -32,6 +32,8 @@ class EvalReport(BaseModel):
     tokens: int
     cost_usd: float
     llm: str = "off"
+    calibrated_on: int = 0
+    thresholds: dict[str, float] = Field(default_factory=dict)
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -103,13 +105,13 @@ def _fmt(value: float | None) -> str:
 def render_eval_table(reports: Sequence[EvalReport]) -> str:
     """A markdown table, one row per report."""
     head = (
-        "| set | llm | queries | R@1 | R@5 | R@10 | R@50 | auto-accept P | auto-accept cov "
+        "| set | llm | calib | queries | R@1 | R@5 | R@10 | R@50 | auto-accept P | auto-accept cov "
         "| novel P | novel R | accuracy | to LLM | review | tokens | cost $ |"
     )
-    lines = [head, "|" + "---|" * 16]
+    lines = [head, "|" + "---|" * 17]
     for r in reports:
         lines.append(
-            f"| {r.name} | {r.llm} | {r.queries} | "
+            f"| {r.name} | {r.llm} | {r.calibrated_on or '-'} | {r.queries} | "
             + " | ".join(_fmt(r.recall_at.get(k)) for k in RECALL_KS)
             + f" | {_fmt(r.auto_accept_precision)} | {_fmt(r.auto_accept_coverage)} "
             f"| {_fmt(r.novel_precision)} | {_fmt(r.novel_recall)} | {_fmt(r.accuracy)} "
