@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .config import Limits, Thresholds
 from .errors import (
     AdjudicationError,
@@ -14,7 +16,9 @@ from .errors import (
     NotReadyError,
     QueryError,
 )
-from .matcher import Matcher
+
+if TYPE_CHECKING:
+    from .matcher import Matcher
 from .models import Attempt, Candidate, Diagnosis, Entity, Explanation, MatchResult, RunStats, Usage
 
 __version__ = "0.1.0"
@@ -42,3 +46,13 @@ __all__ = [
     "Usage",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Matcher pulls in instructor, openai and scikit-learn: import it on first use so the
+    # CLI answers bad input in a blink
+    if name == "Matcher":
+        from .matcher import Matcher
+
+        return Matcher
+    raise AttributeError(f"module 'nem_llm' has no attribute {name!r}")

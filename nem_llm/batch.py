@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -139,8 +140,9 @@ async def run_match_job(
 
     Args:
         job: the inputs and knobs.
-        stop: set it to stop dispatching new rows (Ctrl-C); in-flight rows finish and
-            are recorded, the summary says ``interrupted``.
+        stop: set it to stop (Ctrl-C): no new rows and no new LLM calls; results already
+            done are recorded, the rest (in-flight LLM calls included) is cancelled and
+            left for the next run; the summary says ``interrupted``.
         on_progress: ``hook(done, total, governor_stats)`` after every row.
         matcher_factory: builds the Matcher (tests inject fakes).
 
@@ -215,9 +217,33 @@ async def run_match_job(
                     yield row.query
 
             stream = matcher.match_stream_async(feed(), strategy=job.strategy)
-            async for result in stream:
-                row = pending.pop(result.index)
-                await emit(row, result)
+            # Stop (Ctrl-C) must stop LLM dispatch, not only the feed: the workers have
+            # already pulled rows ahead that wait for an LLM slot. Results that are ready
+            # are still recorded; then the stream is cancelled (in-flight calls too) and
+            # the unrecorded rows are left for the next run.
+            stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+            try:
+                async with aclosing(stream):
+                    while True:
+                        step = asyncio.ensure_future(anext(stream, None))
+                        try:
+                            waits = {step} if stopped is None else {step, stopped}
+                            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                        finally:
+                            if not step.done():
+                                step.cancel()
+                                await asyncio.wait({step})
+                        if step.cancelled():
+                            interrupted = True
+                            break
+                        result = step.result()
+                        if result is None:
+                            break
+                        row = pending.pop(result.index)
+                        await emit(row, result)
+            finally:
+                if stopped is not None:
+                    stopped.cancel()
         if not interrupted:
             await store.amark_complete(run_key)
             if job.order == "input":

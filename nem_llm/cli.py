@@ -223,7 +223,8 @@ def match(
             presses += 1
             if presses == 1:
                 err.print(
-                    "\n[yellow]stopping: finishing in-flight rows (Ctrl-C again to cancel)[/]"
+                    "\n[yellow]stopping: no new LLM calls; unfinished rows are left for the "
+                    "next run (Ctrl-C again to cancel)[/]"
                 )
                 stop.set()
             elif this is not None:
@@ -238,21 +239,26 @@ def match(
         def on_progress(done: int, total: int | None, gov: Any) -> None:
             if not first:
                 first.append(done)
+                # shown from the first finished row on: a fatal input error (raised
+                # before any row) then prints its one line and nothing else
+                progress.start()
             elapsed = max(loop.time() - started, 1e-9)
             rate = (done - first[0] + 1) / elapsed
             llm = ""
             if gov is not None:
                 llm = (
-                    f"LLM {gov.calls} calls · {gov.usage.total_tokens:,} tok · "
+                    f"LLM {gov.attempts} sent · {gov.usage.total_tokens:,} tok · "
                     f"${gov.usage.cost_usd:.4f}"
                 )
             progress.update(task_id, completed=done, total=total, rate=f"{rate:,.0f}/s", llm=llm)
 
-        with progress:
-            try:
-                return await run_match_job(job, stop=stop, on_progress=on_progress)
-            except asyncio.CancelledError:
-                return None
+        try:
+            return await run_match_job(job, stop=stop, on_progress=on_progress)
+        except asyncio.CancelledError:
+            return None
+        finally:
+            if first:
+                progress.stop()
 
     summary = _run(main)
     if summary is None:
