@@ -19,6 +19,7 @@ from string import Template
 from typing import Annotated, Any, Literal
 
 import instructor
+from instructor.core import InstructorRetryException
 from pydantic import BaseModel, BeforeValidator, Field, create_model
 
 from .catalog import Catalog
@@ -203,7 +204,7 @@ class Adjudicator:
                 timeout=request_timeout,
                 **self._kwargs,
             )
-        except instructor.core.InstructorRetryException as exc:
+        except InstructorRetryException as exc:
             cause = exc.__cause__
             if cause is not None and not _is_validation_error(cause):
                 # a transport error inside instructor's loop: hand the original over

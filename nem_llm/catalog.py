@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -126,14 +127,15 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             if not text.strip():
                 continue
             try:
-                yield lineno, json.loads(text)
+                # without its line break, a decode error's column is a column of this line
+                yield lineno, json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 raise CatalogError(
                     f"malformed JSON: {exc.msg} (column {exc.colno})", source=str(path), line=lineno
                 ) from None
 
 
-def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
+def _read_csv(path: Path, *, delimiter: str = ",") -> Iterator[tuple[int, Any]]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -141,7 +143,9 @@ def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
         raise CatalogError(
             f"invalid UTF-8 at byte {exc.start}", source=str(path), line=line
         ) from None
-    reader = csv.DictReader(text.splitlines())
+    # newline="": the csv module splits records itself (str.splitlines would also break rows
+    # at U+2028, U+0085, ... inside names and descriptions)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     fields = reader.fieldnames or []
     for required in ("id", "name"):
         if required not in fields:
@@ -188,7 +192,7 @@ def load_catalog(source: EntitySource | Catalog, *, include_description: bool = 
         if suffix in {".jsonl", ".ndjson", ".json"}:
             rows = _read_jsonl(path)
         elif suffix in {".csv", ".tsv"}:
-            rows = _read_csv(path)
+            rows = _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
         else:
             raise CatalogError("unknown catalog format (use .jsonl or .csv)", source=label)
         line_label = label
@@ -203,10 +207,9 @@ def load_catalog(source: EntitySource | Catalog, *, include_description: bool = 
         where = line_label if line_label else f"entities[{line}]"
         entity = _coerce(raw, where, line if line_label else None)
         if entity.id in seen:
-            first = seen[entity.id]
+            first = f"line {seen[entity.id]}" if line_label else f"entities[{seen[entity.id]}]"
             raise CatalogError(
-                f"duplicate id {entity.id!r} (first seen at {'line' if line_label else 'entities['}"
-                f"{first}{'' if line_label else ']'})",
+                f"duplicate id {entity.id!r} (first seen at {first})",
                 source=where,
                 line=line if line_label else None,
             )

@@ -177,9 +177,16 @@ class HybridIndex:
 
     @classmethod
     def load(
-        cls, path: str | Path, catalog: Catalog, *, embedder_name: str | None = None
+        cls,
+        path: str | Path,
+        catalog: Catalog,
+        *,
+        embedder_name: str | None = None,
+        lexical_weight: float | None = None,
     ) -> HybridIndex:
         """Load an index saved by :meth:`save`; the lexical part is rebuilt (deterministic).
+
+        ``lexical_weight`` overrides the saved weight (vectors do not depend on it).
 
         Raises:
             ConfigError: missing files, or the index was built for another catalog or
@@ -201,6 +208,10 @@ class HybridIndex:
         return cls(
             catalog,
             vectors,
-            lexical_weight=float(manifest.get("lexical_weight", 0.3)),
+            lexical_weight=(
+                lexical_weight
+                if lexical_weight is not None
+                else float(manifest.get("lexical_weight", 0.5))
+            ),
             embedder_name=str(manifest.get("embedder", "")),
         )

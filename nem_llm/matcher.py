@@ -248,7 +248,12 @@ class Matcher:
 
     def _build_index(self) -> HybridIndex:
         if self.index_path is not None and (self.index_path / "manifest.json").exists():
-            return HybridIndex.load(self.index_path, self.catalog, embedder_name=self.embedder.name)
+            return HybridIndex.load(
+                self.index_path,
+                self.catalog,
+                embedder_name=self.embedder.name,
+                lexical_weight=self.lexical_weight,
+            )
         vectors = self.embedder.encode(list(self.catalog.forms))
         index = HybridIndex(
             self.catalog,
@@ -678,8 +683,13 @@ class Matcher:
             return
         self._closed = True
         rt, self._runtime = self._runtime, None
-        if rt is not None and rt.loop is asyncio.get_running_loop():
-            await rt.batcher.aclose()
+        if rt is not None:
+            if rt.loop is asyncio.get_running_loop():
+                await rt.batcher.aclose()
+            elif not rt.loop.is_closed():
+                # bound to another loop (sync close() after async use, as in Jupyter): stop
+                # the batcher on its own loop, without waiting (that loop may be our caller's)
+                asyncio.run_coroutine_threadsafe(rt.batcher.aclose(), rt.loop)
         if self._owns_client and self._client is not None:
             await self._client.close()
         if self._owns_cache and self._cache is not None:
