@@ -88,6 +88,7 @@ class SentenceTransformerEmbedder:
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
                 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+                os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
                 from sentence_transformers import SentenceTransformer
 
                 path = self._model_ref or default_model_path()
@@ -173,19 +174,24 @@ class MicroBatcher(Generic[In, R]):
         while True:
             batch = [await queue.get()]
             deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch_size:
-                try:
-                    batch.append(queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), remaining))
-                except TimeoutError:
-                    break
+            try:
+                while len(batch) < self.max_batch_size:
+                    try:
+                        batch.append(queue.get_nowait())
+                        continue
+                    except asyncio.QueueEmpty:
+                        pass
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(queue.get(), remaining))
+                    except TimeoutError:
+                        break
+            except asyncio.CancelledError:  # closed while filling: these callers left the queue
+                for _, f in batch:
+                    f.cancel()
+                raise
             live = [(t, f) for t, f in batch if not f.done()]  # skip cancelled callers
             if not live:
                 continue
@@ -199,6 +205,12 @@ class MicroBatcher(Generic[In, R]):
                 for _, f in live:
                     if not f.done():
                         f.set_exception(exc)
+                continue
+            if len(answers) != len(live):  # a broken function must not kill the batcher
+                wrong = ValueError(f"batch function returned {len(answers)} rows for {len(live)}")
+                for _, f in live:
+                    if not f.done():
+                        f.set_exception(wrong)
                 continue
             self.batches += 1
             for row, (_, f) in enumerate(live):

@@ -21,6 +21,8 @@ at least ``60 / rpm`` seconds apart and a fresh limiter lets at most ``rpm`` req
 in any 60 s window (the default ``AsyncLimiter(rpm, 60)`` would let ``rpm`` through at once
 and ``~2 * rpm`` in the first minute). ``tpm`` uses :class:`TokenBucket` with a burst of 2 s
 of tokens and a leak rate lowered by that burst, for the same guarantee in tokens.
+
+Time comes from the running loop, so a fake loop clock (looptime in the tests) drives both.
 """
 
 from __future__ import annotations
@@ -51,13 +53,32 @@ _TRANSIENT_STATUS = frozenset({408, 409, 429})
 _MAX_RETRY_AFTER = 600.0
 
 
+class _RequestLimiter(AsyncLimiter):
+    """``AsyncLimiter`` that drops float residue from its level.
+
+    After a full period aiolimiter can keep ~1e-16 of level and schedule its next wake-up
+    ~1e-18 s later, which rounds to "now". A real clock moves on and the spin ends after a
+    tick; a clock that only moves while the loop idles (a fake clock) never moves again.
+    """
+
+    __slots__ = ()
+
+    def _leak(self) -> None:
+        super()._leak()
+        if self._level < 1e-9:
+            self._level = 0.0
+
+
 class TokenBucket:
     """A token-weighted leaky bucket that never lets more than ``tpm`` start in 60 s.
 
     Capacity ``burst`` tokens; it drains at ``(tpm - burst) / 60`` tokens per second, so the
-    tokens admitted in any 60 s window are at most ``burst + (tpm - burst) = tpm``. Waiters
-    are served first come, first served. ``reconcile`` corrects an estimate once the real
-    usage is known. Time comes from the running loop (so a fake loop clock drives it).
+    tokens admitted in any 60 s window are at most ``burst + (tpm - burst) = tpm``. A
+    request larger than the burst waits for an empty bucket and is charged in full (later
+    requests wait until it has drained), so it can overshoot only by its own excess over
+    the burst. Waiters are served first come, first served. ``reconcile`` corrects an
+    estimate once the real usage is known. Time comes from the running loop (so a fake loop
+    clock drives it).
     """
 
     def __init__(self, tpm: float, *, burst: float | None = None) -> None:
@@ -76,13 +97,16 @@ class TokenBucket:
         self._last = now
 
     async def acquire(self, tokens: float) -> float:
-        """Wait until ``tokens`` fit; returns the amount charged (capped at the capacity)."""
-        amount = min(float(tokens), self.capacity)
+        """Wait until ``tokens`` fit (or the bucket is empty); returns the amount charged."""
+        amount = float(tokens)
+        # charging only the capacity would let concurrent large requests through every
+        # burst / rate seconds, far above tpm, until their usage is reconciled
+        fit = min(amount, self.capacity)
         loop = asyncio.get_running_loop()
         async with self._lock:  # FIFO: asyncio.Lock wakes waiters in arrival order
             while True:
                 self._leak(loop.time())
-                excess = self._level + amount - self.capacity
+                excess = self._level + fit - self.capacity
                 if excess <= 1e-9:
                     self._level += amount
                     return amount
@@ -118,10 +142,12 @@ def _retry_after(headers: httpx.Headers | None) -> float | None:
     try:
         return min(float(value), _MAX_RETRY_AFTER)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        if parsed is None:
-            return None
-        return min(max(parsed.timestamp() - time.time(), 0.0), _MAX_RETRY_AFTER)
+        pass
+    try:  # an HTTP date; a malformed one means "no hint", not a failed call
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return min(max(parsed.timestamp() - time.time(), 0.0), _MAX_RETRY_AFTER)
 
 
 def classify_error(exc: BaseException) -> ErrorInfo:
@@ -193,7 +219,7 @@ class Governor:
             limits.output_usd_per_mtok if limits.output_usd_per_mtok is not None else list_out,
         )
         self._sem = asyncio.Semaphore(limits.concurrency)
-        self._rpm = AsyncLimiter(1, 60.0 / limits.rpm) if limits.rpm else None
+        self._rpm = _RequestLimiter(1, 60.0 / limits.rpm) if limits.rpm else None
         self._tpm = TokenBucket(limits.tpm) if limits.tpm else None
         self._rng = rng or random.Random()
         self._sleep = sleep or asyncio.sleep

@@ -13,6 +13,7 @@ Every item yields exactly one result; leaving a stream early cancels the remaini
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
 from typing import Literal, TypeVar, get_args
 
@@ -38,15 +39,30 @@ def check_strategy(strategy: str) -> Strategy:
 async def aiter_indexed(
     items: Iterable[Q] | AsyncIterable[Q],
 ) -> AsyncGenerator[tuple[int, Q], None]:
-    """Number the items of a sync or async iterable, lazily."""
+    """Number the items of a sync or async iterable, lazily.
+
+    Closing this generator early also closes a generator it reads from: ``async for``
+    alone would leave an async generator suspended (its ``finally`` blocks, an open file
+    say, unrun) until garbage collection schedules its ``aclose()`` on the loop.
+    """
     if isinstance(items, AsyncIterable):
-        i = 0
-        async for item in items:
-            yield i, item
-            i += 1
+        iterator = aiter(items)
+        try:
+            i = 0
+            async for item in iterator:
+                yield i, item
+                i += 1
+        finally:
+            if inspect.isasyncgen(iterator):
+                await iterator.aclose()
     else:
-        for i, item in enumerate(items):
-            yield i, item
+        iterator_ = iter(items)
+        try:
+            for i, item in enumerate(iterator_):
+                yield i, item
+        finally:
+            if inspect.isgenerator(iterator_):
+                iterator_.close()
 
 
 class _Failure:
