@@ -87,7 +87,8 @@ class FakeLLM:
 
     The policy gets ``(query, allowed_ids)`` (candidate ids in score order, then "none")
     and returns an id, a full answer dict (``entity_id``, ``confidence``, ``reason``), or
-    an ``httpx.Response`` (to simulate errors). Every request is kept in ``requests``.
+    an ``httpx.Response`` (to simulate errors); ids are sent back the way the request's
+    schema asks (nem_llm's numbered ``choice``). Every request is kept in ``requests``.
     """
 
     def __init__(self, policy: Policy | None = None) -> None:
@@ -107,10 +108,15 @@ class FakeLLM:
         if isinstance(answer, httpx.Response):
             return answer
         if isinstance(answer, str):
-            answer = {"entity_id": answer, "confidence": 0.9, "reason": "fake policy"}
+            text = parsed.answer_text(answer, 0.9, "fake policy")
+        else:
+            answer = dict(answer)
+            entity_id = str(answer.pop("entity_id", ""))
+            mapped = json.loads(parsed.answer_text(entity_id, 0.9, "fake policy"))
+            text = json.dumps({**mapped, **answer})
         return httpx.Response(
             200,
             json=completion_json(
-                answer, tool_name=parsed.tool_name, prompt_tokens=parsed.prompt_tokens
+                text, tool_name=parsed.tool_name, prompt_tokens=parsed.prompt_tokens
             ),
         )

@@ -255,3 +255,48 @@ def test_serve_forever_stops_on_signal(signum: int) -> None:
     assert proc.returncode == 0, err
     assert out == b""  # serve_forever prints nothing itself
     assert not _port_open("127.0.0.1", port)
+
+
+@pytest.mark.local_llm
+@requires_local_llm
+async def test_full_pipeline_adjudicates_against_the_real_local_model(
+    server: LocalLLMServer,
+) -> None:
+    """Retrieval, routing and the governed instructor call, unchanged, against llama.cpp.
+
+    The model is tiny (its choices are near chance): this proves the real path and that
+    every answer fits the schema, not quality.
+    """
+    import openai
+
+    from nem_llm import Limits, Matcher
+    from nem_llm.testing import FakeEmbedder
+
+    entities = [
+        {"id": "US", "name": "United States", "aliases": ["USA"]},
+        {"id": "DE", "name": "Germany", "aliases": ["Deutschland"]},
+        {"id": "FR", "name": "France"},
+    ]
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="local")
+    queries = ["United Stats of America", "Germny", "Frannce"]
+    async with Matcher(
+        entities,
+        client=client,
+        model=server.model,
+        embedder=FakeEmbedder(),
+        accept_threshold=1.01,  # every non-novel query goes to the LLM
+        novel_threshold=0.0,
+        limits=Limits(concurrency=2, timeout=60.0, max_attempts=2),
+    ) as matcher:
+        await matcher.fit_async()
+        results = await matcher.match_batch_async(queries)
+    await client.close()
+    assert [r.index for r in results] == [0, 1, 2]
+    for r in results:
+        assert r.attempts, "every query went through the governor"
+        assert r.usage.total_tokens > 0
+        if r.status != "error":  # schema-valid answers: an offered id or none
+            assert r.decided_by == "llm"
+            assert r.status in ("matched", "novel")
+            assert r.entity_id in (None, *[c.id for c in r.candidates])
+    assert any(r.status != "error" for r in results)

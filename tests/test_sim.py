@@ -541,3 +541,28 @@ def test_query_is_stripped_and_unescaped() -> None:
     text = "<query>\n  AT&amp;T <query> inc\n</query> trailing </query>"
     assert extract_query(text) == "AT&T <query> inc\n</query> trailing"
     assert extract_query("no query here") is None
+
+
+async def test_oracle_answers_nem_llms_numbered_choice_with_the_gold_candidates_number(
+    tmp_path: Path,
+) -> None:
+    from nem_llm.adjudication import choice_model, render_messages
+    from nem_llm.catalog import load_catalog
+    from nem_llm.models import Candidate
+
+    catalog = load_catalog(
+        [{"id": "a1", "name": "Alpha"}, {"id": "b2", "name": "Beta"}, {"id": "c3", "name": "C"}]
+    )
+    candidates = [Candidate(id=i, name=i, score=0.5) for i in ("a1", "b2", "c3")]
+    messages = render_messages("USA", candidates, catalog)
+    path = gold_file(tmp_path, [{"qid": 1, "query": "USA", "gold_id": "b2"}])
+    async with SimServer(SimConfig(policy="oracle", gold_path=path)) as sim:
+        raw = openai.AsyncOpenAI(base_url=sim.base_url, api_key="sim", max_retries=0)
+        try:
+            client = instructor.from_openai(raw, mode=instructor.Mode.TOOLS)
+            choice = await client.chat.completions.create(
+                model="sim", response_model=choice_model(3), messages=messages, max_retries=0
+            )
+        finally:
+            await raw.close()
+    assert choice.choice == "2"  # type: ignore[attr-defined]  # b2 is candidate [2]

@@ -33,7 +33,9 @@ __all__ = [
 NONE_ID = "none"
 
 _SCHEMA_MARKER = "json_schema:"
-_CANDIDATE_LINE = re.compile(r"^\s*\[\d+\]\s*id:\s*(.*?)\s*\|\s*name:", re.MULTILINE)
+_CANDIDATE_LINE = re.compile(r"^\s*\[(\d+)\]\s*id:\s*(.*?)\s*\|\s*name:", re.MULTILINE)
+# the answer fields the simulator knows: nem_llm's numbered ``choice`` and a plain ``entity_id``
+_ANSWER_FIELDS = ("choice", "entity_id")
 _DECODER = json.JSONDecoder()
 
 
@@ -59,6 +61,13 @@ class ParsedRequest:
     allowed: tuple[str, ...]
     query: str
     prompt_tokens: int
+    answer_field: str = "entity_id"
+    labels: Mapping[str, str] | None = None
+
+    def answer_text(self, entity_id: str, confidence: float, reason: str) -> str:
+        """The answer JSON: ``entity_id`` as the schema wants it (an id, or its number)."""
+        value = self.labels.get(entity_id, entity_id) if self.labels else entity_id
+        return json.dumps({self.answer_field: value, "confidence": confidence, "reason": reason})
 
 
 def _text_of(content: Any) -> str:
@@ -123,12 +132,21 @@ def allowed_ids_from_schema(schema: Any) -> list[str] | None:
     Resolves ``$ref`` into ``$defs``/``definitions`` and reads ``enum``, ``const`` and
     ``anyOf``/``oneOf``/``allOf`` branches.
     """
+    found = _answer_enum(schema)
+    return found[1] if found is not None and found[0] == "entity_id" else None
+
+
+def _answer_enum(schema: Any) -> tuple[str, list[str] | None] | None:
+    """(answer field, its allowed values) of a JSON schema, or None if it has neither."""
     if not isinstance(schema, Mapping):
         return None
     props = _resolve(schema.get("properties"), schema)
-    if not isinstance(props, Mapping) or "entity_id" not in props:
+    if not isinstance(props, Mapping):
         return None
-    return _values_of(props["entity_id"], schema)
+    for name in _ANSWER_FIELDS:
+        if name in props:
+            return name, _values_of(props[name], schema)
+    return None
 
 
 def _schema_in_text(text: str) -> Any:
@@ -156,12 +174,19 @@ def _candidates_in_text(text: str) -> list[str]:
         return []
     end = text.find("</candidates>", start)
     block = text[start : end if end >= 0 else len(text)]
-    ids: list[str] = []
-    for match in _CANDIDATE_LINE.finditer(block):
-        cid = html.unescape(match.group(1).strip())
-        if cid and cid not in ids:
-            ids.append(cid)
-    return ids
+    return [cid for _, cid in _numbered_candidates(block)]
+
+
+def _numbered_candidates(text: str) -> list[tuple[str, str]]:
+    """(number, id) of each ``[N] id: <ID> | name: ...`` line, in order, ids unique."""
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for match in _CANDIDATE_LINE.finditer(text):
+        cid = html.unescape(match.group(2).strip())
+        if cid and cid not in seen:
+            seen.add(cid)
+            out.append((match.group(1), cid))
+    return out
 
 
 def extract_query(text: str) -> str | None:
@@ -206,7 +231,7 @@ def parse_request(body: Any) -> ParsedRequest:
     model = body.get("model")
 
     tool_name: str | None = None
-    allowed: list[str] | None = None
+    found: tuple[str, list[str] | None] | None = None
     tools = body.get("tools")
     if isinstance(tools, list) and tools:
         functions = [
@@ -223,18 +248,18 @@ def parse_request(body: Any) -> ParsedRequest:
             function = functions[0]
         if function is not None:
             tool_name = str(function.get("name") or "answer")
-            allowed = allowed_ids_from_schema(function.get("parameters"))
+            found = _answer_enum(function.get("parameters"))
     else:
         fmt = body.get("response_format")
         if isinstance(fmt, Mapping) and isinstance(fmt.get("json_schema"), Mapping):
-            allowed = allowed_ids_from_schema(fmt["json_schema"].get("schema"))
-        if allowed is None:
+            found = _answer_enum(fmt["json_schema"].get("schema"))
+        if found is None:
             for message in messages:
                 if isinstance(message, Mapping) and message.get("role") == "system":
                     text = _text_of(message.get("content"))
-                    if "entity_id" in text:
-                        allowed = allowed_ids_from_schema(_schema_in_text(text))
-                        if allowed is not None:
+                    if any(name in text for name in _ANSWER_FIELDS):
+                        found = _answer_enum(_schema_in_text(text))
+                        if found is not None:
                             break
 
     query: str | None = None
@@ -246,7 +271,19 @@ def parse_request(body: Any) -> ParsedRequest:
             if query is not None:
                 user_text = text
                 break
-    if allowed is None:
+    field, values = found if found is not None else ("entity_id", None)
+    labels: dict[str, str] | None = None
+    allowed: list[str]
+    if field == "choice":
+        # numbered answers: the policy still works on ids; the answer maps back to numbers
+        start = user_text.find("<candidates>")
+        numbered = _numbered_candidates(user_text[start:] if start >= 0 else "")
+        offered = set(values or [])
+        labels = {cid: num for num, cid in numbered if not offered or num in offered}
+        allowed = [*labels, NONE_ID]
+    elif values is not None:
+        allowed = values
+    else:
         allowed = _candidates_in_text(user_text)
         if NONE_ID not in allowed:
             allowed.append(NONE_ID)
@@ -259,6 +296,8 @@ def parse_request(body: Any) -> ParsedRequest:
         allowed=tuple(allowed),
         query=query or "",
         prompt_tokens=math.ceil(_usage_chars(messages, body) / 4),
+        answer_field=field,
+        labels=labels,
     )
 
 

@@ -353,7 +353,7 @@ class SimServer:
             while entity_id in parsed.allowed:
                 entity_id += "-x"
             reason = "simulated: invalid id"
-        text = json.dumps({"entity_id": entity_id, "confidence": confidence, "reason": reason})
+        text = parsed.answer_text(entity_id, confidence, reason)
         if kind == "malformed":
             text = text[: len(text) // 2]  # cut short: never valid JSON
         completion_tokens = math.ceil(len(text) / 4)
