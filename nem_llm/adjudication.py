@@ -114,8 +114,11 @@ def choice_model(k: int) -> type[BaseModel]:
         raise ValueError(f"need at least one candidate, got {k}")
     choices = (*(str(i) for i in range(1, k + 1)), NONE)
     choice_type: Any = Literal[choices]
+    # an OpenAISchema subclass: instructor then uses it as is, instead of wrapping it in a
+    # new class (and a new, uncached JSON schema) on every call
     return create_model(
         "EntityChoice",
+        __base__=instructor.OpenAISchema,
         __doc__="The numbered candidate the query refers to, or none.",
         choice=(
             choice_type,
