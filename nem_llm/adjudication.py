@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import html
-from collections.abc import Sequence
+import json
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,8 +27,9 @@ from string import Template
 from typing import Annotated, Any, Literal
 
 import instructor
-from instructor.core import InstructorRetryException
-from pydantic import BaseModel, BeforeValidator, Field, create_model
+from instructor.core import AsyncValidationError, InstructorRetryException, ResponseParsingError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, create_model
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from .catalog import Catalog
 from .config import price_for
@@ -45,6 +47,8 @@ __all__ = [
 ]
 
 NONE = "none"
+# what instructor re-asks on (its own retry loop uses the same set)
+_PARSE_ERRORS = (ValidationError, json.JSONDecodeError, AsyncValidationError, ResponseParsingError)
 _DESCRIPTION_CHARS = 300
 _REASON_CHARS = 500
 
@@ -201,17 +205,36 @@ class Adjudicator:
         candidate_ids: tuple[str, ...],
         *,
         request_timeout: float,
+        pace: Callable[[], Awaitable[None]] | None = None,
     ) -> Decision:
-        """One adjudication call (with instructor's re-asks on invalid answers)."""
+        """One adjudication call (with instructor's re-asks on invalid answers).
+
+        Args:
+            pace: awaited before every re-ask: a re-ask is one more HTTP request, so it
+                must wait for the rate limiter like any other (the governor's ``pace``).
+        """
         response_model = choice_model(len(candidate_ids))
         reasks = [0]
         _REASKS.set(reasks)
+        retries: int | AsyncRetrying = self.max_reasks
+        if pace is not None:
+
+            async def before(state: RetryCallState) -> None:
+                if state.attempt_number > 1:
+                    await pace()
+
+            retries = AsyncRetrying(
+                stop=stop_after_attempt(self.max_reasks + 1),
+                retry=retry_if_exception_type(_PARSE_ERRORS),
+                before=before,
+                reraise=True,
+            )
         try:
             choice, completion = await self.client.chat.completions.create_with_completion(
                 model=self.model,
                 messages=messages,  # type: ignore[arg-type]
                 response_model=response_model,
-                max_retries=self.max_reasks,
+                max_retries=retries,
                 timeout=request_timeout,
                 **self._kwargs,
             )

@@ -269,6 +269,16 @@ class Governor:
         until = asyncio.get_running_loop().time() + seconds
         self._cooldown_until = max(self._cooldown_until, until)
 
+    async def pace(self) -> None:
+        """Wait as a new request must: the cooldown, then the RPM limiter.
+
+        For requests made inside a governed call (instructor's re-asks): they already hold
+        the call's slot, and their tokens are reconciled with the call's usage.
+        """
+        await self._wait_cooldown()
+        if self._rpm is not None:
+            await self._rpm.acquire()
+
     # -- the call ----------------------------------------------------------------------
 
     async def call(

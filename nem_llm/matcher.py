@@ -400,7 +400,9 @@ class Matcher:
         adjudicator = self._adjudicator
         try:
             governed = await governor.call(
-                lambda: adjudicator.decide(messages, ids, request_timeout=self.limits.timeout),
+                lambda: adjudicator.decide(
+                    messages, ids, request_timeout=self.limits.timeout, pace=governor.pace
+                ),
                 estimated_tokens=estimate_tokens(messages),
                 usage_of=lambda d: d.usage,
             )

@@ -652,3 +652,35 @@ async def test_budget_through_the_matcher_turns_the_rest_into_review_records() -
         assert r.error is not None and "budget" in r.error
     stats = matcher.last_run_stats
     assert stats is not None and stats.budget_exhausted and stats.total == len(queries)
+
+
+@pytest.mark.looptime
+async def test_instructor_reasks_wait_for_the_rpm_limiter_like_any_request() -> None:
+    """A re-ask is one more HTTP request: it must not slip past the rate limiter."""
+    loop = asyncio.get_running_loop()
+    arrivals: list[float] = []
+    answers = iter(["not-offered", "1"] * 3)  # each query: an invalid answer, then a valid one
+
+    def policy(_query: str, ids: tuple[str, ...]) -> str:
+        arrivals.append(loop.time())
+        answer = next(answers)
+        return answer if answer != "1" else ids[0]
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(FakeLLM(policy)))
+    client = openai.AsyncOpenAI(api_key="t", base_url="http://fake/v1", http_client=http)
+    entities = [{"id": f"E{i}", "name": f"Entity number {i}"} for i in range(5)]
+    async with Matcher(
+        entities,
+        client=client,
+        embedder=FakeEmbedder(),
+        accept_threshold=1.01,
+        novel_threshold=0.0,
+        limits=Limits(rpm=60, concurrency=4),
+    ) as matcher:
+        await matcher.fit_async()
+        results = await matcher.match_batch_async(["entity 1", "entity 2", "entity 3"])
+    assert [r.status for r in results] == ["matched"] * 3
+    assert sum(a.reasks for r in results for a in r.attempts) == 3
+    assert len(arrivals) == 6  # 3 calls + 3 re-asks, every one paced at 60 per minute
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert all(gap >= 1.0 - TICK for gap in gaps), gaps
