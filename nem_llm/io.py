@@ -28,7 +28,7 @@ import codecs
 import csv
 import json
 import os
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -337,29 +337,47 @@ def _jsonl_schema(
     max_chars: int,
 ) -> _Schema:
     """Resolve the query and id fields from the file's first JSON object (fatal if absent)."""
-    found = ", ".join(str(k) for k in obj) or "no fields"
+    fields = [str(k) for k in obj]
+    return _resolve_schema(
+        fields,
+        ("field", "in the first object", ", ".join(fields) or "no fields"),
+        label,
+        line,
+        query_column,
+        id_column,
+        max_chars,
+    )
+
+
+def _resolve_schema(
+    fields: Sequence[str],
+    wording: tuple[str, str, str],
+    label: str,
+    line: int,
+    query_column: str | None,
+    id_column: str | None,
+    max_chars: int,
+) -> _Schema:
+    """Pick the query and id fields among ``fields``; ``wording`` is (noun, where, found)."""
+    noun, where, found = wording
     if query_column is None:
-        query_column = next((c for c in QUERY_COLUMNS if c in obj), None)
+        query_column = next((c for c in QUERY_COLUMNS if c in fields), None)
         if query_column is None:
             raise InputError(
-                f"no query field in the first object (looked for {', '.join(QUERY_COLUMNS)}; "
+                f"no query {noun} {where} (looked for {', '.join(QUERY_COLUMNS)}; "
                 f"found: {found}); pass query_column",
                 source=label,
                 line=line,
             )
-    elif query_column not in obj:
+    elif query_column not in fields:
         raise InputError(
-            f"no field {query_column!r} in the first object (found: {found})",
-            source=label,
-            line=line,
+            f"no {noun} {query_column!r} {where} (found: {found})", source=label, line=line
         )
     if id_column is None:
-        id_column = "id" if "id" in obj else None
-    elif id_column not in obj:
+        id_column = "id" if "id" in fields else None
+    elif id_column not in fields:
         raise InputError(
-            f"no id field {id_column!r} in the first object (found: {found})",
-            source=label,
-            line=line,
+            f"no id {noun} {id_column!r} {where} (found: {found})", source=label, line=line
         )
     return _Schema(query_column=query_column, id_column=id_column, max_chars=max_chars)
 
@@ -572,27 +590,15 @@ def _csv_schema(
     max_chars: int,
 ) -> _Schema:
     """Resolve the query and id columns from the header (fatal if a needed one is absent)."""
-    found = ", ".join(header)
-    if query_column is None:
-        query_column = next((c for c in QUERY_COLUMNS if c in header), None)
-        if query_column is None:
-            raise InputError(
-                f"no query column in header (looked for {', '.join(QUERY_COLUMNS)}; "
-                f"found: {found}); pass query_column",
-                source=label,
-                line=line,
-            )
-    elif query_column not in header:
-        raise InputError(
-            f"no column {query_column!r} in header (found: {found})", source=label, line=line
-        )
-    if id_column is None:
-        id_column = "id" if "id" in header else None
-    elif id_column not in header:
-        raise InputError(
-            f"no id column {id_column!r} in header (found: {found})", source=label, line=line
-        )
-    return _Schema(query_column=query_column, id_column=id_column, max_chars=max_chars)
+    return _resolve_schema(
+        header,
+        ("column", "in header", ", ".join(header)),
+        label,
+        line,
+        query_column,
+        id_column,
+        max_chars,
+    )
 
 
 # --------------------------------------------------------------------------- text
