@@ -595,10 +595,14 @@ async def _overhead_case(
             adj = Adjudicator(ic, SIM_MODEL, max_reasks=2, temperature=0.0)
             gov = Governor(Limits(concurrency=concurrency, timeout=120.0), model=SIM_MODEL)
 
+            # as the matcher calls it: re-asks paced by the governor where supported
+            paced = "pace" in inspect.signature(adj.decide).parameters
+            extra: dict[str, Any] = {"pace": gov.pace} if paced else {}
+
             async def one(i: int) -> Any:
                 m = prep.messages[i]
                 return await gov.call(
-                    lambda: adj.decide(m, prep.ids[i], request_timeout=120.0),
+                    lambda: adj.decide(m, prep.ids[i], request_timeout=120.0, **extra),
                     estimated_tokens=estimate_tokens(m),
                     usage_of=lambda d: d.usage,
                 )

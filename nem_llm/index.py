@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,33 @@ __all__ = ["HybridIndex", "catalog_fingerprint"]
 
 F32 = npt.NDArray[np.float32]
 _QUERY_CHUNK = 64  # queries scored at once: bounds the (queries x forms) score matrix
+# Below this many multiply-adds (queries x forms x dim, ~1 ms on one core) the dense product
+# runs on one BLAS thread: OpenBLAS's helper threads cost more than they save on a product
+# this small, and they busy-wait after it (CPU taken from the encoder and the event loop).
+_SMALL_PRODUCT = 32_000_000
+_blas_lock = threading.Lock()
+_blas_controller: Any = None
+
+
+def _one_blas_thread(work: int) -> AbstractContextManager[Any]:
+    """Limit BLAS to one thread for a small product (a no-op for big ones)."""
+    global _blas_controller
+    if work >= _SMALL_PRODUCT:
+        return nullcontext()
+    if _blas_controller is None:
+        with _blas_lock:
+            if _blas_controller is None:
+                try:
+                    from threadpoolctl import (  # type: ignore[import-untyped]  # sklearn needs it
+                        ThreadpoolController,
+                    )
+
+                    _blas_controller = ThreadpoolController()
+                except Exception:  # pragma: no cover - threadpoolctl missing or broken
+                    _blas_controller = False
+    if not _blas_controller:
+        return nullcontext()
+    return _blas_controller.limit(limits=1, user_api="blas")  # type: ignore[no-any-return]
 
 
 def catalog_fingerprint(catalog: Catalog) -> str:
@@ -90,7 +119,9 @@ class HybridIndex:
 
     def _scores(self, query_vecs: F32, queries: Sequence[str]) -> F32:
         """(queries x forms) combined scores."""
-        dense: F32 = query_vecs @ self.form_vectors.T
+        work = query_vecs.shape[0] * self.form_vectors.shape[0] * self.form_vectors.shape[1]
+        with _one_blas_thread(work):
+            dense: F32 = query_vecs @ self.form_vectors.T
         w = self.lexical_weight
         if w > 0 and self._lexical is not None:
             q = self._vectorizer.transform(list(queries))

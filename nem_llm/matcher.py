@@ -87,7 +87,11 @@ class Matcher:
         index_path: a directory to save the index to and load it from.
         batching: share one micro-batcher between concurrent calls (``False`` encodes every
             query alone; for comparisons).
-        max_batch_size, max_wait: micro-batcher flush size and delay.
+        max_batch_size, max_wait: micro-batcher flush size and delay. A burst of
+            concurrent calls is encoded in flushes of up to ``max_batch_size`` texts; the
+            embedder sorts each flush by length and runs its own sub-batches, so bigger
+            flushes pad less (512 concurrent calls: 0.88x one big encode at 256, 0.65x at
+            64) at the price of a later first result within a burst.
         max_query_chars: longer queries are rejected with a clear error.
     """
 
@@ -112,7 +116,7 @@ class Matcher:
         cache: DecisionCache | str | os.PathLike[str] | None = None,
         index_path: str | os.PathLike[str] | None = None,
         batching: bool = True,
-        max_batch_size: int = 64,
+        max_batch_size: int = 256,
         max_wait: float = 0.005,
         max_query_chars: int = DEFAULT_MAX_QUERY_CHARS,
         temperature: float | None = 0.0,
