@@ -8,6 +8,7 @@ raise real ``openai`` exceptions, on looptime's virtual clock: ``asyncio.sleep``
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -682,5 +683,5 @@ async def test_instructor_reasks_wait_for_the_rpm_limiter_like_any_request() -> 
     assert [r.status for r in results] == ["matched"] * 3
     assert sum(a.reasks for r in results for a in r.attempts) == 3
     assert len(arrivals) == 6  # 3 calls + 3 re-asks, every one paced at 60 per minute
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert all(gap >= 1.0 - TICK for gap in gaps), gaps
