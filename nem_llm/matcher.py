@@ -40,7 +40,7 @@ from .models import Candidate, Diagnosis, Explanation, MatchResult, RunStats, Us
 from .routing import LabelledScore, Route, calibrate, route
 from .stats import StatsCollector
 from .store import CachedDecision, DecisionCache, decision_key
-from .strategies import Strategy, check_strategy, run_ordered, run_strategy
+from .strategies import Strategy, check_strategy, run_strategy
 from .text import DEFAULT_MAX_QUERY_CHARS, validate_query
 
 __all__ = ["Matcher", "ProgressCallback"]
@@ -563,37 +563,17 @@ class Matcher:
         """
         self._require_index()
         strategy = check_strategy(strategy)
-        if strategy != "gather":
-            stream = self.match_stream_async(
-                queries,
-                top_k=top_k,
-                strategy=strategy,
-                batch_size=batch_size,
-                on_progress=on_progress,
-            )
-            async with aclosing(stream):
-                return [r async for r in stream]
-        total = len(queries) if isinstance(queries, Sized) else None
-        collector = StatsCollector()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-
-        async def worker(i: int, q: str) -> MatchResult:
-            return (await self._match_one(i, q, top_k))[0]
-
-        async def on_result(result: MatchResult) -> None:
-            collector.add(result, loop.time() - started)
-            if on_progress is not None:
-                await _maybe_await(on_progress(collector.total, total))
-
-        results = await run_ordered(
+        stream = self.match_stream_async(
             queries,
-            worker,
-            workers=self._workers(strategy, batch_size),
-            index_of=lambda r: r.index,
-            on_result=on_result,
+            top_k=top_k,
+            strategy=strategy,
+            batch_size=batch_size,
+            on_progress=on_progress,
         )
-        self.last_run_stats = collector.finish(loop.time() - started)
+        async with aclosing(stream):
+            results = [r async for r in stream]
+        if strategy == "gather":  # same work, delivered in input order
+            results.sort(key=lambda r: r.index)
         return results
 
     async def retrieve_async(
