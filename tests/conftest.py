@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +50,17 @@ def countries() -> list[dict[str, Any]]:
 @pytest.fixture
 def fake_embedder() -> FakeEmbedder:
     return FakeEmbedder()
+
+
+@pytest.fixture
+async def no_loop_errors() -> AsyncIterator[None]:
+    """Fail on anything the loop reports (exceptions never retrieved, tasks destroyed while
+    pending) and on tasks left behind after the test; concurrency test files opt in with
+    ``pytestmark = pytest.mark.usefixtures("no_loop_errors")``."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield
+    loop.set_exception_handler(None)
+    assert errors == []
+    assert asyncio.all_tasks() == {asyncio.current_task()}, "a test left tasks behind"

@@ -9,27 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import pytest
 
 from nem_llm.embedding import MicroBatcher
 from nem_llm.errors import ConfigError
 
-pytestmark = pytest.mark.timeout(10)
-
-
-@pytest.fixture(autouse=True)
-async def no_loop_errors() -> AsyncIterator[None]:
-    """Fail on anything the loop reports and on tasks left behind after the test."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    yield
-    loop.set_exception_handler(None)
-    assert errors == []
-    assert asyncio.all_tasks() == {asyncio.current_task()}, "a test left tasks behind"
+pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("no_loop_errors")]
 
 
 class Doubler:

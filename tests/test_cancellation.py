@@ -31,22 +31,9 @@ from nem_llm.strategies import (
 )
 from nem_llm.testing import FakeEmbedder, FakeLLM
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("no_loop_errors")]
 
 REQUEST = httpx.Request("POST", "http://x/v1/chat/completions")
-
-
-@pytest.fixture(autouse=True)
-async def no_loop_errors() -> AsyncIterator[None]:
-    """Fail on anything the loop reports (a task destroyed while pending, an exception
-    never retrieved) and on tasks left behind after the test."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    yield
-    loop.set_exception_handler(None)
-    assert errors == []
-    assert asyncio.all_tasks() == {asyncio.current_task()}, "a test left tasks behind"
 
 
 class Blocked:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from nem_llm.governor import Governed, Governor, TokenBucket, classify_error
 from nem_llm.models import Usage
 from nem_llm.testing import FakeEmbedder, FakeLLM
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("no_loop_errors")]
 
 REQUEST = httpx.Request("POST", "http://x/v1/chat/completions")
 STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
@@ -122,20 +122,6 @@ def test_max_in_window_counts_half_open_windows() -> None:
     assert max_in_window([(0.0, 1), (59.999, 1), (60.0, 1)]) == 2
     assert max_in_window([(0.0, 1), (60.0 - 1e-12, 1)]) == 1  # float noise: the same instant
     assert max_in_window([(0.0, 5), (10.0, 7), (80.0, 1)]) == 12
-
-
-@pytest.fixture(autouse=True)
-async def no_loop_errors() -> AsyncIterator[None]:
-    """Fail on anything the loop reports (exceptions never retrieved, tasks destroyed while
-    pending) and on tasks left behind: a pending task, even an unreachable one, is still in
-    ``asyncio.all_tasks()`` until it is collected."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    yield
-    loop.set_exception_handler(None)
-    assert errors == []
-    assert asyncio.all_tasks() == {asyncio.current_task()}, "a test left tasks behind"
 
 
 # -- requests per minute ---------------------------------------------------------------
