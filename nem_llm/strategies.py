@@ -170,7 +170,8 @@ def run_strategy(
 ) -> AsyncGenerator[R, None]:
     """The result stream of a strategy: input order for sequential, completion otherwise.
 
-    ``gather`` streams in completion order here too; :func:`run_ordered` sorts at the end.
+    ``gather`` streams in completion order here too: callers sort by index at the end
+    (as ``Matcher.match_batch_async`` does), or use :func:`run_ordered`.
     """
     if strategy == "sequential":
         return run_sequential(items, worker)
