@@ -14,8 +14,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from nem_llm.eval_job import run_eval
-from nem_llm.evaluation import EvalReport, render_eval_table
+from nem_llm.jobs.eval_job import run_eval
+from nem_llm.jobs.evaluation import EvalReport, render_eval_table
 
 SETS = {  # set -> index "name, description" too (record-like catalogs)
     "restaurants": True,

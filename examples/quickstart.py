@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nem_llm import Limits, Matcher
-from nem_llm.local_llm import LocalLLMServer, local_llm_available
+from nem_llm.llm.local_llm import LocalLLMServer, local_llm_available
 
 CATALOG = Path(__file__).parent / "data" / "countries.jsonl"
 QUERIES = [

@@ -167,7 +167,7 @@ def match(
     stats_json: Annotated[Path | None, typer.Option(help="Write run stats as JSON.")] = None,
 ) -> None:
     """Match every row of a queries file against a catalog; resumable and cached."""
-    from .batch import MatchJob, run_match_job
+    from .jobs.batch import MatchJob, run_match_job
 
     limits = _limits(
         concurrency=concurrency,
@@ -316,7 +316,7 @@ def eval_(
     name: Annotated[str | None, typer.Option(help="Set name in the table.")] = None,
 ) -> None:
     """Measure retrieval recall, routing and end-to-end accuracy on labelled queries."""
-    from .eval_job import run_eval
+    from .jobs.eval_job import run_eval
 
     report = _run(
         lambda: run_eval(
@@ -338,7 +338,7 @@ def eval_(
             progress=err,
         )
     )
-    from .evaluation import render_eval_table
+    from .jobs.evaluation import render_eval_table
 
     out.print(render_eval_table([report]), highlight=False, soft_wrap=True)
     if json_out is not None:
@@ -377,11 +377,13 @@ def bench(
     soak_rpm: float = 3600.0,
 ) -> None:
     """Compare sequential, gather and as_completed (each capped and rate limited)."""
-    from . import bench as b
+    from .jobs import bench as b
 
     if soak:
-        soak_report = _run(lambda: b.run_soak(n, rpm=soak_rpm, concurrency=concurrency))
-        out.print(b.render_soak(soak_report), highlight=False, soft_wrap=True)
+        from .jobs.soak import render_soak, run_soak
+
+        soak_report = _run(lambda: run_soak(n, rpm=soak_rpm, concurrency=concurrency))
+        out.print(render_soak(soak_report), highlight=False, soft_wrap=True)
         if json_out is not None:
             b.write_json(soak_report, json_out)
         if not all(soak_report.checks.values()):
@@ -494,7 +496,7 @@ def local_llm(
     port: Annotated[int, typer.Option(help="Port (0 = a free one).")] = 8090,
 ) -> None:
     """Serve the real local model (llama.cpp + SmolLM2-135M) on 127.0.0.1."""
-    from . import local_llm as local
+    from .llm import local_llm as local
 
     ok, reason = local.local_llm_available()
     if not ok:

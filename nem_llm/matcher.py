@@ -29,18 +29,24 @@ import numpy as np
 from openai import AsyncOpenAI
 
 from ._sync import LoopThread
-from .adjudication import PROMPT_VERSION, Adjudicator, Decision, estimate_tokens, render_messages
 from .catalog import Catalog, EntitySource, load_catalog
 from .config import Limits, Thresholds
-from .embedding import Embedder, MicroBatcher, SentenceTransformerEmbedder
 from .errors import BudgetExceededError, ConfigError, LLMError, NemLLMError, NotReadyError
-from .governor import Governor, GovernorStats
-from .index import HybridIndex
+from .llm.adjudication import (
+    PROMPT_VERSION,
+    Adjudicator,
+    Decision,
+    estimate_tokens,
+    render_messages,
+)
+from .llm.cache import CachedDecision, DecisionCache, decision_key
+from .llm.governor import Governor, GovernorStats
+from .llm.stats import StatsCollector
+from .llm.strategies import Strategy, check_strategy, run_strategy
 from .models import Candidate, Diagnosis, Explanation, MatchResult, RunStats, Usage
-from .routing import LabelledScore, Route, calibrate, route
-from .stats import StatsCollector
-from .store import CachedDecision, DecisionCache, decision_key
-from .strategies import Strategy, check_strategy, run_strategy
+from .retrieval.embedding import Embedder, MicroBatcher, SentenceTransformerEmbedder
+from .retrieval.index import HybridIndex
+from .retrieval.routing import LabelledScore, Route, calibrate, route
 from .text import DEFAULT_MAX_QUERY_CHARS, validate_query
 
 __all__ = ["Matcher", "ProgressCallback"]

@@ -1,4 +1,4 @@
-"""Tests of the strategy benchmark and the fault soak (nem_llm.bench)."""
+"""Tests of the strategy benchmark (nem_llm.jobs.bench) and the fault soak (nem_llm.jobs.soak)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from nem_llm.bench import (
+from nem_llm.errors import ConfigError
+from nem_llm.jobs.bench import (
     DEFAULT_SCENARIOS,
     BenchConfig,
     BenchReport,
@@ -20,18 +21,15 @@ from nem_llm.bench import (
     mean_latency,
     parse_scenario,
     read_json,
-    render_soak,
     render_table,
     resolve_rpm,
     run_bench,
-    run_soak,
     simulated_latencies,
-    soak_checks,
     theoretical_bound,
     write_json,
     write_plot,
 )
-from nem_llm.errors import ConfigError
+from nem_llm.jobs.soak import render_soak, run_soak, soak_checks
 from nem_llm.models import Attempt, MatchResult
 from nem_llm.sim import SimConfig, run_simulator
 

@@ -20,15 +20,15 @@ import pytest
 
 from nem_llm import Limits, Matcher
 from nem_llm.errors import LLMError
-from nem_llm.governor import Governor
-from nem_llm.models import Usage
-from nem_llm.strategies import (
+from nem_llm.llm.governor import Governor
+from nem_llm.llm.strategies import (
     STRATEGIES,
     check_strategy,
     run_ordered,
     run_strategy,
     run_stream,
 )
+from nem_llm.models import Usage
 from nem_llm.testing import FakeEmbedder, FakeLLM
 
 pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("no_loop_errors")]

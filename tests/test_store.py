@@ -1,4 +1,4 @@
-"""Tests for nem_llm.store: the decision cache and resumable run checkpoints."""
+"""Tests for the SQLite stores: decision cache (llm.cache), run checkpoints (jobs.checkpoint)."""
 
 from __future__ import annotations
 
@@ -17,18 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nem_llm import store as store_module
+from nem_llm._sqlite import SCHEMA_VERSION, StoreError
 from nem_llm.errors import InputError, NemLLMError
+from nem_llm.jobs import checkpoint as checkpoint_module
+from nem_llm.jobs.checkpoint import DoneIndexes, RunStore
+from nem_llm.llm.cache import CachedDecision, DecisionCache, decision_key
 from nem_llm.models import Usage
-from nem_llm.store import (
-    SCHEMA_VERSION,
-    CachedDecision,
-    DecisionCache,
-    DoneIndexes,
-    RunStore,
-    StoreError,
-    decision_key,
-)
 
 KEY_PARTS = ("usa", ["US", "UM"], "gpt-4o-mini", "v1")
 
@@ -253,7 +247,7 @@ def test_iter_rows_orders_by_input_index_or_by_completion() -> None:
 
 
 def test_iter_rows_pages_through_many_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "_PAGE_SIZE", 7)
+    monkeypatch.setattr(checkpoint_module, "_PAGE_SIZE", 7)
     order = list(range(100))
     random.Random(0).shuffle(order)
     with RunStore(":memory:") as runs:
@@ -350,7 +344,7 @@ def test_cache_and_run_store_share_one_file(db_path: Path) -> None:
 _CHILD = textwrap.dedent(
     """
     import json, sys
-    from nem_llm.store import RunStore
+    from nem_llm.jobs.checkpoint import RunStore
 
     runs = RunStore(sys.argv[1])
     runs.open_run("run", {"n": 1})

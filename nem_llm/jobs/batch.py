@@ -23,16 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .adjudication import PROMPT_VERSION
-from .catalog import load_catalog
-from .config import Limits
-from .governor import GovernorStats
+from ..catalog import load_catalog
+from ..config import Limits
+from ..llm.adjudication import PROMPT_VERSION
+from ..llm.cache import DecisionCache
+from ..llm.governor import GovernorStats
+from ..llm.stats import StatsCollector
+from ..llm.strategies import Strategy, check_strategy
+from ..matcher import Matcher
+from ..models import MatchResult, RunStats
+from .checkpoint import RunStore
 from .io import AtomicLineWriter, QueryRow, count_rows, read_queries
-from .matcher import Matcher
-from .models import MatchResult, RunStats
-from .stats import StatsCollector
-from .store import DecisionCache, RunStore
-from .strategies import Strategy, check_strategy
 
 __all__ = ["JobSummary", "MatchJob", "run_match_job"]
 

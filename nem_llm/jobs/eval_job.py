@@ -9,13 +9,13 @@ from typing import Any
 
 from openai import AsyncOpenAI
 
-from .catalog import load_catalog
-from .config import Limits
-from .errors import ConfigError, InputError
+from ..catalog import load_catalog
+from ..config import Limits
+from ..errors import ConfigError, InputError
+from ..matcher import Matcher
+from ..models import Candidate
 from .evaluation import RECALL_KS, EvalReport, evaluate
 from .io import read_queries
-from .matcher import Matcher
-from .models import Candidate
 
 __all__ = ["run_eval"]
 
@@ -93,7 +93,7 @@ async def run_eval(
         client: AsyncOpenAI | None = None
         model_name = model
         if llm == "sim":
-            from .sim import SimConfig, SimServer
+            from ..sim import SimConfig, SimServer
 
             sim = await stack.enter_async_context(
                 SimServer(

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, Field
 
-from .models import Candidate, MatchResult
+from ..models import Candidate, MatchResult
 
 __all__ = ["RECALL_KS", "EvalReport", "evaluate", "render_eval_table"]
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, BinaryIO, Literal
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 
 __all__ = [
     "MAX_LINE_BYTES",

@@ -31,10 +31,10 @@ from instructor.core import AsyncValidationError, InstructorRetryException, Resp
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, create_model
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from .catalog import Catalog
-from .config import price_for
-from .errors import AdjudicationError
-from .models import Candidate, Usage
+from ..catalog import Catalog
+from ..config import price_for
+from ..errors import AdjudicationError
+from ..models import Candidate, Usage
 
 __all__ = [
     "NONE",

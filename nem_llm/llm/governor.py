@@ -41,9 +41,9 @@ import openai
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from .config import Limits, price_for
-from .errors import BudgetExceededError, LLMError
-from .models import Attempt, Usage
+from ..config import Limits, price_for
+from ..errors import BudgetExceededError, LLMError
+from ..models import Attempt, Usage
 
 __all__ = ["Governed", "Governor", "TokenBucket", "classify_error"]
 

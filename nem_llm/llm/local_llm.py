@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
 
-from .errors import NemLLMError
+from ..errors import NemLLMError
 
 __all__ = [
     "DEFAULT_MODEL_ALIAS",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from .models import MatchResult, RunStats, Usage
+from ..models import MatchResult, RunStats, Usage
 
 __all__ = ["StatsCollector", "percentile"]
 

@@ -17,7 +17,7 @@ import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
 from typing import Literal, TypeVar, get_args
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["STRATEGIES", "Strategy", "aiter_indexed", "run_ordered", "run_strategy", "run_stream"]
 

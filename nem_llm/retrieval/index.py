@@ -21,9 +21,9 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from .catalog import Catalog
-from .errors import ConfigError
-from .models import Candidate
+from ..catalog import Catalog
+from ..errors import ConfigError
+from ..models import Candidate
 
 __all__ = ["HybridIndex", "catalog_fingerprint"]
 

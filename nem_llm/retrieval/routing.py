@@ -11,8 +11,8 @@ from typing import Literal
 
 import numpy as np
 
-from .config import Thresholds
-from .models import Candidate
+from ..config import Thresholds
+from ..models import Candidate
 
 __all__ = ["LabelledScore", "Route", "calibrate", "route"]
 

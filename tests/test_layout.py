@@ -1,0 +1,102 @@
+"""The package layout: imports run downward only (see the README's Layout section).
+
+cli -> integrations -> jobs -> matcher -> retrieval, llm -> base modules. ``sim`` and
+``testing`` sit beside the base (the simulator needs only ``errors``); nothing below
+``jobs`` may import ``jobs``, nothing below ``matcher`` the matcher, and ``retrieval`` and
+``llm`` do not import each other.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nem_llm"
+
+BASE = {"models", "config", "errors", "text", "catalog", "_sqlite", "_sync"}
+# layer of a module -> the layers it may import
+ALLOWED: dict[str, set[str]] = {
+    "base": {"base"},
+    "sim": {"base", "sim"},
+    "retrieval": {"base", "retrieval"},
+    "llm": {"base", "llm"},
+    "matcher": {"base", "retrieval", "llm", "matcher"},
+    "testing": {"base", "sim", "testing"},
+    "jobs": {"base", "sim", "testing", "retrieval", "llm", "matcher", "jobs"},
+    "integrations": {
+        "base",
+        "sim",
+        "testing",
+        "retrieval",
+        "llm",
+        "matcher",
+        "jobs",
+        "integrations",
+    },
+    "cli": {"base", "sim", "testing", "retrieval", "llm", "matcher", "jobs", "integrations", "cli"},
+    "init": {"base", "matcher"},
+}
+
+
+def _layer(parts: list[str]) -> str:
+    """The layer of a module given its path parts under nem_llm (``["llm", "governor"]``)."""
+    head = parts[0]
+    if head == "__init__" and len(parts) == 1:
+        return "init"
+    if head in {"retrieval", "llm", "jobs", "integrations", "sim"}:
+        return head
+    if head in BASE:
+        return "base"
+    if head in {"matcher", "testing", "cli"}:
+        return head
+    if head == "prompts":
+        return "base"
+    raise AssertionError(
+        f"nem_llm/{'/'.join(parts)}.py has no layer: add it to tests/test_layout.py"
+    )
+
+
+def _imports(path: Path) -> list[tuple[int, list[str]]]:
+    """(line, target parts under nem_llm) of every nem_llm import in a module."""
+    rel = path.relative_to(PACKAGE).with_suffix("").parts
+    package = list(rel[:-1])  # the package a relative import starts from
+    out: list[tuple[int, list[str]]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                target = base + (node.module.split(".") if node.module else [])
+                if not node.module:  # from . import x
+                    for alias in node.names:
+                        out.append((node.lineno, [*target, alias.name]))
+                    continue
+                out.append((node.lineno, target))
+            elif node.module and node.module.split(".")[0] == "nem_llm":
+                out.append((node.lineno, node.module.split(".")[1:]))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "nem_llm":
+                    out.append((node.lineno, alias.name.split(".")[1:]))
+    return out
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_run_downward_only(path: Path) -> None:
+    here = _layer(list(path.relative_to(PACKAGE).with_suffix("").parts))
+    for line, target in _imports(path):
+        if not target:
+            continue  # "from . import" of the package itself
+        there = _layer(target)
+        assert there in ALLOWED[here], (
+            f"nem_llm/{path.relative_to(PACKAGE)}:{line} ({here}) imports "
+            f"nem_llm.{'.'.join(target)} ({there}): imports must run downward"
+        )
+
+
+def test_every_module_is_checked() -> None:
+    assert len(MODULES) > 30
