@@ -11,14 +11,102 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import ValidationError
 
-from .errors import CatalogError
+from .errors import CatalogError, ConfigError
 from .models import Entity
 
-__all__ = ["Catalog", "EntitySource", "load_catalog"]
+__all__ = ["Catalog", "CatalogColumns", "EntitySource", "load_catalog"]
 
 EntitySource = str | os.PathLike[str] | Iterable[Entity | Mapping[str, Any]]
+
+_CORE_FIELDS = ("id", "name", "aliases", "description")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CatalogColumns:
+    """Which source columns (CSV) or fields (JSONL, dicts) hold id, name, aliases, description.
+
+    Every other column or field becomes an entity attribute (never an error).
+
+    Example:
+        >>> CatalogColumns(id="code", name="label", aliases="alt_names", alias_separator=";")
+        ... # doctest: +ELLIPSIS
+        CatalogColumns(id='code', name='label', aliases='alt_names', ...)
+
+    Args:
+        id, name, aliases, description: source column names.
+        alias_separator: splits an aliases value given as one string. ``None`` (default):
+            ``|`` in CSV files, whose cells are always strings; elsewhere aliases must be
+            a list.
+    """
+
+    id: str = "id"
+    name: str = "name"
+    aliases: str = "aliases"
+    description: str = "description"
+    alias_separator: str | None = None
+
+    def __post_init__(self) -> None:
+        names = [self.id, self.name, self.aliases, self.description]
+        for field_name, value in zip(_CORE_FIELDS, names, strict=True):
+            if not isinstance(value, str) or not value:
+                raise CatalogError(f"column for {field_name!r} must be a non-empty string")
+        if len(set(names)) != len(names):
+            raise CatalogError(f"columns must be distinct, got {names}")
+        if self.alias_separator is not None and not self.alias_separator:
+            raise CatalogError("alias_separator must not be empty")
+
+    @classmethod
+    def parse(cls, spec: str, *, alias_separator: str | None = None) -> CatalogColumns:
+        """Build from ``"id=code,name=label,aliases=alt"`` (the CLI's ``--catalog-columns``)."""
+        fields: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            key, sep, value = part.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or key not in _CORE_FIELDS or not value:
+                raise CatalogError(
+                    f"bad column mapping {part!r}: use field=column with field one of "
+                    f"{', '.join(_CORE_FIELDS)}"
+                )
+            fields[key] = value
+        return cls(**fields, alias_separator=alias_separator)
+
+    def remap(self, raw: Mapping[str, Any], *, from_csv: bool = False) -> dict[str, Any]:
+        """One source row as Entity fields: core columns renamed, the rest in ``attributes``."""
+        source = {
+            "id": self.id,
+            "name": self.name,
+            "aliases": self.aliases,
+            "description": self.description,
+        }
+        data: dict[str, Any] = {}
+        for field_name, column in source.items():
+            if column in raw:
+                data[field_name] = raw[column]
+        attributes: dict[str, Any] = {}
+        given = raw.get("attributes")
+        taken = set(source.values())
+        for key, value in raw.items():
+            if key in taken or key is None:
+                continue
+            if key == "attributes" and isinstance(given, Mapping):
+                continue
+            attributes[str(key)] = value
+        if isinstance(given, Mapping):
+            attributes = {**attributes, **{str(k): v for k, v in given.items()}}
+        if attributes:
+            data["attributes"] = attributes
+        aliases = data.get("aliases")
+        separator = self.alias_separator or ("|" if from_csv else None)
+        if isinstance(aliases, str) and separator is not None:
+            data["aliases"] = [a.strip() for a in aliases.split(separator) if a.strip()]
+        return data
+
+
+DEFAULT_COLUMNS = CatalogColumns()
 
 # The longest name or alias we embed; longer surface forms are almost always a data error.
 MAX_FORM_CHARS = 10_000
@@ -39,6 +127,41 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.entities)
 
+    def attribute_names(self) -> frozenset[str]:
+        """Every attribute name some entity has."""
+        return frozenset(k for e in self.entities for k in e.attributes)
+
+    def where_mask(self, where: Mapping[str, Any]) -> npt.NDArray[np.bool_]:
+        """Entities passing a filter: ``{"country": "FR"}`` (equality) or
+        ``{"country": ["FR", "BE"]}`` (membership); several keys must all hold.
+
+        Values compare as given and as strings (CSV attributes are strings: ``{"pop": 5}``
+        matches ``"5"``).
+
+        Raises:
+            ConfigError: an empty filter, or an attribute no entity has.
+        """
+        if not isinstance(where, Mapping) or not where:
+            raise ConfigError(f"where must be a non-empty mapping, got {where!r:.80}")
+        known = self.attribute_names()
+        mask = np.ones(len(self.entities), dtype=bool)
+        for key, wanted in where.items():
+            if key not in known:
+                shown = ", ".join(sorted(known)[:10]) or "none"
+                raise ConfigError(
+                    f"filter on attribute {key!r}, which no entity has (attributes: {shown})"
+                )
+            values = (
+                list(wanted) if isinstance(wanted, list | tuple | set | frozenset) else [wanted]
+            )
+            accepted = {_as_key(v) for v in values}
+            mask &= np.fromiter(
+                (_as_key(e.attributes.get(key, _MISSING)) in accepted for e in self.entities),
+                dtype=bool,
+                count=len(self.entities),
+            )
+        return mask
+
     @classmethod
     def from_entities(
         cls, entities: Sequence[Entity], *, include_description: bool = False
@@ -58,6 +181,20 @@ class Catalog:
         )
 
 
+_MISSING = object()
+
+
+def _as_key(value: Any) -> Any:
+    """A filter value's comparison key: strings as given, scalars as their string form."""
+    if value is _MISSING:
+        return _MISSING
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float | str):
+        return str(value)
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"]) or "entity"
@@ -69,7 +206,9 @@ def _first_error(exc: ValidationError) -> str:
     return f"field {loc!r}: {msg}"
 
 
-def _coerce(raw: Any, source: str, line: int | None) -> Entity:
+def _coerce(
+    raw: Any, source: str, line: int | None, columns: CatalogColumns = DEFAULT_COLUMNS
+) -> Entity:
     if isinstance(raw, Entity):
         return raw
     if not isinstance(raw, Mapping):
@@ -78,7 +217,7 @@ def _coerce(raw: Any, source: str, line: int | None) -> Entity:
             source=source,
             line=line,
         )
-    data = dict(raw)
+    data = columns.remap(raw)
     # ids are often numeric in user files; accept them as strings, reject anything else
     if isinstance(data.get("id"), int) and not isinstance(data.get("id"), bool):
         data["id"] = str(data["id"])
@@ -135,7 +274,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 ) from None
 
 
-def _read_csv(path: Path, *, delimiter: str = ",") -> Iterator[tuple[int, Any]]:
+def _read_csv(
+    path: Path, *, delimiter: str = ",", columns: CatalogColumns = DEFAULT_COLUMNS
+) -> Iterator[tuple[int, Any]]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -147,31 +288,32 @@ def _read_csv(path: Path, *, delimiter: str = ",") -> Iterator[tuple[int, Any]]:
     # at U+2028, U+0085, ... inside names and descriptions)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     fields = reader.fieldnames or []
-    for required in ("id", "name"):
-        if required not in fields:
+    for required, column in (("id", columns.id), ("name", columns.name)):
+        if column not in fields:
             raise CatalogError(
-                f"CSV header has no {required!r} column (found: {', '.join(fields) or 'none'})",
+                f"CSV header has no {column!r} column for {required!r} "
+                f"(found: {', '.join(fields) or 'none'})",
                 source=str(path),
                 line=1,
             )
     for row in reader:
-        line = reader.line_num
-        entity: dict[str, Any] = {"id": row.get("id"), "name": row.get("name")}
-        if row.get("aliases"):
-            entity["aliases"] = [a.strip() for a in str(row["aliases"]).split("|") if a.strip()]
-        if row.get("description"):
-            entity["description"] = row["description"]
-        extra = {k: v for k, v in row.items() if k not in {"id", "name", "aliases", "description"}}
-        if extra:
-            entity["attributes"] = {k: v for k, v in extra.items() if k is not None}
-        yield line, entity
+        # an empty cell is an absent value (an empty id or name stays, to be reported)
+        keep = {columns.id, columns.name}
+        cells = {k: v for k, v in row.items() if k is not None and (v != "" or k in keep)}
+        yield reader.line_num, columns.remap(cells, from_csv=True)
 
 
-def load_catalog(source: EntitySource | Catalog, *, include_description: bool = False) -> Catalog:
+def load_catalog(
+    source: EntitySource | Catalog,
+    *,
+    include_description: bool = False,
+    columns: CatalogColumns | None = None,
+) -> Catalog:
     """Validate entities from a list of dicts/``Entity`` models or a JSONL/CSV path.
 
-    CSV files need ``id`` and ``name`` columns; ``aliases`` are ``|``-separated; other
-    columns become ``attributes``.
+    Rows need an id and a name (columns ``id`` and ``name`` unless ``columns`` maps others);
+    aliases given as one string are split on ``columns.alias_separator`` (``|``); every
+    other column or field becomes an attribute.
 
     Raises:
         CatalogError: naming the row (1-based line for files, ``entities[i]`` for lists):
@@ -182,6 +324,7 @@ def load_catalog(source: EntitySource | Catalog, *, include_description: bool = 
         return source
     if isinstance(source, Entity | Mapping):
         raise CatalogError("expected a list of entities or a path, got a single entity")
+    cols = columns or DEFAULT_COLUMNS
     rows: Iterable[tuple[int, Any]]
     if isinstance(source, str | os.PathLike):
         path = Path(source)
@@ -192,7 +335,8 @@ def load_catalog(source: EntitySource | Catalog, *, include_description: bool = 
         if suffix in {".jsonl", ".ndjson", ".json"}:
             rows = _read_jsonl(path)
         elif suffix in {".csv", ".tsv"}:
-            rows = _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
+            rows = _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",", columns=cols)
+            cols = DEFAULT_COLUMNS  # rows come out already mapped
         else:
             raise CatalogError("unknown catalog format (use .jsonl or .csv)", source=label)
         line_label = label
@@ -205,7 +349,7 @@ def load_catalog(source: EntitySource | Catalog, *, include_description: bool = 
     seen: dict[str, int] = {}
     for line, raw in rows:
         where = line_label if line_label else f"entities[{line}]"
-        entity = _coerce(raw, where, line if line_label else None)
+        entity = _coerce(raw, where, line if line_label else None, cols)
         if entity.id in seen:
             first = f"line {seen[entity.id]}" if line_label else f"entities[{seen[entity.id]}]"
             raise CatalogError(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from anyascii import anyascii
+
 from .errors import QueryError
 
-__all__ = ["DEFAULT_MAX_QUERY_CHARS", "normalize", "validate_query"]
+__all__ = ["DEFAULT_MAX_QUERY_CHARS", "fold", "lexical_form", "normalize", "validate_query"]
 
 # Queries longer than this are almost always a data error (a whole document in a cell);
 # the embedder would truncate them to 256 tokens anyway.
@@ -19,6 +21,26 @@ _WS = re.compile(r"\s+")
 def normalize(text: str) -> str:
     """NFKC-normalize, trim and collapse whitespace; case is kept (the embedder uses it)."""
     return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+
+
+def fold(text: str) -> str:
+    """Transliterate to ASCII and lowercase: "Ελλάδα" -> "ellada", "Côte" -> "cote".
+
+    anyascii romanizes every script (Greek, Cyrillic, Arabic, Hebrew, Devanagari, CJK, kana,
+    hangul, ...) and drops accents, so names written in two scripts share character n-grams.
+    """
+    return anyascii(text).lower()
+
+
+def lexical_form(text: str) -> str:
+    """What the lexical channel reads: the lowercased text, plus its folded form if different.
+
+    Keeping both means an exact match in the original script still scores highest, while a
+    query in another script (or without accents) still shares n-grams with the catalog.
+    """
+    lower = text.lower()
+    folded = fold(text)
+    return lower if folded == lower else f"{lower} {folded}"
 
 
 def validate_query(

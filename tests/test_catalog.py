@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from nem_llm.catalog import MAX_FORM_CHARS, Catalog, load_catalog
-from nem_llm.errors import CatalogError, InputError, NemLLMError
+from nem_llm.catalog import MAX_FORM_CHARS, Catalog, CatalogColumns, load_catalog
+from nem_llm.errors import CatalogError, ConfigError, InputError, NemLLMError
 from nem_llm.matcher import Matcher
 from nem_llm.models import Entity
 from nem_llm.testing import FakeEmbedder
@@ -151,7 +151,6 @@ def test_matcher_accepts_a_catalog_path(tmp_path: Path) -> None:
         ([{"id": "a", "name": "A", "aliases": ["x", 3]}], "entities[0]", "alias 1 must be a str"),
         ([{"id": "a", "name": "A", "aliases": "x"}], "entities[0]", "must be a list of strings"),
         ([{"id": "a", "name": "A", "aliases": [" "]}], "entities[0]", "alias 0 is blank"),
-        ([{"id": "a", "name": "A", "colour": "red"}], "entities[0]", "unknown field 'colour'"),
         ([{"id": "a", "name": "A"}, "B"], "entities[1]", "expected an object"),
     ],
     ids=[
@@ -163,7 +162,6 @@ def test_matcher_accepts_a_catalog_path(tmp_path: Path) -> None:
         "non-string-alias",
         "aliases-not-a-list",
         "blank-alias",
-        "unknown-field",
         "not-an-object",
     ],
 )
@@ -280,3 +278,65 @@ def test_matcher_construction_fails_on_a_malformed_catalog_file_naming_the_line(
     path = write(tmp_path / "c.jsonl", '{"id": "a", "name": "A"}\nnot json\n')
     with pytest.raises(CatalogError, match=r"c\.jsonl:2: malformed JSON"):
         Matcher(path, embedder=FakeEmbedder())
+
+
+def test_unknown_jsonl_fields_become_attributes(tmp_path: Path) -> None:
+    path = tmp_path / "places.jsonl"
+    path.write_text(
+        '{"id": "1", "name": "Canillo", "country": "AD", "type": "parish"}\n'
+        '{"id": "2", "name": "Canillo", "country": "FR", "attributes": {"pop": 5}}\n',
+        encoding="utf-8",
+    )
+    catalog = load_catalog(path)
+    assert catalog.entities[0].attributes == {"country": "AD", "type": "parish"}
+    assert catalog.entities[1].attributes == {"country": "FR", "pop": 5}
+
+
+def test_columns_map_other_names_onto_id_name_aliases_description(tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text("code,label,alt,notes,country\nUS,United States,USA;America,a country,NA\n")
+    columns = CatalogColumns.parse(
+        "id=code,name=label,aliases=alt,description=notes", alias_separator=";"
+    )
+    (us,) = load_catalog(path, columns=columns).entities
+    assert (us.id, us.name, us.aliases, us.description) == (
+        "US",
+        "United States",
+        ["USA", "America"],
+        "a country",
+    )
+    assert us.attributes == {"country": "NA"}
+    rows = [{"code": "DE", "label": "Germany", "alt": "Deutschland|BRD"}]
+    (de,) = load_catalog(
+        rows, columns=CatalogColumns(id="code", name="label", aliases="alt", alias_separator="|")
+    ).entities
+    assert de.aliases == ["Deutschland", "BRD"]
+
+
+def test_a_mapped_id_column_missing_from_the_csv_header_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text("id,name\n1,a\n")
+    with pytest.raises(CatalogError, match="no 'code' column for 'id'"):
+        load_catalog(path, columns=CatalogColumns(id="code"))
+
+
+def test_bad_column_mapping_is_a_clear_error() -> None:
+    with pytest.raises(CatalogError, match="bad column mapping 'title'"):
+        CatalogColumns.parse("title")
+    with pytest.raises(CatalogError, match="distinct"):
+        CatalogColumns(id="x", name="x")
+
+
+def test_where_mask_filters_by_equality_and_membership() -> None:
+    catalog = load_catalog(
+        [
+            {"id": "1", "name": "Canillo", "country": "AD"},
+            {"id": "2", "name": "Canillo", "country": "FR", "pop": 5},
+            {"id": "3", "name": "Paris", "country": "FR", "pop": "5"},
+        ]
+    )
+    assert catalog.where_mask({"country": "FR"}).tolist() == [False, True, True]
+    assert catalog.where_mask({"country": ["AD", "FR"]}).tolist() == [True, True, True]
+    assert catalog.where_mask({"country": "FR", "pop": 5}).tolist() == [False, True, True]
+    with pytest.raises(ConfigError, match="no entity has"):
+        catalog.where_mask({"region": "x"})

@@ -287,3 +287,41 @@ async def test_minilm_calls_a_country_missing_from_the_catalog_novel(
         await matcher.fit_async()
         result = await matcher.match_async("Japan")
     assert (result.status, result.entity_id, result.decided_by) == ("novel", None, "embedding")
+
+
+def test_allowed_mask_never_returns_an_entity_outside_it() -> None:
+    from nem_llm.catalog import load_catalog
+    from nem_llm.retrieval.index import HybridIndex
+    from nem_llm.testing import FakeEmbedder
+
+    catalog = load_catalog(
+        [
+            {"id": str(i), "name": f"Canillo {i}", "country": "AD" if i % 3 else "FR"}
+            for i in range(30)
+        ]
+    )
+    emb = FakeEmbedder()
+    index = HybridIndex(catalog, emb.encode(list(catalog.forms)))
+    mask = catalog.where_mask({"country": "FR"})
+    found = index.search(emb.encode(["Canillo 4"]), ["Canillo 4"], 50, allowed=mask)[0]
+    assert {c.id for c in found} == {str(i) for i in range(30) if i % 3 == 0}
+    nothing = index.search(emb.encode(["x"]), ["x"], 5, allowed=np.zeros(30, dtype=bool))
+    assert nothing == [[]]
+
+
+def test_transliterated_query_finds_a_name_in_another_script() -> None:
+    from nem_llm.catalog import load_catalog
+    from nem_llm.retrieval.index import HybridIndex
+    from nem_llm.testing import FakeEmbedder
+
+    names = ["Greece", "Moscow", "Ellada Travel", "Moskva River", "Côte d'Ivoire", "Coast"]
+    catalog = load_catalog([{"id": str(i), "name": n} for i, n in enumerate(names)])
+    emb = FakeEmbedder()
+    index = HybridIndex(catalog, emb.encode(list(catalog.forms)), lexical_weight=1.0)
+    for query, want in (
+        ("Ελλάδα", "Ellada Travel"),
+        ("Москва", "Moskva River"),
+        ("Cote d'Ivoire", "Côte d'Ivoire"),
+    ):
+        top = index.search(emb.encode([query]), [query], 1)[0][0]
+        assert top.name == want, (query, top)

@@ -24,6 +24,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from ..catalog import Catalog
 from ..errors import ConfigError
 from ..models import Candidate
+from ..text import lexical_form
 
 __all__ = ["HybridIndex", "catalog_fingerprint"]
 
@@ -73,7 +74,8 @@ def _lexical_vectorizer() -> TfidfVectorizer:
     return TfidfVectorizer(
         analyzer="char_wb",
         ngram_range=(2, 4),
-        lowercase=True,
+        lowercase=False,
+        preprocessor=lexical_form,
         sublinear_tf=True,
         dtype=np.float32,
         strip_accents=None,
@@ -131,23 +133,40 @@ class HybridIndex:
         np.clip(dense, 0.0, 1.0, out=dense)
         return dense
 
-    def search(self, query_vecs: F32, queries: Sequence[str], k: int) -> list[list[Candidate]]:
+    def search(
+        self,
+        query_vecs: F32,
+        queries: Sequence[str],
+        k: int,
+        *,
+        allowed: npt.NDArray[np.bool_] | None = None,
+    ) -> list[list[Candidate]]:
         """Top-``k`` candidates per query, best first.
 
         Args:
             query_vecs: ``(n, dim)`` unit vectors of the normalized queries.
             queries: the normalized query texts (for the lexical part).
             k: candidates per query (capped at the catalog size).
+            allowed: a boolean mask over entities (a filter): no other entity is returned.
         """
         if query_vecs.ndim != 2 or query_vecs.shape[0] != len(queries):
             raise ConfigError("query_vecs must be (len(queries), dim)")
         n_entities = len(self.catalog.entities)
+        if allowed is not None:
+            if allowed.shape != (n_entities,):
+                raise ConfigError(f"allowed must be a mask of {n_entities} entities")
+            n_allowed = int(allowed.sum())
+            if n_allowed == 0:
+                return [[] for _ in queries]
+            k = min(k, n_allowed)
         k = max(1, min(k, n_entities))
         out: list[list[Candidate]] = []
         for lo in range(0, len(queries), _QUERY_CHUNK):
             hi = lo + _QUERY_CHUNK
             form_scores = self._scores(query_vecs[lo:hi], queries[lo:hi])
             ent_scores = np.maximum.reduceat(form_scores, self._starts, axis=1)
+            if allowed is not None:
+                ent_scores[:, ~allowed] = -1.0  # below every real score (they are >= 0)
             if k < n_entities:
                 top = np.argpartition(-ent_scores, k - 1, axis=1)[:, :k]
             else:
