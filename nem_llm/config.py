@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 
-__all__ = ["PRICES_USD_PER_MTOK", "Limits", "Thresholds", "price_for"]
+if TYPE_CHECKING:
+    from .models import Calibration
+
+__all__ = [
+    "CLOSED_ACCEPT",
+    "CLOSED_NOVEL",
+    "PRICES_USD_PER_MTOK",
+    "Limits",
+    "Thresholds",
+    "price_for",
+]
+
+#: An accept threshold above every score: the auto-match route is closed.
+CLOSED_ACCEPT = 1.01
+#: A novel threshold below every score: the auto-novel route is closed.
+CLOSED_NOVEL = 0.0
 
 # Public list prices, USD per million tokens (input, output). Unknown models cost 0 unless
 # the user sets Limits(input_usd_per_mtok=..., output_usd_per_mtok=...).
@@ -105,14 +121,20 @@ class Limits:
 class Thresholds:
     """Routing thresholds on the top candidate's score (cosine-like, in [0, 1]).
 
-    ``top >= accept and top - runner_up >= margin`` -> matched without an LLM call;
-    ``top < novel`` -> novel; anything else goes to the LLM. ``accept > 1`` sends every
-    non-novel query to the LLM (an audit).
+    Matched without an LLM call: ``exact`` and the query equals (folded) a name or alias
+    of exactly one candidate, or ``top >= accept and top - runner_up >= margin`` with no
+    same-named runner-up. Novel: ``top < novel``. Anything else goes to the LLM.
+    ``accept > 1`` closes the auto-match route (every non-novel query goes to the LLM);
+    ``novel = 0`` closes the auto-novel route.
+
+    These defaults are used only until ``fit`` calibrates (from labels, or from probes of
+    the catalog itself) or where the user set a threshold explicitly.
     """
 
     accept: float = 0.92
     margin: float = 0.05
     novel: float = 0.45
+    exact: bool = True
     calibrated: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -129,3 +151,15 @@ class Thresholds:
         d = asdict(self)
         d.pop("calibrated")
         return {k: float(v) for k, v in d.items()}
+
+    @classmethod
+    def from_calibration(cls, calibration: Calibration) -> Thresholds:
+        """The thresholds a :class:`~nem_llm.models.Calibration` chose."""
+        t = calibration.thresholds
+        return cls(
+            accept=t["accept"],
+            margin=t["margin"],
+            novel=t["novel"],
+            exact=bool(t.get("exact", 1.0)),
+            calibrated=True,
+        )

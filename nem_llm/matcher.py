@@ -7,8 +7,11 @@ private event loop thread (see ``_sync.LoopThread``), so the logic exists once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import inspect
+import json
+import logging
 import os
 from collections.abc import (
     AsyncGenerator,
@@ -16,6 +19,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Mapping,
     Sequence,
     Sized,
 )
@@ -29,7 +33,7 @@ import numpy as np
 from openai import AsyncOpenAI
 
 from ._sync import LoopThread
-from .catalog import Catalog, EntitySource, load_catalog
+from .catalog import Catalog, CatalogColumns, EntitySource, load_catalog
 from .config import Limits, Thresholds
 from .errors import BudgetExceededError, ConfigError, LLMError, NemLLMError, NotReadyError
 from .llm.adjudication import (
@@ -43,16 +47,43 @@ from .llm.cache import CachedDecision, DecisionCache, decision_key
 from .llm.governor import Governor, GovernorStats
 from .llm.stats import StatsCollector
 from .llm.strategies import Strategy, check_strategy, run_strategy
-from .models import Candidate, Diagnosis, Explanation, MatchResult, RunStats, Usage
+from .models import (
+    Calibration,
+    Candidate,
+    Diagnosis,
+    Explanation,
+    MatchResult,
+    RouteEstimate,
+    RunStats,
+    Usage,
+)
+from .retrieval.calibration import (
+    PROBE_NOVEL_SHARE,
+    PROBE_VERSION,
+    estimate,
+    exact_rule_from_catalog,
+    labelled_examples,
+    make_probes,
+    probe_examples,
+)
 from .retrieval.embedding import Embedder, MicroBatcher, SentenceTransformerEmbedder
-from .retrieval.index import HybridIndex
-from .retrieval.routing import LabelledScore, Route, calibrate, route
+from .retrieval.index import HybridIndex, catalog_fingerprint
+from .retrieval.routing import Route, route
 from .text import DEFAULT_MAX_QUERY_CHARS, validate_query
 
-__all__ = ["Matcher", "ProgressCallback"]
+__all__ = ["Matcher", "ProgressCallback", "Where"]
 
 ProgressCallback = Callable[[int, int | None], Awaitable[None] | None]
 Queries = Iterable[str] | AsyncIterable[str]
+#: A candidate filter on entity attributes: ``{"country": "FR"}`` (equality) or
+#: ``{"country": ["FR", "BE"]}`` (membership); every key must hold.
+Where = Mapping[str, Any]
+#: One filter for every query, or one per query (``None`` = no filter for that one).
+Wheres = Where | Sequence[Where | None] | None
+
+log = logging.getLogger("nem_llm")
+# extra candidates retrieved per probe: its own entity may be among them (see calibration)
+_PROBE_EXTRA = 1
 
 
 class _Runtime:
@@ -61,7 +92,7 @@ class _Runtime:
     def __init__(self, loop: asyncio.AbstractEventLoop, governor: Governor, batcher: Any) -> None:
         self.loop = loop
         self.governor = governor
-        self.batcher: MicroBatcher[tuple[str, int], list[Candidate]] = batcher
+        self.batcher: MicroBatcher[tuple[str, int, str | None], list[Candidate]] = batcher
 
 
 class Matcher:
@@ -126,18 +157,60 @@ class Matcher:
         max_wait: float = 0.005,
         max_query_chars: int = DEFAULT_MAX_QUERY_CHARS,
         temperature: float | None = 0.0,
+        target_precision: float = 0.99,
+        novel_target_precision: float = 0.95,
+        columns: CatalogColumns | None = None,
+        prompt_attributes: Sequence[str] | None = None,
+        prompt_attribute_chars: int = 200,
     ) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ConfigError(f"top_k must be an int >= 1, got {top_k!r}")
         if not 0.0 <= lexical_weight <= 1.0:
             raise ConfigError(f"lexical_weight must be in [0, 1], got {lexical_weight!r}")
-        self.catalog = load_catalog(entities, include_description=index_description)
+        for name, value in (
+            ("target_precision", target_precision),
+            ("novel_target_precision", novel_target_precision),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+                raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+        self.catalog = load_catalog(
+            entities, include_description=index_description, columns=columns
+        )
         defaults = Thresholds()
         self.thresholds = Thresholds(
             accept=defaults.accept if accept_threshold is None else accept_threshold,
             margin=defaults.margin if margin is None else margin,
             novel=defaults.novel if novel_threshold is None else novel_threshold,
         )
+        # thresholds the user set are kept as given (labels still calibrate); the others
+        # are estimated at fit from probes of the catalog itself
+        self._user_thresholds = {
+            k
+            for k, v in (
+                ("accept", accept_threshold),
+                ("margin", margin),
+                ("novel", novel_threshold),
+            )
+            if v is not None
+        }
+        if accept_threshold is not None and accept_threshold > 1:
+            # an audit: every non-novel query goes to the LLM, exact hits included
+            self.thresholds = dataclasses.replace(self.thresholds, exact=False)
+            self._user_thresholds.add("exact")
+        self.target_precision = float(target_precision)
+        self.novel_target_precision = float(novel_target_precision)
+        self.calibration: Calibration | None = None
+        self.prompt_attributes = tuple(prompt_attributes or ())
+        if self.prompt_attributes:
+            known = self.catalog.attribute_names()
+            missing = [a for a in self.prompt_attributes if a not in known]
+            if missing:
+                raise ConfigError(
+                    f"prompt_attributes {missing} are attributes no entity has "
+                    f"(attributes: {', '.join(sorted(known)[:10]) or 'none'})"
+                )
+        self.prompt_attribute_chars = prompt_attribute_chars
+        self._masks: dict[str, Any] = {}
         self.limits = limits or Limits()
         if not isinstance(self.limits, Limits):
             raise ConfigError(f"limits must be a nem_llm.Limits, got {type(limits).__name__}")
@@ -218,7 +291,7 @@ class Matcher:
                 )
             rt = None
         if rt is None:
-            batcher: MicroBatcher[tuple[str, int], list[Candidate]] = MicroBatcher(
+            batcher: MicroBatcher[tuple[str, int, str | None], list[Candidate]] = MicroBatcher(
                 self._retrieve_batch,
                 max_batch_size=self.max_batch_size,
                 max_wait=self.max_wait if self.batching else 0.0,
@@ -240,21 +313,72 @@ class Matcher:
         self,
         training_data: Sequence[tuple[str, str | None]] | None = None,
         *,
-        target_precision: float = 0.99,
+        target_precision: float | None = None,
+        novel_target_precision: float | None = None,
     ) -> Matcher:
-        """Build (or load) the index; labelled ``(query, gold_id_or_None)`` calibrates thresholds.
+        """Build (or load) the index and calibrate the routing thresholds.
 
-        Without ``training_data`` the thresholds are the documented defaults (or the ones
-        given to the constructor).
+        With labelled ``(query, gold_id_or_None)`` pairs (at least 20), the thresholds are
+        calibrated on them; without, they are estimated from probes of the catalog itself
+        (its aliases and noisy variants of its names, with each entity present and taken
+        out), except thresholds set explicitly in the constructor. Either way an auto route
+        (matched, novel) opens only where it is expected to reach its target precision
+        (``target_precision``, default 0.99; ``novel_target_precision``, default 0.95);
+        otherwise it is closed and its queries go to the LLM. ``matcher.calibration`` says
+        what was estimated, on what, and why a route is closed.
         """
         if self._closed:
             raise NemLLMError("this Matcher is closed")
+        if target_precision is not None:
+            self.target_precision = _precision("target_precision", target_precision)
+        if novel_target_precision is not None:
+            self.novel_target_precision = _precision(
+                "novel_target_precision", novel_target_precision
+            )
         loop = asyncio.get_running_loop()
         if self.index is None:
             self.index = await loop.run_in_executor(self._executor, self._build_index)
+        calibration = None
         if training_data:
-            self.thresholds = await self._calibrate(training_data, target_precision)
+            calibration = await self._calibrate_on_labels(training_data)
+        if calibration is None and {"accept", "margin", "novel"} <= self._user_thresholds:
+            calibration = self._user_calibration()
+        if calibration is None:
+            calibration = await self._calibrate_on_probes()
+        self._apply(calibration)
         return self
+
+    def _apply(self, calibration: Calibration) -> None:
+        """Adopt a calibration's thresholds, keeping the ones the user set (unless labels)."""
+        chosen = Thresholds.from_calibration(calibration)
+        if calibration.source == "probes" and self._user_thresholds:
+            chosen = dataclasses.replace(
+                chosen, **{k: getattr(self.thresholds, k) for k in self._user_thresholds}
+            )
+            calibration = calibration.model_copy(update={"thresholds": chosen.as_dict()})
+        self.thresholds = chosen
+        self.calibration = calibration
+        for name, est in (("auto-match", calibration.matched), ("auto-novel", calibration.novel)):
+            if not est.open:
+                log.info("nem_llm: the %s route is closed: %s", name, est.reason)
+
+    def _user_calibration(self) -> Calibration:
+        t = self.thresholds
+        return Calibration(
+            source="user",
+            thresholds=t.as_dict(),
+            exact=t.exact,
+            matched=RouteEstimate(
+                open=t.accept <= 1 or t.exact,
+                target=self.target_precision,
+                reason="thresholds set by the user (not estimated)",
+            ),
+            novel=RouteEstimate(
+                open=t.novel > 0,
+                target=self.novel_target_precision,
+                reason="thresholds set by the user (not estimated)",
+            ),
+        )
 
     def _build_index(self) -> HybridIndex:
         if self.index_path is not None and (self.index_path / "manifest.json").exists():
@@ -275,53 +399,119 @@ class Matcher:
             index.save(self.index_path)
         return index
 
-    async def _calibrate(
-        self, training_data: Sequence[tuple[str, str | None]], target_precision: float
-    ) -> Thresholds:
-        if not 0.0 < target_precision <= 1.0:
-            raise ConfigError(f"target_precision must be in (0, 1], got {target_precision}")
-        items: list[tuple[str, int]] = []
+    async def _retrieve_many(self, texts: Sequence[str], k: int) -> list[list[Candidate]]:
+        """Retrieval straight on the worker thread in large batches (no micro-batcher, no
+        loop binding): for calibration."""
+        loop = asyncio.get_running_loop()
+        found: list[list[Candidate]] = []
+        for lo in range(0, len(texts), 256):
+            chunk: list[tuple[str, int, str | None]] = [(t, k, None) for t in texts[lo : lo + 256]]
+            found.extend(await loop.run_in_executor(self._executor, self._retrieve_batch, chunk))
+        return found
+
+    async def _calibrate_on_labels(
+        self, training_data: Sequence[tuple[str, str | None]]
+    ) -> Calibration | None:
+        queries: list[str] = []
         golds: list[str | None] = []
         for i, pair in enumerate(training_data):
             if not isinstance(pair, tuple | list) or len(pair) != 2:
                 raise ConfigError(f"training_data[{i}] must be a (query, gold_id) pair")
             query, gold = pair
-            items.append((validate_query(query, index=i, max_chars=self.max_query_chars), 2))
+            queries.append(validate_query(query, index=i, max_chars=self.max_query_chars))
             golds.append(gold)
-        # straight to the worker thread in large batches: no micro-batcher, no loop binding
-        loop = asyncio.get_running_loop()
-        found: list[list[Candidate]] = []
-        for lo in range(0, len(items), 256):
-            chunk = items[lo : lo + 256]
-            found.extend(await loop.run_in_executor(self._executor, self._retrieve_batch, chunk))
-        examples = []
-        for cands, gold in zip(found, golds, strict=True):
-            top = cands[0].score if cands else 0.0
-            second = cands[1].score if len(cands) > 1 else 0.0
-            examples.append(
-                LabelledScore(
-                    top_score=top,
-                    margin=top - second,
-                    top_is_gold=bool(cands) and gold is not None and cands[0].id == gold,
-                    gold_is_none=gold is None,
-                )
-            )
-        return calibrate(examples, target_precision=target_precision, default=self.thresholds)
+        found = await self._retrieve_many(queries, max(self.top_k, 2))
+        cal = estimate(
+            labelled_examples(found, queries, golds),
+            matched_target=self.target_precision,
+            novel_target=self.novel_target_precision,
+            source="labels",
+        )
+        if cal.examples < 20:
+            log.info("nem_llm: %d labels are too few to calibrate on; using probes", cal.examples)
+            return None
+        return cal
+
+    def _probe_key(self) -> str:
+        """What a label-free calibration depends on: reused from the index dir if equal."""
+        parts = [
+            catalog_fingerprint(self.catalog),
+            self.embedder.name,
+            self.lexical_weight,
+            self.top_k,
+            self.target_precision,
+            self.novel_target_precision,
+            PROBE_VERSION,
+        ]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    async def _calibrate_on_probes(self) -> Calibration:
+        saved = self.index_path / "calibration.json" if self.index_path is not None else None
+        key = self._probe_key()
+        if saved is not None and saved.exists():
+            try:
+                data = json.loads(saved.read_text(encoding="utf-8"))
+                if data.get("key") == key:
+                    return Calibration.model_validate(data["calibration"])
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable: estimate again and overwrite it
+        cal = await self._probe()
+        if saved is not None:
+            payload = {"key": key, "calibration": cal.model_dump()}
+            tmp = saved.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+            tmp.replace(saved)
+        return cal
+
+    async def _probe(self) -> Calibration:
+        probes = make_probes(self.catalog)
+        found = await self._retrieve_many(
+            [p.text for p in probes], max(self.top_k, 2) + _PROBE_EXTRA
+        )
+        return estimate(
+            probe_examples(probes, found, self.catalog),
+            matched_target=self.target_precision,
+            novel_target=self.novel_target_precision,
+            source="probes",
+            novel_share=PROBE_NOVEL_SHARE,
+            exact_rule=exact_rule_from_catalog(self.catalog),
+        )
 
     # -- retrieval ---------------------------------------------------------------------
 
-    def _retrieve_batch(self, items: list[tuple[str, int]]) -> list[list[Candidate]]:
+    def _mask_key(self, where: Where | None) -> str | None:
+        """A filter's cache key (its mask is computed once and kept)."""
+        if where is None:
+            return None
+        if not isinstance(where, Mapping):
+            raise ConfigError(f"where must be a mapping, got {type(where).__name__}")
+        key = json.dumps(dict(where), sort_keys=True, default=str)
+        if key not in self._masks:
+            self._masks[key] = self.catalog.where_mask(where)
+        return key
+
+    def _retrieve_batch(self, items: list[tuple[str, int, str | None]]) -> list[list[Candidate]]:
         """Encode and search a batch in the worker thread (never on the event loop)."""
         index = self._require_index()
-        texts = [text for text, _ in items]
-        vectors = self.embedder.encode(texts)
-        k = max(k for _, k in items)
-        found = index.search(np.asarray(vectors, dtype=np.float32), texts, k)
-        return [cands[:want] for cands, (_, want) in zip(found, items, strict=True)]
+        texts = [text for text, _, _ in items]
+        vectors = np.asarray(self.embedder.encode(texts), dtype=np.float32)
+        out: list[list[Candidate]] = [[] for _ in items]
+        groups: dict[str | None, list[int]] = {}
+        for i, (_, _, mask_key) in enumerate(items):
+            groups.setdefault(mask_key, []).append(i)
+        for mask_key, rows in groups.items():
+            k = max(items[i][1] for i in rows)
+            allowed = self._masks[mask_key] if mask_key is not None else None
+            found = index.search(vectors[rows], [texts[i] for i in rows], k, allowed=allowed)
+            for i, cands in zip(rows, found, strict=True):
+                out[i] = cands[: items[i][1]]
+        return out
 
-    async def _candidates(self, normalized: str, top_k: int) -> list[Candidate]:
+    async def _candidates(
+        self, normalized: str, top_k: int, mask_key: str | None = None
+    ) -> list[Candidate]:
         self._require_index()
-        return await self._runtime_for_loop().batcher.submit((normalized, top_k))
+        return await self._runtime_for_loop().batcher.submit((normalized, top_k, mask_key))
 
     # -- one query ---------------------------------------------------------------------
 
@@ -333,8 +523,23 @@ class Matcher:
         prompt_hash = hashlib.sha256(messages[-1]["content"].encode()).hexdigest()[:16]
         return decision_key(normalized, ids, self.model, f"{PROMPT_VERSION}:{prompt_hash}")
 
+    def _thresholds_for(self, threshold: float | None) -> Thresholds:
+        """The thresholds of one call: ``threshold`` overrides the accept threshold."""
+        if threshold is None:
+            return self.thresholds
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            raise ConfigError(f"threshold must be a number, got {threshold!r}")
+        return dataclasses.replace(self.thresholds, accept=float(threshold))
+
     async def _match_one(
-        self, index: int, query: Any, top_k: int | None, *, raise_input_errors: bool = False
+        self,
+        index: int,
+        query: Any,
+        top_k: int | None,
+        *,
+        thresholds: Thresholds | None = None,
+        where: Where | None = None,
+        raise_input_errors: bool = False,
     ) -> tuple[MatchResult, Route | None]:
         """Match one query; every failure but cancellation becomes an error record."""
         loop = asyncio.get_running_loop()
@@ -343,8 +548,8 @@ class Matcher:
         text = query if isinstance(query, str) else repr(query)
         try:
             normalized = validate_query(query, index=index, max_chars=self.max_query_chars)
-            candidates = await self._candidates(normalized, k)
-            decision = route(candidates, self.thresholds)
+            candidates = await self._candidates(normalized, k, self._mask_key(where))
+            decision = route(candidates, thresholds or self.thresholds, normalized)
             result = await self._decide(index, text, normalized, candidates, decision)
         except asyncio.CancelledError:
             raise
@@ -399,7 +604,13 @@ class Matcher:
                 score=top.score if top else None,
                 reason=f"{decision.reason}; no LLM configured",
             )
-        messages = render_messages(normalized, candidates, self.catalog)
+        messages = render_messages(
+            normalized,
+            candidates,
+            self.catalog,
+            attributes=self.prompt_attributes,
+            attribute_chars=self.prompt_attribute_chars,
+        )
         ids = tuple(c.id for c in candidates)
         key = self._cache_key(normalized, messages, ids) if self._cache is not None else None
         if self._cache is not None and key is not None:
@@ -484,27 +695,62 @@ class Matcher:
     # -- public async API --------------------------------------------------------------
 
     @overload
-    async def match_async(self, query: str, *, top_k: int | None = None) -> MatchResult: ...
+    async def match_async(
+        self,
+        query: str,
+        *,
+        top_k: int | None = None,
+        threshold: float | None = None,
+        where: Where | None = None,
+    ) -> MatchResult: ...
 
     @overload
     async def match_async(
-        self, query: list[str], *, top_k: int | None = None
+        self,
+        query: list[str],
+        *,
+        top_k: int | None = None,
+        threshold: float | None = None,
+        where: Wheres = None,
     ) -> list[MatchResult]: ...
 
     async def match_async(
-        self, query: str | list[str], *, top_k: int | None = None
+        self,
+        query: str | list[str],
+        *,
+        top_k: int | None = None,
+        threshold: float | None = None,
+        where: Wheres = None,
     ) -> MatchResult | list[MatchResult]:
         """Match one query (-> ``MatchResult``) or a list (-> list, input order).
+
+        Args:
+            top_k: candidates retrieved and shown to the LLM (default: the matcher's).
+            threshold: the accept threshold for this call (default: the calibrated one).
+            where: a filter on entity attributes, ``{"country": "FR"}`` or
+                ``{"country": ["FR", "BE"]}``: no candidate outside it comes back.
 
         Raises:
             NotReadyError: before ``fit_async``.
             QueryError: a single query that is empty, not a string or too long (in a
                 list, such items become ``error`` records instead).
+            ConfigError: a filter on an attribute no entity has.
         """
         self._require_index()
         if isinstance(query, list):
-            return await self.match_batch_async(query, top_k=top_k, strategy="gather")
-        result, _ = await self._match_one(0, query, top_k, raise_input_errors=True)
+            return await self.match_batch_async(
+                query, top_k=top_k, threshold=threshold, where=where, strategy="gather"
+            )
+        if where is not None and not isinstance(where, Mapping):
+            raise ConfigError("where must be a mapping for a single query")
+        result, _ = await self._match_one(
+            0,
+            query,
+            top_k,
+            thresholds=self._thresholds_for(threshold),
+            where=where,
+            raise_input_errors=True,
+        )
         return result
 
     def _workers(self, strategy: Strategy, batch_size: int) -> int:
@@ -517,22 +763,29 @@ class Matcher:
         queries: Queries,
         *,
         top_k: int | None = None,
+        threshold: float | None = None,
+        where: Wheres = None,
         strategy: Strategy = "as_completed",
         batch_size: int = 64,
         on_progress: ProgressCallback | None = None,
     ) -> AsyncGenerator[MatchResult, None]:
         """Yield each result as soon as it is done (completion order; ``index`` says where
         it came from). Leaving the loop early cancels the remaining work.
+
+        ``where``: one filter for every query, or a sequence of filters (or ``None``), one
+        per query; ``threshold`` overrides the accept threshold for this call.
         """
         self._require_index()
         strategy = check_strategy(strategy)
+        thresholds = self._thresholds_for(threshold)
+        where_of = self._where_of(where)
         total = len(queries) if isinstance(queries, Sized) else None
         collector = StatsCollector()
         loop = asyncio.get_running_loop()
         started = loop.time()
 
         async def worker(i: int, q: str) -> MatchResult:
-            return (await self._match_one(i, q, top_k))[0]
+            return (await self._match_one(i, q, top_k, thresholds=thresholds, where=where_of(i)))[0]
 
         stream = run_strategy(
             strategy, queries, worker, workers=self._workers(strategy, batch_size)
@@ -545,11 +798,34 @@ class Matcher:
                 yield result
         self.last_run_stats = collector.finish(loop.time() - started)
 
+    def _where_of(self, where: Wheres) -> Callable[[int], Where | None]:
+        """Per-index filter lookup; a shared filter is checked now (a clear ConfigError)."""
+        if where is None:
+            return lambda i: None
+        if isinstance(where, Mapping):
+            self._mask_key(where)
+            shared = where
+            return lambda i: shared
+        if isinstance(where, str | bytes) or not isinstance(where, Sequence):
+            raise ConfigError(
+                f"where must be a mapping or a sequence of mappings, got {type(where).__name__}"
+            )
+        rows = where
+
+        def lookup(i: int) -> Where | None:
+            if i >= len(rows):
+                raise ConfigError(f"no filter for query {i}: where has {len(rows)} entries")
+            return rows[i]
+
+        return lookup
+
     async def match_batch_async(
         self,
         queries: Queries,
         *,
         top_k: int | None = None,
+        threshold: float | None = None,
+        where: Wheres = None,
         batch_size: int = 64,
         strategy: Strategy = "gather",
         on_progress: ProgressCallback | None = None,
@@ -558,6 +834,8 @@ class Matcher:
 
         Args:
             queries: any iterable or async iterable of strings (consumed lazily).
+            threshold: the accept threshold for this call (the seed API's ``threshold``).
+            where: one filter for all queries, or one per query (see ``match_async``).
             strategy: ``"sequential"``, ``"gather"`` (input order) or ``"as_completed"``
                 (completion order).
             batch_size: queries in flight through embedding at once (with the LLM
@@ -572,6 +850,8 @@ class Matcher:
         stream = self.match_stream_async(
             queries,
             top_k=top_k,
+            threshold=threshold,
+            where=where,
             strategy=strategy,
             batch_size=batch_size,
             on_progress=on_progress,
@@ -583,20 +863,22 @@ class Matcher:
         return results
 
     async def retrieve_async(
-        self, queries: Sequence[str], *, top_k: int | None = None
+        self, queries: Sequence[str], *, top_k: int | None = None, where: Where | None = None
     ) -> list[list[Candidate]]:
         """Retrieval only: the top-k candidates of each query, best first (no routing, no LLM).
 
         Raises:
             QueryError: naming the first invalid query.
+            ConfigError: a filter on an attribute no entity has.
         """
         self._require_index()
         k = top_k or self.top_k
+        mask_key = self._mask_key(where)
         normalized = [
             validate_query(q, index=i, max_chars=self.max_query_chars)
             for i, q in enumerate(queries)
         ]
-        return list(await asyncio.gather(*(self._candidates(n, k) for n in normalized)))
+        return list(await asyncio.gather(*(self._candidates(n, k, mask_key) for n in normalized)))
 
     @property
     def governor_stats(self) -> GovernorStats | None:
@@ -604,10 +886,14 @@ class Matcher:
         current event loop's governor, for live progress displays; ``None`` before use."""
         return self._runtime.governor.stats if self._runtime is not None else None
 
-    async def explain_match_async(self, query: str, *, top_k: int | None = None) -> Explanation:
+    async def explain_match_async(
+        self, query: str, *, top_k: int | None = None, where: Where | None = None
+    ) -> Explanation:
         """Match one query and say how: candidates, scores, routing decision, LLM reason."""
         self._require_index()
-        result, decision = await self._match_one(0, query, top_k, raise_input_errors=True)
+        result, decision = await self._match_one(
+            0, query, top_k, where=where, raise_input_errors=True
+        )
         assert decision is not None
         return Explanation(
             result=result,
@@ -645,7 +931,7 @@ class Matcher:
                 hints=hints,
             )
         candidates = await self._candidates(normalized, self.top_k)
-        decision = route(candidates, self.thresholds)
+        decision = route(candidates, self.thresholds, normalized)
         if decision.kind == "adjudicate" and decision.margin is not None and decision.margin < 0.02:
             hints.append("near-tie between the top candidates: check for duplicate entities")
         if decision.kind == "novel" and candidates:
@@ -653,8 +939,16 @@ class Matcher:
                 f"closest entity {candidates[0].id!r} scored {candidates[0].score:.3f}; add an "
                 "alias if it is the same entity"
             )
-        if not self.thresholds.calibrated:
-            hints.append("thresholds are defaults: fit_async(training_data=...) calibrates them")
+        cal = self.calibration
+        if cal is not None:
+            for name, est in (("auto-match", cal.matched), ("auto-novel", cal.novel)):
+                if not est.open:
+                    hints.append(f"the {name} route is closed: {est.reason}")
+            if cal.source == "probes":
+                hints.append(
+                    "thresholds were estimated from probes of the catalog; labelled examples "
+                    "(fit_async(training_data=...)) calibrate them on real queries"
+                )
         return Diagnosis(
             query=query,
             normalized_query=normalized,
@@ -700,30 +994,64 @@ class Matcher:
         self,
         training_data: Sequence[tuple[str, str | None]] | None = None,
         *,
-        target_precision: float = 0.99,
+        target_precision: float | None = None,
+        novel_target_precision: float | None = None,
     ) -> Matcher:
         """Sync twin of :meth:`fit_async`."""
-        return self._sync.run(self.fit_async(training_data, target_precision=target_precision))
+        return self._sync.run(
+            self.fit_async(
+                training_data,
+                target_precision=target_precision,
+                novel_target_precision=novel_target_precision,
+            )
+        )
 
     @overload
-    def match(self, query: str, *, top_k: int | None = None) -> MatchResult: ...
+    def match(
+        self,
+        query: str,
+        *,
+        top_k: int | None = None,
+        threshold: float | None = None,
+        where: Where | None = None,
+    ) -> MatchResult: ...
 
     @overload
-    def match(self, query: list[str], *, top_k: int | None = None) -> list[MatchResult]: ...
+    def match(
+        self,
+        query: list[str],
+        *,
+        top_k: int | None = None,
+        threshold: float | None = None,
+        where: Wheres = None,
+    ) -> list[MatchResult]: ...
 
     def match(
-        self, query: str | list[str], *, top_k: int | None = None
+        self,
+        query: str | list[str],
+        *,
+        top_k: int | None = None,
+        threshold: float | None = None,
+        where: Wheres = None,
     ) -> MatchResult | list[MatchResult]:
         """Sync twin of :meth:`match_async`."""
         if isinstance(query, list):
-            return self._sync.run(self.match_async(query, top_k=top_k))
-        return self._sync.run(self.match_async(query, top_k=top_k))
+            return self._sync.run(
+                self.match_async(query, top_k=top_k, threshold=threshold, where=where)
+            )
+        if where is not None and not isinstance(where, Mapping):
+            raise ConfigError("where must be a mapping for a single query")
+        return self._sync.run(
+            self.match_async(query, top_k=top_k, threshold=threshold, where=where)
+        )
 
     def match_batch(
         self,
         queries: Iterable[str],
         *,
         top_k: int | None = None,
+        threshold: float | None = None,
+        where: Wheres = None,
         batch_size: int = 64,
         strategy: Strategy = "gather",
         on_progress: ProgressCallback | None = None,
@@ -733,15 +1061,19 @@ class Matcher:
             self.match_batch_async(
                 queries,
                 top_k=top_k,
+                threshold=threshold,
+                where=where,
                 batch_size=batch_size,
                 strategy=strategy,
                 on_progress=on_progress,
             )
         )
 
-    def explain_match(self, query: str, *, top_k: int | None = None) -> Explanation:
+    def explain_match(
+        self, query: str, *, top_k: int | None = None, where: Where | None = None
+    ) -> Explanation:
         """Sync twin of :meth:`explain_match_async`."""
-        return self._sync.run(self.explain_match_async(query, top_k=top_k))
+        return self._sync.run(self.explain_match_async(query, top_k=top_k, where=where))
 
     def diagnose(self, query: str) -> Diagnosis:
         """Sync twin of :meth:`diagnose_async`."""
@@ -763,3 +1095,9 @@ class Matcher:
 async def _maybe_await(value: Awaitable[None] | None) -> None:
     if inspect.isawaitable(value):
         await value
+
+
+def _precision(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)

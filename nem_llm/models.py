@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "Attempt",
+    "Calibration",
     "Candidate",
     "DecidedBy",
     "Diagnosis",
@@ -15,6 +16,7 @@ __all__ = [
     "Explanation",
     "MatchResult",
     "MatchStatus",
+    "RouteEstimate",
     "RunStats",
     "Usage",
 ]
@@ -184,3 +186,30 @@ class RunStats(BaseModel):
     latency_p95_s: float | None = None
     time_to_first_result_s: float | None = None
     budget_exhausted: bool = False
+
+
+class RouteEstimate(BaseModel):
+    """One auto route (matched or novel) as calibration left it.
+
+    ``open`` routes decide without the LLM; a closed one sends its queries to the LLM (or
+    ``review``). ``reason`` says in one sentence how it was estimated or why it is closed.
+    """
+
+    open: bool
+    target: float
+    expected_precision: float | None = None
+    expected_coverage: float | None = None
+    reason: str = ""
+
+
+class Calibration(BaseModel):
+    """What ``fit`` estimated: thresholds and the expected precision and coverage of each
+    auto route, and on what evidence (``source``: ``labels``, ``probes`` of the catalog
+    itself, ``user`` thresholds, or ``defaults``)."""
+
+    source: str
+    examples: int = 0
+    thresholds: dict[str, float]
+    exact: bool = True
+    matched: RouteEstimate
+    novel: RouteEstimate

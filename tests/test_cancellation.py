@@ -276,6 +276,7 @@ async def matcher(llm: GatedLLM) -> AsyncIterator[Matcher]:
         client=client,
         embedder=FakeEmbedder(),
         accept_threshold=1.01,  # every query goes to the LLM
+        novel_threshold=0.45,
         limits=Limits(concurrency=4),
     )
     await matcher.fit_async()

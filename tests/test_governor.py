@@ -620,6 +620,7 @@ async def test_budget_through_the_matcher_turns_the_rest_into_review_records() -
         client=client,
         embedder=FakeEmbedder(),
         accept_threshold=1.01,  # every query goes to the LLM
+        novel_threshold=0.45,
         limits=Limits(budget_tokens=1, concurrency=1),
     )
     try:

@@ -283,7 +283,7 @@ async def test_minilm_ranks_the_right_entity_first_for_a_paraphrase(
 async def test_minilm_calls_a_country_missing_from_the_catalog_novel(
     minilm: SentenceTransformerEmbedder, countries: list[dict[str, Any]], no_llm_env: None
 ) -> None:
-    async with Matcher(countries, embedder=minilm) as matcher:
+    async with Matcher(countries, embedder=minilm, novel_threshold=0.45) as matcher:
         await matcher.fit_async()
         result = await matcher.match_async("Japan")
     assert (result.status, result.entity_id, result.decided_by) == ("novel", None, "embedding")

@@ -9,11 +9,12 @@ import openai
 import pytest
 import respx
 
-from nem_llm.config import Thresholds
+from nem_llm.config import CLOSED_ACCEPT, CLOSED_NOVEL, Thresholds
 from nem_llm.errors import ConfigError
 from nem_llm.matcher import Matcher
 from nem_llm.models import Candidate
-from nem_llm.retrieval.routing import LabelledScore, calibrate, route
+from nem_llm.retrieval.calibration import Example, calibrate
+from nem_llm.retrieval.routing import RouteFeatures, route
 from nem_llm.testing import FakeEmbedder, FakeLLM
 
 LLM_BASE = "http://llm.test/v1"
@@ -24,8 +25,8 @@ def cands(*scores: float) -> list[Candidate]:
     return [Candidate(id=f"e{i}", name=f"E{i}", score=s) for i, s in enumerate(scores)]
 
 
-def ex(top: float, margin: float, *, gold: bool = False, none: bool = False) -> LabelledScore:
-    return LabelledScore(top_score=top, margin=margin, top_is_gold=gold, gold_is_none=none)
+def ex(top: float, margin: float, *, gold: bool = False, none: bool = False) -> Example:
+    return Example(RouteFeatures(top, margin, False, False), top_is_right=gold, absent=none)
 
 
 # -- route(): pure -------------------------------------------------------------------------
@@ -102,9 +103,13 @@ def test_invalid_thresholds_are_config_errors(kwargs: dict[str, Any]) -> None:
 # -- calibrate(): pure ---------------------------------------------------------------------
 
 
-def labelled_set() -> list[LabelledScore]:
-    """20 examples whose best thresholds at target precision 0.99 are worked out by hand."""
-    return [
+def labelled_set() -> list[Example]:
+    """20 examples (x100) whose best thresholds at target 0.99 are worked out by hand.
+
+    Each appears 100 times: a rule must decide about 100 examples without a mistake before
+    it can open at 0.99 (calibration's one imaginary mistake).
+    """
+    return 100 * [
         # right top candidate, clear lead
         *(ex(t, 0.3, gold=True) for t in (0.99, 0.98, 0.97, 0.96, 0.95, 0.90, 0.85)),
         ex(0.96, 0.02),  # wrong top candidate in a near-tie
@@ -118,12 +123,12 @@ def labelled_set() -> list[LabelledScore]:
 
 def test_calibrate_picks_the_widest_precise_accept_rule_and_the_highest_precise_novel_cut() -> None:
     # accept: margins 0.00-0.02 accept only >= 0.97 (the 0.96 tie holds a wrong one: 4/5);
-    # every margin from 0.03 to 0.15 drops the near-tie and accepts the 7 right answers down
-    # to 0.85; on that tie the largest margin, 0.15, is kept.
+    # every margin from 0.03 to 0.2 drops the near-tie and accepts the 7 right answers down
+    # to 0.85; on that tie the largest margin, 0.2, is kept.
     # novel: "top < 0.50" catches the 9 absent entities and nothing else; the threshold sits
     # midway between the highest absent one (0.42) and that cut.
-    got = calibrate(labelled_set(), target_precision=0.99, default=DEFAULT)
-    assert (got.accept, got.margin) == (0.85, 0.15)
+    got = calibrate(labelled_set(), target_precision=0.99)
+    assert (got.accept, got.margin) == (0.85, 0.2)
     assert got.novel == pytest.approx(0.46)
     assert got.calibrated
 
@@ -137,27 +142,36 @@ def test_calibrate_breaks_coverage_ties_towards_the_larger_margin() -> None:
         ex(0.80, 0.3),
         *(ex(0.1, 0.0, none=True) for _ in range(15)),
     ]
-    got = calibrate(examples, target_precision=0.99, default=DEFAULT)
-    assert (got.accept, got.margin) == (0.90, 0.15)
+    got = calibrate(100 * examples, target_precision=0.99)
+    assert (got.accept, got.margin) == (0.90, 0.2)
 
 
-def test_calibrate_keeps_defaults_with_too_few_examples() -> None:
-    got = calibrate(labelled_set()[:19], target_precision=0.99, default=DEFAULT)
-    assert got is DEFAULT
-    assert not got.calibrated
+def test_calibrate_closes_both_routes_with_too_few_examples() -> None:
+    got = calibrate(labelled_set()[:19], target_precision=0.99)
+    assert (got.accept, got.novel, got.exact) == (CLOSED_ACCEPT, CLOSED_NOVEL, False)
 
 
-def test_calibrate_keeps_default_accept_when_no_rule_reaches_the_target() -> None:
+def test_a_handful_of_perfect_examples_does_not_open_a_route_at_099() -> None:
+    examples = [ex(0.95, 0.3, gold=True) for _ in range(50)] + [
+        ex(0.1, 0.0, none=True) for _ in range(50)
+    ]
+    got = calibrate(examples, target_precision=0.99)
+    assert (got.accept, got.novel) == (CLOSED_ACCEPT, CLOSED_NOVEL)  # 50/51 < 0.99
+    assert calibrate(examples * 2, target_precision=0.99).accept == 0.95  # 100/101
+    assert (got.accept, got.novel, got.exact) == (CLOSED_ACCEPT, CLOSED_NOVEL, False)
+
+
+def test_calibrate_closes_the_accept_route_when_no_rule_reaches_the_target() -> None:
     examples = [ex(0.95, 0.3) for _ in range(20)]  # the top candidate is always wrong
-    got = calibrate(examples, target_precision=0.99, default=DEFAULT)
-    assert got == DEFAULT
-    assert got.calibrated
+    got = calibrate(examples, target_precision=0.99)
+    assert got.accept == CLOSED_ACCEPT  # never the (less safe) default
+    assert got.novel == CLOSED_NOVEL  # no absent example: nothing to call novel on
 
 
 def test_calibrate_lower_target_precision_accepts_more() -> None:
-    strict = calibrate(labelled_set(), target_precision=0.99, default=DEFAULT)
+    strict = calibrate(labelled_set(), target_precision=0.99)
     # margin 0.10, accept 0.50: 9 right out of 10 (0.9), the wrong one at 0.80 let in
-    loose = calibrate(labelled_set(), target_precision=0.9, default=DEFAULT)
+    loose = calibrate(labelled_set(), target_precision=0.85)
     assert (loose.accept, loose.margin) == (0.50, 0.10)
     assert loose.accept < strict.accept
 
@@ -203,7 +217,9 @@ async def test_unrelated_query_is_novel_without_an_llm_call(
     llm_mock: respx.MockRouter,
 ) -> None:
     llm = llm_mock.post("/chat/completions").mock(side_effect=FakeLLM())
-    async with Matcher(countries, client=client, embedder=FakeEmbedder()) as matcher:
+    async with Matcher(
+        countries, client=client, embedder=FakeEmbedder(), novel_threshold=0.45
+    ) as matcher:
         await matcher.fit_async()
         result = await matcher.match_async("zzzz")
     assert (result.status, result.entity_id, result.decided_by) == ("novel", None, "embedding")
@@ -249,7 +265,11 @@ async def test_accept_threshold_above_one_sends_even_exact_matches_to_the_llm(
 ) -> None:
     llm = llm_mock.post("/chat/completions").mock(side_effect=FakeLLM())
     async with Matcher(
-        countries, client=client, embedder=FakeEmbedder(), accept_threshold=1.01
+        countries,
+        client=client,
+        embedder=FakeEmbedder(),
+        accept_threshold=1.01,
+        novel_threshold=0.45,
     ) as matcher:
         await matcher.fit_async()
         result = await matcher.match_async("USA")
@@ -289,9 +309,12 @@ async def test_fit_with_training_data_calibrates_thresholds_to_the_target_precis
     countries: list[dict[str, Any]], no_llm_env: None
 ) -> None:
     async with Matcher(countries, embedder=FakeEmbedder()) as matcher:
-        await matcher.fit_async(TRAINING, target_precision=0.99)
+        # repeated labels weigh as evidence: a rule must decide about 20 of them without a
+        # mistake to open at 0.95
+        await matcher.fit_async(TRAINING * 30, target_precision=0.95)
         results = await matcher.match_batch_async([q for q, _ in TRAINING])
     assert matcher.thresholds.calibrated
+    assert matcher.calibration is not None and matcher.calibration.source == "labels"
     assert matcher.thresholds.accept < Thresholds().accept  # it learnt to accept more
     gold = dict(TRAINING)
     matched = [r for r in results if r.status == "matched"]
@@ -307,8 +330,8 @@ async def test_fit_with_too_few_examples_keeps_the_given_thresholds(
 ) -> None:
     async with Matcher(countries, embedder=FakeEmbedder(), accept_threshold=0.8) as matcher:
         await matcher.fit_async(TRAINING[:5])
-    assert matcher.thresholds == Thresholds(accept=0.8)
-    assert not matcher.thresholds.calibrated
+    assert matcher.thresholds.accept == 0.8  # the user's, kept
+    assert matcher.calibration is not None and matcher.calibration.source == "probes"
 
 
 @pytest.mark.parametrize("target", [0.0, 1.5])

@@ -319,6 +319,7 @@ async def matcher(llm: CountingLLM) -> AsyncIterator[Matcher]:
         client=client,
         embedder=FakeEmbedder(),
         accept_threshold=1.01,  # every query goes to the LLM
+        novel_threshold=0.45,
         limits=Limits(concurrency=4),
     )
     await matcher.fit_async()
@@ -462,7 +463,13 @@ async def test_last_run_stats_count_every_result_and_every_attempt() -> None:
 
     http = httpx.AsyncClient(transport=httpx.MockTransport(FakeLLM(policy)))
     client = openai.AsyncOpenAI(api_key="t", base_url="http://fake/v1", http_client=http)
-    matcher = Matcher(entities(), client=client, embedder=FakeEmbedder(), accept_threshold=1.01)
+    matcher = Matcher(
+        entities(),
+        client=client,
+        embedder=FakeEmbedder(),
+        accept_threshold=1.01,
+        novel_threshold=0.45,
+    )
     try:
         await matcher.fit_async()
         results = await matcher.match_batch_async([*NAMES, "qxzv jjj"])

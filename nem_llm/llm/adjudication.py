@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
@@ -73,10 +73,36 @@ def _clean(text: str, limit: int | None = None) -> str:
     return html.escape(text, quote=False)
 
 
+def _attribute_text(value: Any) -> str:
+    """An attribute value as prompt text: scalars as they are, anything else as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float) or value is None:
+        return json.dumps(value)
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def render_attributes(
+    attributes: Mapping[str, Any], names: Sequence[str], limit: int
+) -> str | None:
+    """``name=value; ...`` of the chosen attributes an entity has, at most ``limit`` chars."""
+    parts = [f"{n}={_attribute_text(attributes[n])}" for n in names if n in attributes]
+    return _clean("; ".join(parts), limit) if parts else None
+
+
 def render_messages(
-    query: str, candidates: Sequence[Candidate], catalog: Catalog
+    query: str,
+    candidates: Sequence[Candidate],
+    catalog: Catalog,
+    *,
+    attributes: Sequence[str] = (),
+    attribute_chars: int = 200,
 ) -> list[dict[str, str]]:
-    """Build the chat messages for one query: system instructions, then delimited data."""
+    """Build the chat messages for one query: system instructions, then delimited data.
+
+    ``attributes`` names the entity attributes shown for each candidate (bounded to
+    ``attribute_chars`` characters per candidate): they tell same-named entities apart.
+    """
     lines = []
     for i, cand in enumerate(candidates, start=1):
         entity = catalog.entities[catalog.by_id[cand.id]]
@@ -85,6 +111,9 @@ def render_messages(
             parts.append("aliases: " + "; ".join(_clean(a) for a in entity.aliases[:8]))
         if entity.description:
             parts.append("description: " + _clean(entity.description, _DESCRIPTION_CHARS))
+        shown = render_attributes(entity.attributes, attributes, attribute_chars)
+        if shown:
+            parts.append("attributes: " + shown)
         lines.append(" | ".join(parts))
     user = USER_TEMPLATE.substitute(query=_clean(query), candidates="\n".join(lines))
     return [{"role": "system", "content": SYSTEM_TEMPLATE}, {"role": "user", "content": user}]

@@ -1,0 +1,440 @@
+"""Calibration: routing thresholds that reach a target precision, from labels or from probes.
+
+Two sources of evidence, one estimator:
+
+- **labels**: ``(query, gold_id or None)`` pairs the user gives to ``fit``; each becomes an
+  :class:`Example` (weight 1) from the query's retrieved candidates.
+- **probes** (no labels needed): sampled catalog entities are queried with their own
+  aliases and noisy variants of their names (typos, dropped or swapped tokens, case,
+  accents, truncation). Each probe is scored twice from one search: once as retrieved
+  (stands in for a mention of a known entity: right when its entity comes first) and once
+  with its entity taken out of the candidates (stands in for a mention of an absent
+  entity: any auto-match is wrong, "novel" is right).
+
+:func:`estimate` then chooses, per route, the rule that decides the most examples while
+its (weighted) precision reaches the target, and **closes the route when no rule does**:
+never a fallback to a less safe default. Probes do not know how many real mentions will
+be novel, so each route is estimated at the end of a plausible range of that share which
+is worse for it (``PROBE_NOVEL_SHARE``: auto-match assumes many novel mentions, auto-novel
+few).
+
+Everything here is pure: examples in, a :class:`Calibration` out.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ..catalog import Catalog
+from ..config import CLOSED_ACCEPT, CLOSED_NOVEL, Thresholds
+from ..models import Calibration, Candidate, RouteEstimate
+from ..text import fold
+from .routing import RouteFeatures, features
+
+__all__ = [
+    "MARGINS",
+    "PROBE_NOVEL_SHARE",
+    "PROBE_VERSION",
+    "Example",
+    "Probe",
+    "calibrate",
+    "estimate",
+    "exact_rule_from_catalog",
+    "make_probes",
+    "probe_examples",
+]
+
+#: Bumped whenever probes or the estimator change: a saved label-free calibration of an
+#: older version is estimated again.
+PROBE_VERSION = 1
+#: Margins (top minus runner-up) tried by calibration, safest last.
+MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2)
+#: The share of novel mentions probes assume: (lowest, highest). Auto-match precision is
+#: estimated at the highest share (more absent mentions to wrongly match), auto-novel
+#: precision at the lowest (more known mentions to wrongly call novel).
+PROBE_NOVEL_SHARE = (0.1, 0.5)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One query as calibration sees it: its routing features and what was right."""
+
+    features: RouteFeatures
+    top_is_right: bool  # the top candidate is the entity meant
+    absent: bool  # the entity meant is not in the catalog
+    weight: float = 1.0
+
+
+def _example(cands: Sequence[Candidate], query: str, gold: str | None, weight: float) -> Example:
+    f = features(query, cands)
+    right = bool(cands) and gold is not None and cands[0].id == gold
+    return Example(f, right, gold is None, weight)
+
+
+def labelled_examples(
+    found: Sequence[Sequence[Candidate]], queries: Sequence[str], golds: Sequence[str | None]
+) -> list[Example]:
+    """Examples from labelled queries and their retrieved candidates (weight 1 each)."""
+    return [_example(c, q, g, 1.0) for c, q, g in zip(found, queries, golds, strict=True)]
+
+
+# -- the estimator ----------------------------------------------------------------------
+
+
+def _best_accept(
+    top: npt.NDArray[np.float64],
+    gap: npt.NDArray[np.float64],
+    right: npt.NDArray[np.float64],
+    weight: npt.NDArray[np.float64],
+    eligible: npt.NDArray[np.bool_],
+    target: float,
+    prior: float,
+) -> tuple[float, float, float, float] | None:
+    """(accept, margin, precision, weight decided) of the widest rule reaching ``target``."""
+    best: tuple[float, float, float, float] | None = None
+    for m in sorted(MARGINS, reverse=True):  # ties keep the larger (safer) margin
+        sel = eligible & (gap >= m)
+        if not sel.any():
+            continue
+        t, c, w = top[sel], right[sel], weight[sel]
+        order = np.argsort(-t, kind="stable")
+        t, c, w = t[order], c[order], w[order]
+        # accepting "score >= t[i]" takes every example up to the last one tied with t[i]
+        last = np.searchsorted(-t, -t, side="right") - 1
+        taken = np.cumsum(w)[last]
+        precision = np.cumsum(c * w)[last] / (taken + prior)
+        good = np.flatnonzero(precision >= target)
+        if good.size:
+            i = good[np.argmax(taken[good])]
+            if best is None or taken[i] > best[3] + 1e-12:
+                best = (float(t[i]), m, float(precision[i]), float(taken[i]))
+    return best
+
+
+def _best_novel(
+    top: npt.NDArray[np.float64],
+    absent: npt.NDArray[np.float64],
+    weight: npt.NDArray[np.float64],
+    target: float,
+    prior: float,
+) -> tuple[float, float, float] | None:
+    """(threshold, precision, weight decided) of the highest novel cut reaching ``target``."""
+    order = np.argsort(top, kind="stable")
+    t, a, w = top[order], absent[order], weight[order]
+    # "novel if score < t[i]" takes every example strictly below t[i]
+    n_below = np.searchsorted(t, t, side="left")
+    cum_w = np.r_[0.0, np.cumsum(w)]
+    cum_a = np.r_[0.0, np.cumsum(a * w)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = cum_a[n_below] / (cum_w[n_below] + prior)
+    good = np.flatnonzero((n_below > 0) & (precision >= target))
+    # also the cut above every example (all of them novel), if precise enough
+    all_precision = cum_a[-1] / (cum_w[-1] + prior) if cum_w[-1] > 0 else 0.0
+    if all_precision >= target and t.size:
+        return float(min(1.0, t[-1] + 1e-6)), float(all_precision), float(cum_w[-1])
+    if not good.size:
+        return None
+    cut = int(good[np.argmax(t[good])])
+    # midway between the highest score called novel and the cut, so the threshold does not
+    # hug the first non-novel example
+    threshold = float((t[n_below[cut] - 1] + t[cut]) / 2)
+    return threshold, float(precision[cut]), float(cum_w[n_below[cut]])
+
+
+def _weights(examples: Sequence[Example], novel_share: float | None) -> npt.NDArray[np.float64]:
+    w = np.array([e.weight for e in examples], dtype=np.float64)
+    if novel_share is None:
+        return w
+    absent = np.array([e.absent for e in examples])
+    total_a, total_p = w[absent].sum(), w[~absent].sum()
+    if total_a == 0 or total_p == 0:
+        return w
+    # rescale so absent examples carry `novel_share` of the weight
+    scaled: npt.NDArray[np.float64] = np.where(
+        absent, w * novel_share / total_a, w * (1 - novel_share) / total_p
+    )
+    return scaled
+
+
+def estimate(
+    examples: Sequence[Example],
+    *,
+    matched_target: float = 0.99,
+    novel_target: float = 0.95,
+    source: str = "labels",
+    novel_share: tuple[float, float] | None = None,
+    min_examples: int = 20,
+    exact_rule: tuple[float, float] | None = None,
+) -> Calibration:
+    """Choose thresholds that reach the targets on ``examples``; close routes that cannot.
+
+    Args:
+        examples: labelled or probe examples.
+        matched_target, novel_target: the precision each auto route must reach.
+        source: what the examples are (``"labels"`` or ``"probes"``), for the report.
+        novel_share: for probes, the (lowest, highest) share of novel mentions to assume;
+            ``None`` for labels (their own mix is the truth).
+        min_examples: below this many examples nothing is estimated and both routes close.
+        exact_rule: (precision, coverage) of the exact-hit rule when known otherwise (a
+            census of the catalog's names, see :func:`exact_rule_from_catalog`).
+
+    Every precision carries one imaginary mistake (a pessimistic prior of one example's
+    weight): a rule must decide at least ``1 / (1 - target)`` examples without a mistake
+    (99 at 0.99, 19 at 0.95) before it can open, so a handful of lucky examples never does.
+
+    Matched: an exact hit on one entity's name or alias (rule ``exact``) when its precision
+    reaches the target, plus ``top >= accept and top - runner_up >= margin`` (no same-named
+    runner-up) for the widest (accept, margin) pair whose precision reaches the target.
+    Novel: ``top < novel`` for the highest cut whose precision reaches the target.
+    """
+    n = len(examples)
+    if n < min_examples:
+        why = f"only {n} examples (need {min_examples})"
+        return _closed(source, n, matched_target, novel_target, why)
+    lo_share, hi_share = novel_share if novel_share is not None else (None, None)
+    top = np.array([e.features.top for e in examples], dtype=np.float64)
+    gap = np.array([e.features.margin for e in examples], dtype=np.float64)
+    exact = np.array([e.features.exact for e in examples])
+    same = np.array([e.features.same_name_tie for e in examples])
+    right = np.array([e.top_is_right for e in examples], dtype=np.float64)
+    absent = np.array([e.absent for e in examples], dtype=np.float64)
+
+    # -- matched ------------------------------------------------------------------------
+    w_m = _weights(examples, hi_share)
+    total_m = w_m.sum()
+    prior_m = total_m / n
+    exact_open = False
+    exact_est = None
+    if exact_rule is not None:
+        exact_est = exact_rule
+    elif exact.any():
+        taken = float(w_m[exact].sum())
+        exact_est = (float((right[exact] * w_m[exact]).sum()) / (taken + prior_m), taken / total_m)
+    if exact_est is not None:
+        exact_open = exact_est[0] >= matched_target
+    eligible = ~same & ~(exact & exact_open)
+    rule = _best_accept(top, gap, right, w_m, eligible, matched_target, prior_m)
+    decided = (exact_est[1] * total_m if exact_open and exact_est else 0.0) + (
+        rule[3] if rule else 0.0
+    )
+    correct = (exact_est[0] * exact_est[1] * total_m if exact_open and exact_est else 0.0) + (
+        rule[2] * rule[3] if rule else 0.0
+    )
+    if rule is None and not exact_open:
+        why = f"no rule reaches precision {matched_target:g} on {n} {source}"
+        if exact_est is not None:
+            why += f" (exact hits: {exact_est[0]:.3f})"
+        matched = RouteEstimate(open=False, target=matched_target, reason=why)
+        accept, margin = CLOSED_ACCEPT, 0.0
+    else:
+        accept, margin = (rule[0], rule[1]) if rule else (CLOSED_ACCEPT, 0.0)
+        parts = []
+        if exact_open:
+            parts.append("an exact hit on one entity's name or alias")
+        if rule:
+            parts.append(f"top >= {accept:.3f} and {margin:.2f} ahead of the runner-up")
+        matched = RouteEstimate(
+            open=True,
+            target=matched_target,
+            expected_precision=round(correct / decided, 4) if decided else None,
+            expected_coverage=round(decided / total_m, 4) if total_m else None,
+            reason=" or ".join(parts) + f", estimated on {n} {source}",
+        )
+
+    # -- novel --------------------------------------------------------------------------
+    w_n = _weights(examples, lo_share)
+    prior_n = w_n.sum() / n
+    cut = _best_novel(top, absent, w_n, novel_target, prior_n) if absent.any() else None
+    if cut is None:
+        why = (
+            f"no score cut reaches precision {novel_target:g} on {n} {source}"
+            if absent.any()
+            else f"no example of an absent entity among {n} {source}"
+        )
+        novel = RouteEstimate(open=False, target=novel_target, reason=why)
+        novel_t = CLOSED_NOVEL
+    else:
+        novel_t = min(cut[0], accept)
+        novel = RouteEstimate(
+            open=True,
+            target=novel_target,
+            expected_precision=round(cut[1], 4),
+            expected_coverage=round(cut[2] / w_n.sum(), 4),
+            reason=f"top < {novel_t:.3f}, estimated on {n} {source}",
+        )
+    thresholds = Thresholds(
+        accept=accept, margin=margin, novel=novel_t, exact=exact_open, calibrated=True
+    )
+    return Calibration(
+        source=source,
+        examples=n,
+        thresholds=thresholds.as_dict(),
+        exact=exact_open,
+        matched=matched,
+        novel=novel,
+    )
+
+
+def _closed(
+    source: str, n: int, matched_target: float, novel_target: float, why: str
+) -> Calibration:
+    t = Thresholds(accept=CLOSED_ACCEPT, margin=0.0, novel=CLOSED_NOVEL, exact=False)
+    return Calibration(
+        source=source,
+        examples=n,
+        thresholds=t.as_dict(),
+        exact=False,
+        matched=RouteEstimate(open=False, target=matched_target, reason=why),
+        novel=RouteEstimate(open=False, target=novel_target, reason=why),
+    )
+
+
+def exact_rule_from_catalog(
+    catalog: Catalog, novel_share: float = PROBE_NOVEL_SHARE[1]
+) -> tuple[float, float]:
+    """(precision, coverage) of the exact-hit rule over every name and alias of a catalog.
+
+    A census, not a sample: a mention by a form of one of its entities is an exact unique
+    hit, and right, when no other entity has that form (folded); a mention by that form of
+    an entity absent from the catalog is an exact unique hit, and wrong, when exactly one
+    other entity has it. ``novel_share`` weighs the two.
+    """
+    owners: dict[str, set[int]] = {}
+    for form, owner in zip(catalog.forms, catalog.form_entity, strict=True):
+        owners.setdefault(fold(form), set()).add(owner)
+    pairs = sum(len(v) for v in owners.values())
+    unique = sum(1 for v in owners.values() if len(v) == 1)
+    doubled = sum(len(v) for v in owners.values() if len(v) == 2)
+    right = (1 - novel_share) * unique
+    wrong = novel_share * doubled
+    if not pairs or right + wrong == 0:
+        return 0.0, 0.0
+    return right / (right + wrong), (right + wrong) / pairs
+
+
+def calibrate(
+    examples: Sequence[Example],
+    *,
+    target_precision: float = 0.99,
+    novel_target_precision: float | None = None,
+    min_examples: int = 20,
+) -> Thresholds:
+    """Thresholds from labelled examples (see :func:`estimate`; closed routes stay closed)."""
+    cal = estimate(
+        examples,
+        matched_target=target_precision,
+        novel_target=target_precision if novel_target_precision is None else novel_target_precision,
+        min_examples=min_examples,
+    )
+    return Thresholds.from_calibration(cal)
+
+
+# -- probes -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A synthetic mention of catalog entity ``entity`` (its position), made by ``kind``."""
+
+    text: str
+    entity: int
+    kind: str
+
+
+_KEYBOARD = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _typo(text: str, rng: random.Random, edits: int) -> str:
+    chars = list(text)
+    for _ in range(edits):
+        letters = [i for i, ch in enumerate(chars) if ch.isalpha()]
+        if len(letters) < 3:
+            break
+        i = rng.choice(letters)
+        op = rng.randrange(4)
+        if op == 0:  # delete
+            del chars[i]
+        elif op == 1 and i + 1 < len(chars):  # swap with the next character
+            chars[i], chars[i + 1] = chars[i + 1], chars[i]
+        elif op == 2:  # substitute
+            chars[i] = rng.choice(_KEYBOARD)
+        else:  # insert
+            chars.insert(i, rng.choice(_KEYBOARD))
+    return "".join(chars)
+
+
+def _variants(form: str, rng: random.Random) -> list[tuple[str, str]]:
+    tokens = form.split()
+    out = [("typo", _typo(form, rng, 1)), ("typos", _typo(form, rng, 2 + len(form) // 12))]
+    if len(tokens) >= 2:
+        drop = rng.randrange(len(tokens))
+        out.append(("drop_token", " ".join(t for i, t in enumerate(tokens) if i != drop)))
+        swapped = tokens[1:] + tokens[:1]
+        out.append(("reorder", " ".join(swapped)))
+    if len(form) >= 8:
+        out.append(("truncate", form[: max(4, int(len(form) * 0.6))].rstrip()))
+    folded = fold(form)
+    out.append(("fold_case", folded.upper() if rng.random() < 0.5 else folded))
+    return out
+
+
+def make_probes(
+    catalog: Catalog, *, entities: int = 400, per_entity: int = 4, seed: int = 0
+) -> list[Probe]:
+    """Synthetic mentions of sampled entities: aliases and noisy variants of their forms.
+
+    Deterministic for a seed. A probe never equals one of its entity's own forms except
+    for aliases (a mention by an alias is the commonest real case).
+    """
+    rng = random.Random(seed)
+    n = len(catalog.entities)
+    picked = rng.sample(range(n), min(entities, n))
+    forms_of: dict[int, list[str]] = {}
+    for form, owner in zip(catalog.forms, catalog.form_entity, strict=True):
+        forms_of.setdefault(owner, []).append(form)
+    probes: list[Probe] = []
+    for e in sorted(picked):
+        forms = forms_of.get(e, [])
+        if not forms:
+            continue
+        own = {f.casefold() for f in forms}
+        made: list[tuple[str, str]] = [("alias", a) for a in forms[1:3]]
+        for form in forms[:2]:
+            made.extend(_variants(form, rng))
+        rng.shuffle(made)
+        kept = 0
+        seen: set[str] = set()
+        for kind, text in made:
+            text = " ".join(text.split())
+            key = text.casefold()
+            if not text or key in seen or (kind != "alias" and key in own):
+                continue
+            seen.add(key)
+            probes.append(Probe(text, e, kind))
+            kept += 1
+            if kept >= per_entity:
+                break
+    return probes
+
+
+def probe_examples(
+    probes: Sequence[Probe], found: Sequence[Sequence[Candidate]], catalog: Catalog
+) -> list[Example]:
+    """Two examples per probe: as retrieved (entity present) and with its entity removed.
+
+    ``found`` must hold at least one more candidate than routing looks at (the removed
+    entity may be among them).
+    """
+    out: list[Example] = []
+    for probe, cands in zip(probes, found, strict=True):
+        entity_id = catalog.entities[probe.entity].id
+        present = _example(cands, probe.text, entity_id, 1.0)
+        without = [c for c in cands if c.id != entity_id]
+        out.append(present)
+        out.append(_example(without, probe.text, None, 1.0))
+    return out
