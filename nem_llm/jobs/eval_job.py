@@ -120,6 +120,11 @@ async def run_eval(
         )
         await stack.enter_async_context(matcher)
         await matcher.fit_async(training or None, target_precision=target_precision)
+        if progress is not None and matcher.calibration is not None:
+            cal = matcher.calibration
+            for route_name, est in (("auto-match", cal.matched), ("auto-novel", cal.novel)):
+                state = "open" if est.open else "closed"
+                progress.print(f"{name or 'eval'}: {route_name} route {state}: {est.reason}")
         k = max(RECALL_KS)
         retrieved: list[list[Candidate]] = []
         for lo in range(0, len(texts), _RETRIEVE_CHUNK):
@@ -144,4 +149,9 @@ async def run_eval(
     report = evaluate(results, golds, retrieved, name=name, llm=label)
     report.calibrated_on = len(training)
     report.thresholds = matcher.thresholds.as_dict()
+    cal = matcher.calibration
+    if cal is not None:
+        report.calibration_source = cal.source
+        report.expected_accept_precision = cal.matched.expected_precision
+        report.expected_novel_precision = cal.novel.expected_precision
     return report

@@ -25,6 +25,8 @@ class EvalReport(BaseModel):
     auto_accept_coverage: float
     novel_precision: float | None
     novel_recall: float | None
+    auto_novel_precision: float | None = None
+    auto_novel_coverage: float = 0.0
     accuracy: float
     llm_share: float
     review_share: float
@@ -34,6 +36,9 @@ class EvalReport(BaseModel):
     llm: str = "off"
     calibrated_on: int = 0
     thresholds: dict[str, float] = Field(default_factory=dict)
+    calibration_source: str = ""
+    expected_accept_precision: float | None = None
+    expected_novel_precision: float | None = None
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -71,6 +76,7 @@ def evaluate(
     ]
     auto_right = sum(1 for i in auto if results[i].entity_id == golds[i])
     novel = [i for i, r in enumerate(results) if r.status == "novel"]
+    auto_novel = [i for i in novel if results[i].decided_by == "embedding"]
     absent = [i for i, g in enumerate(golds) if g is None]
     right = sum(
         1
@@ -88,6 +94,10 @@ def evaluate(
         auto_accept_coverage=len(auto) / n if n else 0.0,
         novel_precision=_ratio(sum(1 for i in novel if golds[i] is None), len(novel)),
         novel_recall=_ratio(sum(1 for i in absent if results[i].status == "novel"), len(absent)),
+        auto_novel_precision=_ratio(
+            sum(1 for i in auto_novel if golds[i] is None), len(auto_novel)
+        ),
+        auto_novel_coverage=len(auto_novel) / n if n else 0.0,
         accuracy=right / n if n else 0.0,
         llm_share=sum(1 for r in results if r.attempts or r.decided_by == "llm") / n if n else 0.0,
         review_share=sum(1 for r in results if r.status == "review") / n if n else 0.0,
@@ -103,18 +113,29 @@ def _fmt(value: float | None) -> str:
 
 
 def render_eval_table(reports: Sequence[EvalReport]) -> str:
-    """A markdown table, one row per report."""
+    """A markdown table, one row per report.
+
+    "auto-match P" and "auto-novel P" are measured on the evaluated queries; "(est)" beside
+    them is what calibration expected (on probes of the catalog or on the labels).
+    """
     head = (
-        "| set | llm | calib | queries | R@1 | R@5 | R@10 | R@50 | auto-accept P | auto-accept cov "
-        "| novel P | novel R | accuracy | to LLM | review | tokens | cost $ |"
+        "| set | llm | calibrated on | queries | R@1 | R@10 | R@50 | auto-match P (est) "
+        "| auto-match cov | auto-novel P (est) | auto-novel cov | novel P | novel R | accuracy "
+        "| to LLM | review | tokens |"
     )
     lines = [head, "|" + "---|" * 17]
     for r in reports:
+        source = r.calibration_source or "-"
+        if source == "labels":
+            source = f"{r.calibrated_on} labels"
         lines.append(
-            f"| {r.name} | {r.llm} | {r.calibrated_on or '-'} | {r.queries} | "
-            + " | ".join(_fmt(r.recall_at.get(k)) for k in RECALL_KS)
-            + f" | {_fmt(r.auto_accept_precision)} | {_fmt(r.auto_accept_coverage)} "
+            f"| {r.name} | {r.llm} | {source} | {r.queries} | "
+            + " | ".join(_fmt(r.recall_at.get(k)) for k in (1, 10, 50))
+            + f" | {_fmt(r.auto_accept_precision)} ({_fmt(r.expected_accept_precision)}) "
+            f"| {_fmt(r.auto_accept_coverage)} "
+            f"| {_fmt(r.auto_novel_precision)} ({_fmt(r.expected_novel_precision)}) "
+            f"| {_fmt(r.auto_novel_coverage)} "
             f"| {_fmt(r.novel_precision)} | {_fmt(r.novel_recall)} | {_fmt(r.accuracy)} "
-            f"| {_fmt(r.llm_share)} | {_fmt(r.review_share)} | {r.tokens} | {r.cost_usd:.4f} |"
+            f"| {_fmt(r.llm_share)} | {_fmt(r.review_share)} | {r.tokens} |"
         )
     return "\n".join(lines)
