@@ -121,8 +121,8 @@ async def run_eval(
         await stack.enter_async_context(matcher)
         await matcher.fit_async(training or None, target_precision=target_precision)
         if progress is not None and matcher.calibration is not None:
-            cal = matcher.calibration
-            for route_name, est in (("auto-match", cal.matched), ("auto-novel", cal.novel)):
+            fitted = matcher.calibration
+            for route_name, est in (("auto-match", fitted.matched), ("auto-novel", fitted.novel)):
                 state = "open" if est.open else "closed"
                 progress.print(f"{name or 'eval'}: {route_name} route {state}: {est.reason}")
         k = max(RECALL_KS)
