@@ -314,9 +314,14 @@ def eval_(
         Path | None, typer.Option("--json", help="Write the report as JSON.")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Set name in the table.")] = None,
+    report_out: Annotated[
+        Path | None, typer.Option("--report", help="Also write the HTML run report.")
+    ] = None,
 ) -> None:
     """Measure retrieval recall, routing and end-to-end accuracy on labelled queries."""
     from .jobs.eval_job import run_eval
+
+    kept: list[Any] | None = [] if report_out is not None else None
 
     report = _run(
         lambda: run_eval(
@@ -336,6 +341,7 @@ def eval_(
             target_precision=target_precision,
             name=name or catalog.stem.removesuffix("_catalog"),
             progress=err,
+            keep_results=kept,
         )
     )
     from .jobs.evaluation import render_eval_table
@@ -343,6 +349,17 @@ def eval_(
     out.print(render_eval_table([report]), highlight=False, soft_wrap=True)
     if json_out is not None:
         json_out.write_text(report.model_dump_json(indent=2), encoding="utf-8")
+    if report_out is not None and kept is not None:
+        from .jobs.report import ReportData, write_report
+
+        data = ReportData(
+            results=[r for r, _ in kept],
+            golds=[g for _, g in kept],
+            accept_threshold=report.thresholds.get("accept", ReportData.accept_threshold),
+            title=f"nem-llm eval: {report.name}",
+            source=str(queries),
+        )
+        err.print(f"report written: {write_report(data, report_out)}", highlight=False)
 
 
 # -- review ------------------------------------------------------------------------------
@@ -403,6 +420,41 @@ def review_import(
         highlight=False,
         soft_wrap=True,
     )
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Option(help="Results JSONL of `nem-llm match`.")],
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")],
+    labels: Annotated[
+        Path | None, typer.Option(help="Labels JSONL ('query', 'gold_id'; 'qid' optional).")
+    ] = None,
+    proposals: Annotated[
+        Path | None, typer.Option(help="Proposals JSONL of `nem-llm discover`.")
+    ] = None,
+    accept_threshold: Annotated[
+        float | None, typer.Option(help="The run's accept threshold (drawn on the charts).")
+    ] = None,
+    title: str | None = None,
+) -> None:
+    """Write one self-contained HTML page of charts about a run (no network to view it)."""
+    from .jobs.report import build_report, write_report
+
+    async def main() -> Any:
+        data = build_report(
+            results,
+            labels=labels,
+            proposals=proposals,
+            accept_threshold=accept_threshold,
+            title=title,
+        )
+        return write_report(data, out)
+
+    written = _run(main)
+    err.print(f"report written: {written}", highlight=False, soft_wrap=True)
 
 
 # -- bench -------------------------------------------------------------------------------
