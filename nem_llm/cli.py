@@ -84,6 +84,11 @@ def _run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
         raise _fail(f"{type(exc).__name__}: {exc}") from None
 
 
+async def _as_coro(fn: Callable[[], T]) -> T:
+    """Run a sync job function under ``_run`` (its errors become one line, exit 2)."""
+    return fn()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
@@ -383,10 +388,11 @@ def review_export(
     """Write review, novel and low-confidence rows to a CSV with a 'decision' column."""
     from .jobs.review import export_review
 
-    async def main() -> Any:
-        return export_review(results, to, min_confidence=min_confidence, include_novel=novel)
-
-    summary = _run(main)
+    summary = _run(
+        lambda: _as_coro(
+            lambda: export_review(results, to, min_confidence=min_confidence, include_novel=novel)
+        )
+    )
     parts = ", ".join(f"{n} {why}" for why, n in sorted(summary.by_why.items()))
     err.print(
         f"{summary.rows_exported} of {summary.rows_read} rows to review ({parts or 'none'}): "
@@ -408,15 +414,127 @@ def review_import(
     """Store the decisions as labels; rerunning the match applies them with no LLM call."""
     from .jobs.review import import_review
 
-    async def main() -> Any:
-        return import_review(csv_file, state, catalog=catalog)
-
-    summary = _run(main)
+    summary = _run(lambda: _as_coro(lambda: import_review(csv_file, state, catalog=catalog)))
     err.print(
         f"imported {summary.decisions} decisions ({summary.blank} rows left blank); "
         f"{summary.rows_reopened} result rows reopened: rerun the same `nem-llm match` "
         f"command to apply them; labels file {summary.labels_file} "
         f"({summary.labels_total} labels)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+# -- discover ----------------------------------------------------------------------------
+
+
+class MethodOpt(StrEnum):
+    agglomerative = "agglomerative"
+    hdbscan = "hdbscan"
+
+
+@app.command()
+def discover(
+    catalog: Annotated[Path, typer.Option(help="The catalog (JSONL to --promote into).")],
+    results: Annotated[Path | None, typer.Option(help="Results JSONL of `nem-llm match`.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Proposals JSONL to write.")] = None,
+    promote: Annotated[
+        Path | None,
+        typer.Option(help="Add the approved proposals of this file to the catalog, then stop."),
+    ] = None,
+    model: str = "gpt-4o-mini",
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="LLM calls in flight.")] = 8,
+    rpm: Annotated[float | None, typer.Option(help="Requests per minute cap.")] = None,
+    tpm: Annotated[float | None, typer.Option(help="Tokens per minute cap.")] = None,
+    budget_usd: Annotated[float | None, typer.Option(help="Stop LLM calls past this.")] = None,
+    budget_tokens: Annotated[int | None, typer.Option(help="Stop LLM calls past this.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per LLM attempt.")] = 60.0,
+    max_attempts: Annotated[int, typer.Option(help="Attempts per LLM call.")] = 5,
+    method: Annotated[MethodOpt, typer.Option(help="Clustering method.")] = (
+        MethodOpt.agglomerative
+    ),
+    threshold: Annotated[
+        float, typer.Option(help="Largest distance inside a cluster (agglomerative).")
+    ] = 0.4,
+    min_size: Annotated[int, typer.Option(help="Drop clusters with fewer mentions.")] = 2,
+    lexical_weight: Annotated[
+        float, typer.Option(help="Weight of character n-grams vs embeddings.")
+    ] = 0.7,
+    cache: Annotated[
+        Path | None, typer.Option(help="Proposal cache (default: <out>.cache.sqlite).")
+    ] = None,
+) -> None:
+    """Cluster the novel rows and ask the LLM for a proposed entity per cluster."""
+    from .jobs import discovery as d
+
+    if promote is not None:
+        summary = _run(lambda: _as_coro(lambda: d.promote(promote, catalog)))
+        err.print(
+            f"catalog {catalog}: {summary.added} entities added, {summary.aliases_added} "
+            f"aliases added to existing ones, {summary.skipped} proposals not approved; "
+            "the next `nem-llm match` rebuilds its index for the changed catalog",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    if results is None or out is None:
+        raise _fail("--results and --out are needed (or --promote PROPOSALS)")
+    limits = _limits(
+        concurrency=concurrency,
+        rpm=rpm,
+        tpm=tpm,
+        timeout=timeout,
+        max_attempts=max_attempts,
+        budget_usd=budget_usd,
+        budget_tokens=budget_tokens,
+    )
+    try:
+        config = d.ClusterConfig(
+            method=method.value,
+            threshold=threshold,
+            min_size=min_size,
+            lexical_weight=lexical_weight,
+        )
+    except NemLLMError as exc:
+        raise _fail(str(exc)) from None
+
+    async def main() -> Any:
+        from openai import AsyncOpenAI
+
+        url = base_url or os.environ.get("OPENAI_BASE_URL")
+        key = os.environ.get("OPENAI_API_KEY")
+        client = None
+        if url or key:
+            client = AsyncOpenAI(base_url=url, api_key=key or "not-needed", max_retries=0)
+        try:
+            rows = await d.discover_async(
+                results,
+                catalog=catalog,
+                client=client,
+                model=model,
+                limits=limits,
+                config=config,
+                cache=cache or out.with_name(out.name + ".cache.sqlite"),
+            )
+        finally:
+            if client is not None:
+                await client.close()
+        d.write_proposals(rows, out)
+        return rows
+
+    rows = _run(main)
+    by_status: dict[str, int] = {}
+    for row in rows:
+        by_status[row.status] = by_status.get(row.status, 0) + 1
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))
+    tokens = sum(r.usage.total_tokens for r in rows)
+    err.print(
+        f"{len(rows)} clusters ({parts or 'none'}), {sum(r.llm_calls for r in rows)} LLM "
+        f'calls, {tokens:,} tokens: {out}; set "approved": true on the ones to keep, '
+        "then `nem-llm discover --promote`",
         highlight=False,
         soft_wrap=True,
     )
@@ -443,7 +561,7 @@ def report(
     """Write one self-contained HTML page of charts about a run (no network to view it)."""
     from .jobs.report import build_report, write_report
 
-    async def main() -> Any:
+    def main() -> Path:
         data = build_report(
             results,
             labels=labels,
@@ -453,7 +571,7 @@ def report(
         )
         return write_report(data, out)
 
-    written = _run(main)
+    written = _run(lambda: _as_coro(main))
     err.print(f"report written: {written}", highlight=False, soft_wrap=True)
 
 

@@ -107,7 +107,9 @@ class FakeLLM:
         answer = self.policy(parsed.query, parsed.allowed)
         if isinstance(answer, httpx.Response):
             return answer
-        if isinstance(answer, str):
+        if parsed.proposal is not None:  # a discovery request: the simulator's rule answers
+            text = parsed.proposal
+        elif isinstance(answer, str):
             text = parsed.answer_text(answer, 0.9, "fake policy")
         else:
             answer = dict(answer)

@@ -354,6 +354,8 @@ class SimServer:
                 entity_id += "-x"
             reason = "simulated: invalid id"
         text = parsed.answer_text(entity_id, confidence, reason)
+        if parsed.proposal is not None:  # a discovery request: answered by its own rule
+            text = parsed.proposal
         if kind == "malformed":
             text = text[: len(text) // 2]  # cut short: never valid JSON
         completion_tokens = math.ceil(len(text) / 4)
