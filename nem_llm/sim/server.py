@@ -179,7 +179,9 @@ class SimServer:
     requests instructor sends (Mode.TOOLS with a forced tool call, JSON, MD_JSON,
     JSON_SCHEMA) with ``{"entity_id", "confidence", "reason"}`` chosen by ``config.policy``,
     after the rate-limit check, the injected faults and the simulated latency, in that
-    order. Every request is logged in :attr:`requests`.
+    order; discovery's ``EntityProposal`` tool calls get ``protocol.propose_entity``'s
+    answer (the cluster's most frequent mention as the name). Every request is logged in
+    :attr:`requests`.
 
     Example:
         >>> async def main() -> None:                       # doctest: +SKIP
