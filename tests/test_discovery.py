@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from nem_llm.jobs.discovery import (
     write_proposals,
 )
 from nem_llm.models import Candidate, MatchResult
-from nem_llm.sim import SimConfig, SimServer
+from nem_llm.sim import SimConfig, SimServer, run_simulator
 from nem_llm.testing import FakeEmbedder, FakeLLM
 
 # three missing entities, mentioned several ways, and two one-off mentions
@@ -244,3 +247,28 @@ def test_promote_rejects_an_id_already_in_the_catalog(tmp_path: Path, catalog: P
     proposals.write_text(json.dumps(row) + "\n", encoding="utf-8")
     with pytest.raises(InputError, match=r"p\.jsonl:1: id 'eng' is already in the catalog"):
         promote(proposals, catalog)
+
+
+def test_cli_discovers_with_the_simulator_then_promotes(
+    results: Path, catalog: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "proposals.jsonl"
+    cli = [sys.executable, "-m", "nem_llm.cli", "discover", "--catalog", str(catalog)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    with run_simulator(SimConfig()) as sim:
+        found = subprocess.run(
+            [*cli, "--results", str(results), "--out", str(out), "--base-url", sim.base_url,
+             "--model", "nem-llm-sim", "--lexical-weight", "1"],
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert rows and {r["status"] for r in rows} == {"proposed"}
+    rows[0]["approved"] = True
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    promoted = subprocess.run(
+        [*cli, "--promote", str(out)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert promoted.returncode == 0, promoted.stderr
+    assert "1 entities added" in promoted.stderr
+    assert load_catalog(catalog).entities[-1].id == rows[0]["proposed_id"]
