@@ -73,7 +73,7 @@ def _write_novel_rows(data: Path, name: str, out: Path) -> list[str]:
 
 def _score(
     clusters: Sequence[Sequence[int]], lines: Sequence[Sequence[int]], truth: Sequence[str]
-) -> tuple[float | None, float, int, int]:
+) -> tuple[float | None, float | None, int, int]:
     """(purity, coverage of entities with >= 3 mentions, clusters, mentions clustered)."""
     pure = total = 0
     covered: set[str] = set()
@@ -85,7 +85,11 @@ def _score(
         covered.add(entity)
     big = {e for e, n in Counter(truth).items() if n >= 3}
     purity = pure / total if total else None
-    return purity, len(covered & big) / len(big) if big else 1.0, len(clusters), total
+    return purity, len(covered & big) / len(big) if big else None, len(clusters), total
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 async def _llm_calls_per_proposal(results: Path, config: ClusterConfig, embedder: object) -> str:
@@ -148,7 +152,7 @@ def main() -> None:
                     )
                 row = (
                     f"| {name} | {label} | {len(truth):,} | {big} | {n} | {clustered:,} | "
-                    f"{'n/a' if purity is None else f'{purity:.3f}'} | {coverage:.3f} | "
+                    f"{_fmt(purity)} | {_fmt(coverage)} | "
                     f"{calls} | {took:.1f} s |"
                 )
                 print(row, flush=True)

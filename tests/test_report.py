@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from nem_llm.jobs.report import build_report, confusions, threshold_curve, write_report
+from nem_llm.jobs.report import (
+    ReportData,
+    largest_novel_groups,
+    build_report,
+    confusions,
+    render_html,
+    threshold_curve,
+    write_report,
+)
 from nem_llm.models import Attempt, Candidate, MatchResult, Usage
 
 CLI_DATA = Path(__file__).parent / "data" / "cli"
@@ -101,6 +109,20 @@ def test_labels_join_by_query_when_ids_differ(files: dict[str, Path], tmp_path: 
     labels.write_text('{"query": " Deutschland", "gold_id": "DE"}\n', encoding="utf-8")
     data = build_report(files["results"], labels=labels)
     assert data.golds == [None, None, "DE", None, None, None]
+
+
+def test_novel_chart_clusters_mentions_without_proposals(tmp_path: Path) -> None:
+    rows = [
+        MatchResult(query=q, status="novel")
+        for q in ["Kroatisch", "kroatisch", "Kroatisch", "Tlingit", "Meohang"]
+    ]
+    data = ReportData(results=rows)
+    assert largest_novel_groups(data) == [("Kroatisch", 3)]
+
+
+def test_report_with_one_novel_row_renders(tmp_path: Path) -> None:
+    data = ReportData(results=[MatchResult(query="Atlantis", status="novel")])
+    assert "chart-novel" in render_html(data)
 
 
 def test_report_is_self_contained(files: dict[str, Path]) -> None:

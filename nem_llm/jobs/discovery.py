@@ -277,6 +277,8 @@ def similarity_matrix(
 
     n = len(texts)
     sim = np.zeros((n, n), dtype=np.float64)
+    if n == 0:
+        return sim
     if lexical_weight > 0:
         folded = [anyascii(t).lower() for t in texts]
         tfidf = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True)
@@ -310,8 +312,8 @@ def cluster_mentions(
     ``counts[i]`` is how many mentions point ``i`` stands for (sizes count repeats).
     """
     n = len(counts)
-    if n < 2:
-        return []
+    if n < 2:  # nothing to link: at most one mention, repeated
+        return [Cluster((0,), counts[0], 1.0)] if n and counts[0] >= config.min_size else []
     distance = 1.0 - similarity
     np.clip(distance, 0.0, 2.0, out=distance)
     distance += distance.T  # exact symmetry for squareform (numpy copies the overlap)

@@ -13,7 +13,7 @@ inlined in the page, there is no script. What it shows, each readable in seconds
 - LLM calls, tokens and cost accumulated over the rows (in the file's row order: rows
   carry no clock time), retries by cause and 429s;
 - the largest novel clusters (from a proposals file of ``nem-llm discover``; without one,
-  the most repeated novel mentions).
+  discovery's clustering on character n-grams of the novel mentions).
 
 Charts need matplotlib (the ``report`` extra).
 """
@@ -35,12 +35,14 @@ from ..config import Thresholds
 from ..errors import ConfigError, InputError
 from ..models import MatchResult
 from ..text import normalize
+from .discovery import ClusterConfig, cluster_mentions, similarity_matrix
 from .io import read_jsonl_rows
 
 __all__ = [
     "ReportData",
     "build_report",
     "confusions",
+    "largest_novel_groups",
     "load_gold_labels",
     "render_html",
     "threshold_curve",
@@ -64,6 +66,7 @@ _ROUTES = (
     ("error", "#e76f51"),
 )
 _BANDS = np.linspace(0.0, 1.0, 11)
+_MAX_REPORT_MENTIONS = 3000  # distinct novel mentions clustered for the novel chart
 _COUNT_AXES = {"rows", "attempts", "mentions", "LLM calls", "tokens"}
 
 
@@ -230,7 +233,8 @@ def _chart_scores(data: ReportData) -> Any:
     ax.set_xlabel("top candidate score")
     ax.set_ylabel("rows")
     ax.set_xlim(0, 1)
-    ax.legend(frameon=False, fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(frameon=False, fontsize=8)
     return fig
 
 
@@ -384,11 +388,18 @@ def _short(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _novel_groups(data: ReportData, top: int = 12) -> list[tuple[str, int]]:
+def largest_novel_groups(data: ReportData, top: int = 12) -> list[tuple[str, int]]:
+    """(label, mentions) of the largest novel clusters: the proposals', or clustered here."""
     if data.clusters:
         return [(_short(name), size) for name, size, _ in data.clusters[:top]]
-    counts = Counter(normalize(r.query).casefold() for r in data.results if r.status == "novel")
-    return [(_short(q), n) for q, n in counts.most_common(top)]
+    # without proposals: discovery's clustering on character n-grams alone (no embedder)
+    counts = Counter(normalize(r.query) for r in data.results if r.status == "novel")
+    texts = [t for t, _ in counts.most_common(_MAX_REPORT_MENTIONS)]
+    config = ClusterConfig(lexical_weight=1.0)
+    clusters = cluster_mentions(
+        similarity_matrix(texts, None, 1.0), [counts[t] for t in texts], config
+    )
+    return [(_short(texts[min(c.members)]), c.size) for c in clusters[:top]]
 
 
 # -- the page ----------------------------------------------------------------------------
@@ -481,8 +492,10 @@ def render_html(data: ReportData) -> str:
         (
             "novel",
             "Largest novel clusters",
-            "from the discovery proposals" if data.clusters else "most repeated novel mentions",
-            _chart_bars(_novel_groups(data), "#e9c46a", "mentions"),
+            "from the discovery proposals"
+            if data.clusters
+            else "novel mentions clustered by character n-grams; named by the most frequent",
+            _chart_bars(largest_novel_groups(data), "#e9c46a", "mentions"),
         ),
     ]
     figures = []
