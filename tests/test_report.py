@@ -13,9 +13,9 @@ import pytest
 
 from nem_llm.jobs.report import (
     ReportData,
-    largest_novel_groups,
     build_report,
     confusions,
+    largest_novel_groups,
     render_html,
     threshold_curve,
     write_report,
