@@ -466,16 +466,30 @@ def discover(
     cache: Annotated[
         Path | None, typer.Option(help="Proposal cache (default: <out>.cache.sqlite).")
     ] = None,
+    state: Annotated[
+        Path | None,
+        typer.Option(help="With --promote: the match job's state dir (its index is reset)."),
+    ] = None,
 ) -> None:
     """Cluster the novel rows and ask the LLM for a proposed entity per cluster."""
     from .jobs import discovery as d
 
     if promote is not None:
-        summary = _run(lambda: _as_coro(lambda: d.promote(promote, catalog)))
+        summary = _run(lambda: _as_coro(lambda: d.promote(promote, catalog, state=state)))
+        if summary.index_removed is not None:
+            index_note = (
+                f"removed the saved index {summary.index_removed}: the next `nem-llm "
+                "match` rebuilds it for the changed catalog"
+            )
+        else:
+            index_note = (
+                "a match job's saved index is for the old catalog: pass --state "
+                "<out>.state to remove it (or match with a new --state)"
+            )
         err.print(
             f"catalog {catalog}: {summary.added} entities added, {summary.aliases_added} "
             f"aliases added to existing ones, {summary.skipped} proposals not approved; "
-            "the next `nem-llm match` rebuilds its index for the changed catalog",
+            + index_note,
             highlight=False,
             soft_wrap=True,
         )

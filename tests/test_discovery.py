@@ -272,3 +272,15 @@ def test_cli_discovers_with_the_simulator_then_promotes(
     assert promoted.returncode == 0, promoted.stderr
     assert "1 entities added" in promoted.stderr
     assert load_catalog(catalog).entities[-1].id == rows[0]["proposed_id"]
+
+
+def test_promote_removes_the_stale_index_of_a_match_job(tmp_path: Path, catalog: Path) -> None:
+    index = tmp_path / "out.jsonl.state" / "index"
+    index.mkdir(parents=True)
+    (index / "manifest.json").write_text("{}", encoding="utf-8")
+    proposals = tmp_path / "p.jsonl"
+    row = {"approved": True, "proposed_id": "new-x", "proposal": {"name": "X", "is_new": True}}
+    proposals.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    summary = promote(proposals, catalog, state=index.parent)
+    assert summary.index_removed == index and not index.exists()
+    assert load_catalog(catalog).entities[-1].id == "new-x"

@@ -26,8 +26,9 @@ they name:
    (then its id). The budget stops the calls; the clusters not proposed are still written.
 
 ``promote`` appends the approved new entities to a JSONL catalog (and the approved
-"existing" ones' mentions as aliases of that entity); the next ``nem-llm match`` builds
-its index anew for the changed catalog.
+"existing" ones' mentions as aliases of that entity) and, given the match job's state
+directory, removes its saved index, which the next ``nem-llm match`` rebuilds for the
+changed catalog (an incremental index update would avoid the rebuild).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -650,14 +652,24 @@ class PromoteSummary:
     added: int
     aliases_added: int
     skipped: int
+    index_removed: Path | None = None
 
 
-def promote(proposals: str | os.PathLike[str], catalog: str | os.PathLike[str]) -> PromoteSummary:
+def promote(
+    proposals: str | os.PathLike[str],
+    catalog: str | os.PathLike[str],
+    *,
+    state: str | os.PathLike[str] | None = None,
+) -> PromoteSummary:
     """Add the approved proposals to a JSONL catalog (rewritten atomically).
 
     A new entity is appended with its ``proposed_id`` (edit it in the proposals file if
     you like); an approved "existing" proposal adds its members and aliases to that
     entity's aliases. Rows with ``"approved": false`` are skipped.
+
+    A match job's saved index is valid for one catalog only (the Matcher refuses a saved
+    index built for another), so with ``state`` (the job's ``<out>.state``) its ``index``
+    directory is removed and the next run rebuilds it for the changed catalog.
 
     Raises:
         InputError: a non-JSONL catalog, a malformed proposals line, an id that is taken
@@ -718,4 +730,10 @@ def promote(proposals: str | os.PathLike[str], catalog: str | os.PathLike[str]) 
         for entity in entities:
             fh.write(json.dumps(entity, ensure_ascii=False) + "\n")
     os.replace(tmp, cat_path)
-    return PromoteSummary(added=added, aliases_added=aliases_added, skipped=skipped)
+    removed = None
+    if state is not None and (Path(state) / "index").is_dir() and (added or aliases_added):
+        removed = Path(state) / "index"
+        shutil.rmtree(removed)
+    return PromoteSummary(
+        added=added, aliases_added=aliases_added, skipped=skipped, index_removed=removed
+    )
