@@ -120,6 +120,19 @@ def test_novel_chart_clusters_mentions_without_proposals(tmp_path: Path) -> None
     assert largest_novel_groups(data) == [("Kroatisch", 3)]
 
 
+def test_novel_chart_names_clusters_after_the_proposals(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    proposals = tmp_path / "proposals.jsonl"
+    rows = [
+        {"size": 2, "mentions": ["Atlantis", "atlantis"], "proposal": {"name": "Atlantis"}},
+        {"size": 5, "mentions": ["Mu", "Lemuria"], "proposal": None},
+    ]
+    proposals.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = build_report(files["results"], proposals=proposals)
+    assert largest_novel_groups(data) == [("Mu", 5), ("Atlantis", 2)]
+
+
 def test_report_with_one_novel_row_renders(tmp_path: Path) -> None:
     data = ReportData(results=[MatchResult(query="Atlantis", status="novel")])
     assert "chart-novel" in render_html(data)
