@@ -322,8 +322,9 @@ def _chart_spend(data: ReportData) -> Any:
     ax2.plot(x, tokens, color="#6d597a")
     ax2.set_title(f"tokens (total cost ${cost:.4f})", fontsize=9)
     ax2.set_ylabel("tokens")
-    for ax in (ax1, ax2):
+    for ax, series in ((ax1, calls), (ax2, tokens)):
         ax.set_xlabel("rows (file order)")
+        ax.set_ylim(0, max(1.0, float(series[-1]) * 1.05 if len(series) else 1.0))
     return fig
 
 
