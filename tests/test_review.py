@@ -251,3 +251,19 @@ def test_cli_import_error_exits_2_naming_the_line(tmp_path: Path) -> None:
     )
     assert imported.returncode == 2
     assert "review.csv:2: decision 'XX'" in imported.stderr
+
+
+async def test_the_labels_file_trains_a_matcher(
+    tmp_path: Path, countries: list[dict[str, Any]]
+) -> None:
+    queries = [f"United States {i}" for i in range(12)] + [f"Atlantis {i}" for i in range(12)]
+    results = _write_results(tmp_path / "out.jsonl", [_result(q, "review") for q in queries])
+    export_review(results, tmp_path / "review.csv")
+    _fill(tmp_path / "review.csv", lambda row: "US" if "United" in row["query"] else "none")
+    (tmp_path / "state").mkdir()
+    summary = import_review(tmp_path / "review.csv", tmp_path / "state")
+    labels = load_labels(summary.labels_file)
+    async with Matcher(countries, embedder=FakeEmbedder()) as matcher:
+        await matcher.fit_async(training_data=labels)  # calibration needs >= 20 labels
+    assert len(labels) == 24
+    assert matcher.thresholds.calibrated
