@@ -1,4 +1,4 @@
-"""The ``nem-llm`` command line: match, eval, bench, sim, local-llm.
+"""The ``nem-llm`` command line: match, eval, review, discover, report, bench, sim, local-llm.
 
 User errors (bad files, bad options) print one line ``error: ...`` and exit with status 2;
 ``--debug`` shows the traceback. The OpenAI key is read from the environment by the
@@ -82,6 +82,11 @@ def _run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
         if _debug:
             traceback.print_exc()
         raise _fail(f"{type(exc).__name__}: {exc}") from None
+
+
+async def _as_coro(fn: Callable[[], T]) -> T:
+    """Run a sync job function under ``_run`` (its errors become one line, exit 2)."""
+    return fn()
 
 
 @app.callback()
@@ -314,9 +319,14 @@ def eval_(
         Path | None, typer.Option("--json", help="Write the report as JSON.")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Set name in the table.")] = None,
+    report_out: Annotated[
+        Path | None, typer.Option("--report", help="Also write the HTML run report.")
+    ] = None,
 ) -> None:
     """Measure retrieval recall, routing and end-to-end accuracy on labelled queries."""
     from .jobs.eval_job import run_eval
+
+    kept: list[Any] | None = [] if report_out is not None else None
 
     report = _run(
         lambda: run_eval(
@@ -336,6 +346,7 @@ def eval_(
             target_precision=target_precision,
             name=name or catalog.stem.removesuffix("_catalog"),
             progress=err,
+            keep_results=kept,
         )
     )
     from .jobs.evaluation import render_eval_table
@@ -343,6 +354,239 @@ def eval_(
     out.print(render_eval_table([report]), highlight=False, soft_wrap=True)
     if json_out is not None:
         json_out.write_text(report.model_dump_json(indent=2), encoding="utf-8")
+    if report_out is not None and kept is not None:
+        from .jobs.report import ReportData, write_report
+
+        data = ReportData(
+            results=[r for r, _ in kept],
+            golds=[g for _, g in kept],
+            accept_threshold=report.thresholds.get("accept", ReportData.accept_threshold),
+            title=f"nem-llm eval: {report.name}",
+            source=str(queries),
+        )
+        err.print(f"report written: {write_report(data, report_out)}", highlight=False)
+
+
+# -- review ------------------------------------------------------------------------------
+
+review_app = typer.Typer(
+    help="The review queue: unsure rows out to a CSV, a person's decisions back in.",
+    no_args_is_help=True,
+)
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("export")
+def review_export(
+    results: Annotated[Path, typer.Option(help="Results JSONL of `nem-llm match`.")],
+    to: Annotated[Path, typer.Option(help="The CSV to write.")],
+    min_confidence: Annotated[
+        float, typer.Option(help="Also queue LLM matches below this confidence.")
+    ] = 0.7,
+    novel: Annotated[bool, typer.Option(help="Also queue 'novel' rows.")] = True,
+) -> None:
+    """Write review, novel and low-confidence rows to a CSV with a 'decision' column."""
+    from .jobs.review import export_review
+
+    summary = _run(
+        lambda: _as_coro(
+            lambda: export_review(results, to, min_confidence=min_confidence, include_novel=novel)
+        )
+    )
+    parts = ", ".join(f"{n} {why}" for why, n in sorted(summary.by_why.items()))
+    err.print(
+        f"{summary.rows_exported} of {summary.rows_read} rows to review ({parts or 'none'}): "
+        f"{summary.out}; fill in 'decision' (a catalog id or 'none'), then "
+        "`nem-llm review import`",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@review_app.command("import")
+def review_import(
+    csv_file: Annotated[Path, typer.Argument(help="The filled-in review CSV.")],
+    state: Annotated[Path, typer.Option(help="The match job's state directory.")],
+    catalog: Annotated[
+        Path | None, typer.Option(help="Catalog: allow any of its ids, not only candidates.")
+    ] = None,
+) -> None:
+    """Store the decisions as labels; rerunning the match applies them with no LLM call."""
+    from .jobs.review import import_review
+
+    summary = _run(lambda: _as_coro(lambda: import_review(csv_file, state, catalog=catalog)))
+    err.print(
+        f"imported {summary.decisions} decisions ({summary.blank} rows left blank); "
+        f"{summary.rows_reopened} result rows reopened: rerun the same `nem-llm match` "
+        f"command to apply them; labels file {summary.labels_file} "
+        f"({summary.labels_total} labels)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+# -- discover ----------------------------------------------------------------------------
+
+
+class MethodOpt(StrEnum):
+    agglomerative = "agglomerative"
+    hdbscan = "hdbscan"
+
+
+@app.command()
+def discover(
+    catalog: Annotated[Path, typer.Option(help="The catalog (JSONL to --promote into).")],
+    results: Annotated[Path | None, typer.Option(help="Results JSONL of `nem-llm match`.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Proposals JSONL to write.")] = None,
+    promote: Annotated[
+        Path | None,
+        typer.Option(help="Add the approved proposals of this file to the catalog, then stop."),
+    ] = None,
+    model: str = "gpt-4o-mini",
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="LLM calls in flight.")] = 8,
+    rpm: Annotated[float | None, typer.Option(help="Requests per minute cap.")] = None,
+    tpm: Annotated[float | None, typer.Option(help="Tokens per minute cap.")] = None,
+    budget_usd: Annotated[float | None, typer.Option(help="Stop LLM calls past this.")] = None,
+    budget_tokens: Annotated[int | None, typer.Option(help="Stop LLM calls past this.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per LLM attempt.")] = 60.0,
+    max_attempts: Annotated[int, typer.Option(help="Attempts per LLM call.")] = 5,
+    method: Annotated[MethodOpt, typer.Option(help="Clustering method.")] = (
+        MethodOpt.agglomerative
+    ),
+    threshold: Annotated[
+        float, typer.Option(help="Largest distance inside a cluster (agglomerative).")
+    ] = 0.4,
+    min_size: Annotated[int, typer.Option(help="Drop clusters with fewer mentions.")] = 2,
+    lexical_weight: Annotated[
+        float, typer.Option(help="Weight of character n-grams vs embeddings.")
+    ] = 0.7,
+    cache: Annotated[
+        Path | None, typer.Option(help="Proposal cache (default: <out>.cache.sqlite).")
+    ] = None,
+    state: Annotated[
+        Path | None,
+        typer.Option(help="With --promote: the match job's state dir (its index is reset)."),
+    ] = None,
+) -> None:
+    """Cluster the novel rows and ask the LLM for a proposed entity per cluster."""
+    from .jobs import discovery as d
+
+    if promote is not None:
+        summary = _run(lambda: _as_coro(lambda: d.promote(promote, catalog, state=state)))
+        if summary.index_removed is not None:
+            index_note = (
+                f"removed the saved index {summary.index_removed}: the next `nem-llm "
+                "match` rebuilds it for the changed catalog"
+            )
+        else:
+            index_note = (
+                "a match job's saved index is for the old catalog: pass --state "
+                "<out>.state to remove it (or match with a new --state)"
+            )
+        err.print(
+            f"catalog {catalog}: {summary.added} entities added, {summary.aliases_added} "
+            f"aliases added to existing ones, {summary.skipped} proposals not approved; "
+            + index_note,
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    if results is None or out is None:
+        raise _fail("--results and --out are needed (or --promote PROPOSALS)")
+    limits = _limits(
+        concurrency=concurrency,
+        rpm=rpm,
+        tpm=tpm,
+        timeout=timeout,
+        max_attempts=max_attempts,
+        budget_usd=budget_usd,
+        budget_tokens=budget_tokens,
+    )
+    try:
+        config = d.ClusterConfig(
+            method=method.value,
+            threshold=threshold,
+            min_size=min_size,
+            lexical_weight=lexical_weight,
+        )
+    except NemLLMError as exc:
+        raise _fail(str(exc)) from None
+
+    async def main() -> Any:
+        from openai import AsyncOpenAI
+
+        url = base_url or os.environ.get("OPENAI_BASE_URL")
+        key = os.environ.get("OPENAI_API_KEY")
+        client = None
+        if url or key:
+            client = AsyncOpenAI(base_url=url, api_key=key or "not-needed", max_retries=0)
+        try:
+            rows = await d.discover_async(
+                results,
+                catalog=catalog,
+                client=client,
+                model=model,
+                limits=limits,
+                config=config,
+                cache=cache or out.with_name(out.name + ".cache.sqlite"),
+            )
+        finally:
+            if client is not None:
+                await client.close()
+        d.write_proposals(rows, out)
+        return rows
+
+    rows = _run(main)
+    by_status: dict[str, int] = {}
+    for row in rows:
+        by_status[row.status] = by_status.get(row.status, 0) + 1
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))
+    tokens = sum(r.usage.total_tokens for r in rows)
+    err.print(
+        f"{len(rows)} clusters ({parts or 'none'}), {sum(r.llm_calls for r in rows)} LLM "
+        f'calls, {tokens:,} tokens: {out}; set "approved": true on the ones to keep, '
+        "then `nem-llm discover --promote`",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Option(help="Results JSONL of `nem-llm match`.")],
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")],
+    labels: Annotated[
+        Path | None, typer.Option(help="Labels JSONL ('query', 'gold_id'; 'qid' optional).")
+    ] = None,
+    proposals: Annotated[
+        Path | None, typer.Option(help="Proposals JSONL of `nem-llm discover`.")
+    ] = None,
+    accept_threshold: Annotated[
+        float | None, typer.Option(help="The run's accept threshold (drawn on the charts).")
+    ] = None,
+    title: str | None = None,
+) -> None:
+    """Write one self-contained HTML page of charts about a run (no network to view it)."""
+    from .jobs.report import build_report, write_report
+
+    def main() -> Path:
+        data = build_report(
+            results,
+            labels=labels,
+            proposals=proposals,
+            accept_threshold=accept_threshold,
+            title=title,
+        )
+        return write_report(data, out)
+
+    written = _run(lambda: _as_coro(main))
+    err.print(f"report written: {written}", highlight=False, soft_wrap=True)
 
 
 # -- bench -------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from .llm.adjudication import (
     estimate_tokens,
     render_messages,
 )
-from .llm.cache import CachedDecision, DecisionCache, decision_key
+from .llm.cache import CachedDecision, DecisionCache, ReviewedLabel, decision_key
 from .llm.governor import Governor, GovernorStats
 from .llm.stats import StatsCollector
 from .llm.strategies import Strategy, check_strategy, run_strategy
@@ -241,6 +241,7 @@ class Matcher:
         else:
             self._cache, self._owns_cache = DecisionCache(cache), True
         self._runtime: _Runtime | None = None
+        self._reviewed: dict[str, ReviewedLabel] | None = None  # loaded on first use
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="nem-llm-embed")
         self._sync = LoopThread()
         self._closed = False
@@ -582,6 +583,9 @@ class Matcher:
         def make(**fields: Any) -> MatchResult:
             return MatchResult(query=query, index=index, candidates=candidates, **fields)
 
+        reviewed = await self.reviewed_label(normalized)
+        if reviewed is not None:
+            return self._from_reviewed(make, candidates, reviewed)
         if decision.kind == "matched" and top is not None:
             return make(
                 status="matched",
@@ -690,6 +694,40 @@ class Matcher:
             decided_by=decided_by,
             reason=d.reason,
             confidence=d.confidence,
+        )
+
+    async def reviewed_label(self, normalized: str) -> ReviewedLabel | None:
+        """The hook for the human loop: a person's decision for this normalized query, if any.
+
+        Labels live in the decision cache's ``reviewed`` table (``nem-llm review import``
+        writes them); they are read once per Matcher, on first use, and win over routing
+        and the LLM. A label naming an id that is no longer in the catalog is ignored.
+        """
+        if self._cache is None:
+            return None
+        if self._reviewed is None:
+            self._reviewed = await self._cache.areviewed()
+        label = self._reviewed.get(normalized)
+        if label is not None and label.entity_id is not None:
+            return label if label.entity_id in self.catalog.by_id else None
+        return label
+
+    def _from_reviewed(
+        self, make: Callable[..., MatchResult], candidates: list[Candidate], label: ReviewedLabel
+    ) -> MatchResult:
+        reason = "reviewed by a person" + (f": {label.note}" if label.note else "")
+        if label.entity_id is None:
+            top = candidates[0].score if candidates else None
+            return make(status="novel", score=top, decided_by="human", reason=reason)
+        entity = self.catalog.entities[self.catalog.by_id[label.entity_id]]
+        chosen = next((c for c in candidates if c.id == label.entity_id), None)
+        return make(
+            status="matched",
+            entity_id=entity.id,
+            entity_name=entity.name,
+            score=chosen.score if chosen is not None else None,
+            decided_by="human",
+            reason=reason,
         )
 
     # -- public async API --------------------------------------------------------------

@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 MatchStatus = Literal["matched", "novel", "review", "error"]
-DecidedBy = Literal["embedding", "llm", "cache"]
+DecidedBy = Literal["embedding", "llm", "cache", "human"]
 
 
 class Entity(BaseModel):
@@ -121,7 +121,8 @@ class MatchResult(BaseModel):
 
     ``status``: ``matched`` (``entity_id`` set), ``novel`` (not in the catalog), ``review``
     (ambiguous and nobody could decide: no LLM configured, budget spent), ``error`` (this
-    item failed; ``error`` says why). ``decided_by`` says who decided.
+    item failed; ``error`` says why). ``decided_by`` says who decided (``human``: a
+    reviewed label imported with ``nem-llm review import``).
     """
 
     query: str

@@ -88,7 +88,9 @@ class FakeLLM:
     The policy gets ``(query, allowed_ids)`` (candidate ids in score order, then "none")
     and returns an id, a full answer dict (``entity_id``, ``confidence``, ``reason``), or
     an ``httpx.Response`` (to simulate errors); ids are sent back the way the request's
-    schema asks (nem_llm's numbered ``choice``). Every request is kept in ``requests``.
+    schema asks (nem_llm's numbered ``choice``). Discovery's ``EntityProposal`` requests
+    are answered by the simulator's rule (``sim.protocol.propose_entity``) unless the
+    policy returns an ``httpx.Response``. Every request is kept in ``requests``.
     """
 
     def __init__(self, policy: Policy | None = None) -> None:
@@ -107,7 +109,9 @@ class FakeLLM:
         answer = self.policy(parsed.query, parsed.allowed)
         if isinstance(answer, httpx.Response):
             return answer
-        if isinstance(answer, str):
+        if parsed.proposal is not None:  # a discovery request: the simulator's rule answers
+            text = parsed.proposal
+        elif isinstance(answer, str):
             text = parsed.answer_text(answer, 0.9, "fake policy")
         else:
             answer = dict(answer)

@@ -189,7 +189,7 @@ def test_prompt_attributes_go_into_the_prompt_within_their_budget() -> None:
     lines = [line for line in user.splitlines() if "attributes:" in line]
     assert all(len(line.split("attributes: ")[1]) <= 40 for line in lines)
     short = render_messages("Paris", cands, catalog, attributes=["pop"], attribute_chars=8)
-    assert "attributes: pop={\"2…" in short[-1]["content"]  # cut to its budget
+    assert 'attributes: pop={"2…' in short[-1]["content"]  # cut to its budget
     plain = render_messages("Paris", cands, catalog)[-1]["content"]
     assert "attributes" not in plain
 

@@ -95,7 +95,7 @@ async def test_entities_may_be_entity_models(countries: list[dict[str, Any]]) ->
 
 def test_match_status_and_decided_by_vocabularies() -> None:
     assert set(typing.get_args(MatchStatus)) == {"matched", "novel", "review", "error"}
-    assert set(typing.get_args(DecidedBy)) == {"embedding", "llm", "cache"}
+    assert set(typing.get_args(DecidedBy)) == {"embedding", "llm", "cache", "human"}
     fields = set(MatchResult.model_fields)
     assert {
         "query",

@@ -12,7 +12,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any, ClassVar, Literal
 
@@ -136,8 +136,9 @@ class RunStore(SQLiteStore):
             created_at REAL NOT NULL,
             completed_at REAL
         )""",
-        # seq aliases the rowid: it grows with every insert (nothing is ever deleted), so it
-        # is the completion order; (run_id, idx) is unique and gives the input order.
+        # seq aliases the rowid: it grows with every insert (rows are deleted only by
+        # forget_rows, which leaves the rest in order), so it is the completion order;
+        # (run_id, idx) is unique and gives the input order.
         """CREATE TABLE IF NOT EXISTS run_rows (
             seq INTEGER PRIMARY KEY,
             run_id INTEGER NOT NULL,
@@ -250,6 +251,17 @@ class RunStore(SQLiteStore):
         run_id = self._call(self._run_id, key)
         return self._pages(run_id, order)
 
+    def forget_rows(self, where: Callable[[str], bool]) -> int:
+        """Delete every row (of every run) whose JSON text ``where`` accepts; all or nothing.
+
+        The runs that lose rows are marked incomplete, so rerunning their command redoes
+        exactly those rows (``nem-llm review import`` reopens the reviewed rows this way).
+
+        Returns:
+            How many rows were deleted.
+        """
+        return self._call(self._forget_rows, where)
+
     # -- worker-thread bodies ----------------------------------------------------------
 
     def _find_run(self, run_key: str) -> int | None:
@@ -331,6 +343,21 @@ class RunStore(SQLiteStore):
                 ((run_id, index, row) for index, row in items),
             )
             return conn.total_changes - before
+
+    def _forget_rows(self, where: Callable[[str], bool]) -> int:
+        conn = self._connection()
+        with immediate(conn):
+            doomed = [
+                (seq, run_id)
+                for seq, run_id, row in conn.execute("SELECT seq, run_id, row FROM run_rows")
+                if where(row)
+            ]
+            conn.executemany("DELETE FROM run_rows WHERE seq = ?", ((s,) for s, _ in doomed))
+            conn.executemany(
+                "UPDATE runs SET completed_at = NULL WHERE run_id = ?",
+                ((r,) for r in {r for _, r in doomed}),
+            )
+        return len(doomed)
 
     def _done_indexes(self, run_key: str) -> DoneIndexes:
         conn = self._connection()

@@ -13,7 +13,7 @@ from ..catalog import load_catalog
 from ..config import Limits
 from ..errors import ConfigError, InputError
 from ..matcher import Matcher
-from ..models import Candidate
+from ..models import Candidate, MatchResult
 from .evaluation import RECALL_KS, EvalReport, evaluate
 from .io import read_queries
 
@@ -67,12 +67,16 @@ async def run_eval(
     seed: int = 0,
     name: str = "",
     progress: Any = None,
+    keep_results: list[tuple[MatchResult, str | None]] | None = None,
 ) -> EvalReport:
     """Evaluate retrieval, routing and end-to-end decisions on labelled queries.
 
     ``llm``: ``"off"`` (ambiguous queries stay ``review``), ``"env"`` (the OPENAI_*
     settings), or ``"sim"`` (the simulator's oracle, wrong ``oracle_error_rate`` of the
     time; a simulator, not a model).
+
+    ``keep_results``: a list that receives every evaluated ``(result, gold_id)`` pair
+    (``nem-llm eval --report`` draws the run report from them).
 
     ``calibrate_fraction > 0``: a seeded random share of the queries calibrates the
     thresholds (``fit_async(training_data=...)``) and the report covers only the rest.
@@ -145,6 +149,8 @@ async def run_eval(
         results = await matcher.match_batch_async(texts, on_progress=on_progress)
         if client is not None:
             await client.close()
+    if keep_results is not None:
+        keep_results.extend(zip(results, golds, strict=True))
     label = {"off": "off", "env": model, "sim": f"sim oracle err={oracle_error_rate:g}"}[llm]
     report = evaluate(results, golds, retrieved, name=name, llm=label)
     report.calibrated_on = len(training)

@@ -2,8 +2,11 @@
 
 :class:`DecisionCache` maps :func:`decision_key` (normalized query, candidate ids, model,
 prompt version) to a :class:`CachedDecision`, so a repeated query or a rerun never pays
-for the same LLM decision twice. It is a SQLite file in WAL mode (see ``nem_llm._sqlite``
-for the threading model and durability); it may share its file with run checkpoints.
+for the same LLM decision twice. Beside it, the ``reviewed`` table holds decisions a person
+made (``nem-llm review import``), keyed by the normalized query alone: they hold whatever
+the candidates, model or prompt, and the Matcher consults them before routing. It is a
+SQLite file in WAL mode (see ``nem_llm._sqlite`` for the threading model and durability);
+it may share its file with run checkpoints.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .._sqlite import SQLiteStore, StoreError, check_key
+from .._sqlite import SQLiteStore, StoreError, check_key, immediate
 from ..errors import InputError
 from ..models import Usage
 
-__all__ = ["CachedDecision", "DecisionCache", "decision_key"]
+__all__ = ["CachedDecision", "DecisionCache", "ReviewedLabel", "decision_key"]
 
 
 def decision_key(
@@ -78,6 +81,17 @@ class CachedDecision(BaseModel):
     created_at: float = Field(default_factory=time.time)
 
 
+class ReviewedLabel(BaseModel):
+    """A decision a person made for one normalized query: a catalog id, or ``None`` (novel)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    query: str = Field(min_length=1)
+    entity_id: str | None
+    note: str = ""
+    created_at: float = Field(default_factory=time.time)
+
+
 class DecisionCache(SQLiteStore):
     """Persistent map from :func:`decision_key` to :class:`CachedDecision`.
 
@@ -107,6 +121,12 @@ class DecisionCache(SQLiteStore):
         model TEXT NOT NULL,
         created_at REAL NOT NULL
     ) WITHOUT ROWID""",
+        """CREATE TABLE IF NOT EXISTS reviewed (
+        query TEXT PRIMARY KEY,
+        entity_id TEXT,
+        note TEXT NOT NULL,
+        created_at REAL NOT NULL
+    ) WITHOUT ROWID""",
     )
 
     def get(self, key: str) -> CachedDecision | None:
@@ -131,7 +151,41 @@ class DecisionCache(SQLiteStore):
     def __len__(self) -> int:
         return self._call(self._len)
 
+    def put_reviewed(self, labels: Sequence[ReviewedLabel]) -> None:
+        """Store reviewed labels (latest wins per query) in one transaction; durable on return."""
+        for i, label in enumerate(labels):
+            if not isinstance(label, ReviewedLabel):
+                raise InputError(
+                    f"must be a ReviewedLabel, got {type(label).__name__}", source=f"labels[{i}]"
+                )
+        self._call(self._put_reviewed, list(labels))
+
+    def reviewed(self) -> dict[str, ReviewedLabel]:
+        """Return every reviewed label by normalized query (a snapshot; the table is small)."""
+        return self._call(self._reviewed)
+
+    async def areviewed(self) -> dict[str, ReviewedLabel]:
+        """Async :meth:`reviewed`: runs on the store's worker thread."""
+        return await self._acall(self._reviewed)
+
     # worker-thread bodies
+
+    def _put_reviewed(self, labels: list[ReviewedLabel]) -> None:
+        conn = self._connection()
+        with immediate(conn):
+            conn.executemany(
+                "INSERT OR REPLACE INTO reviewed (query, entity_id, note, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                ((r.query, r.entity_id, r.note, r.created_at) for r in labels),
+            )
+
+    def _reviewed(self) -> dict[str, ReviewedLabel]:
+        rows = (
+            self._connection()
+            .execute("SELECT query, entity_id, note, created_at FROM reviewed")
+            .fetchall()
+        )
+        return {q: ReviewedLabel(query=q, entity_id=e, note=n, created_at=t) for q, e, n, t in rows}
 
     def _get(self, key: str) -> CachedDecision | None:
         row = (

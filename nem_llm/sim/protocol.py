@@ -28,6 +28,7 @@ __all__ = [
     "load_gold",
     "lookup_gold",
     "parse_request",
+    "propose_entity",
 ]
 
 NONE_ID = "none"
@@ -63,6 +64,7 @@ class ParsedRequest:
     prompt_tokens: int
     answer_field: str = "entity_id"
     labels: Mapping[str, str] | None = None
+    proposal: str | None = None  # the answer to a discovery (EntityProposal) request
 
     def answer_text(self, entity_id: str, confidence: float, reason: str) -> str:
         """The answer JSON: ``entity_id`` as the schema wants it (an id, or its number)."""
@@ -298,6 +300,51 @@ def parse_request(body: Any) -> ParsedRequest:
         prompt_tokens=math.ceil(_usage_chars(messages, body) / 4),
         answer_field=field,
         labels=labels,
+        proposal=propose_entity(messages) if tool_name == PROPOSAL_TOOL else None,
+    )
+
+
+PROPOSAL_TOOL = "EntityProposal"
+_MENTION_LINE = re.compile(r"^\[(\d+)\] \(x(\d+)\) (.*)$", re.MULTILINE)
+_NAMED_CANDIDATE = re.compile(r"^\[(\d+)\] id: .*? \| name: (.*?)(?: \| |$)", re.MULTILINE)
+
+
+def propose_entity(messages: Sequence[Any]) -> str:
+    """The simulator's answer to a discovery request (nem_llm's ``EntityProposal`` tool).
+
+    A fixed rule, not a model: the most frequent mention is the name, the other distinct
+    mentions are aliases, every mention is a member, and a candidate whose name equals a
+    mention (case-insensitively) is the existing entity; otherwise "none".
+    """
+    user = next(
+        (_text_of(m.get("content")) for m in reversed(messages)
+         if isinstance(m, Mapping) and m.get("role") == "user"),
+        "",
+    )  # fmt: skip
+    found = [(n, int(c), html.unescape(t.strip())) for n, c, t in _MENTION_LINE.findall(user)]
+    ranked = sorted(found, key=lambda m: -m[1])
+    name = ranked[0][2] if ranked else "unnamed"
+    aliases: list[str] = []
+    for _, _, text in ranked[1:]:
+        if text.casefold() != name.casefold() and text not in aliases and len(aliases) < 5:
+            aliases.append(text)
+    said = {t.casefold() for _, _, t in found}
+    start = user.find("<candidates>")
+    existing = next(
+        (n for n, cname in _NAMED_CANDIDATE.findall(user[start:] if start >= 0 else "")
+         if html.unescape(cname).casefold() in said),
+        NONE_ID,
+    )  # fmt: skip
+    return json.dumps(
+        {
+            "name": name,
+            "aliases": aliases,
+            "description": f"simulated: proposed from {len(found)} distinct mentions",
+            "members": [n for n, _, _ in found],
+            "existing": existing,
+            "confidence": 0.8,
+            "reason": "simulated: the most frequent mention",
+        }
     )
 
 

@@ -179,7 +179,9 @@ class SimServer:
     requests instructor sends (Mode.TOOLS with a forced tool call, JSON, MD_JSON,
     JSON_SCHEMA) with ``{"entity_id", "confidence", "reason"}`` chosen by ``config.policy``,
     after the rate-limit check, the injected faults and the simulated latency, in that
-    order. Every request is logged in :attr:`requests`.
+    order; discovery's ``EntityProposal`` tool calls get ``protocol.propose_entity``'s
+    answer (the cluster's most frequent mention as the name). Every request is logged in
+    :attr:`requests`.
 
     Example:
         >>> async def main() -> None:                       # doctest: +SKIP
@@ -354,6 +356,8 @@ class SimServer:
                 entity_id += "-x"
             reason = "simulated: invalid id"
         text = parsed.answer_text(entity_id, confidence, reason)
+        if parsed.proposal is not None:  # a discovery request: answered by its own rule
+            text = parsed.proposal
         if kind == "malformed":
             text = text[: len(text) // 2]  # cut short: never valid JSON
         completion_tokens = math.ceil(len(text) / 4)
