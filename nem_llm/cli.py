@@ -61,6 +61,11 @@ class LLMModeOpt(StrEnum):
     batch_api = "batch-api"
 
 
+class EngineOpt(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
 class LLMOpt(StrEnum):
     off = "off"
     env = "env"
@@ -180,6 +185,13 @@ def match(
     poll_interval: Annotated[
         float, typer.Option(help="Seconds between Batch API polls (--llm-mode batch-api).")
     ] = 30.0,
+    engine: Annotated[
+        EngineOpt, typer.Option(help="local: this process; ray: a Ray Data actor pool.")
+    ] = EngineOpt.local,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (e.g. auto); default: start locally.")
+    ] = None,
+    actors: Annotated[int, typer.Option(help="Ray actors (limits are split across them).")] = 2,
 ) -> None:
     """Match every row of a queries file against a catalog; resumable and cached."""
     from .jobs.batch import MatchJob, run_match_job
@@ -196,6 +208,8 @@ def match(
     for label, path in (("catalog", catalog), ("queries", queries)):
         if not path.is_file():
             raise _fail(f"{path}: {label} file not found")
+    if engine is EngineOpt.ray and llm_mode is LLMModeOpt.batch_api:
+        raise _fail("--engine ray works with --llm-mode live only")
     job = MatchJob(
         catalog=catalog,
         queries=queries,
@@ -268,6 +282,15 @@ def match(
             progress.update(task_id, completed=done, total=total, rate=f"{rate:,.0f}/s", llm=llm)
 
         try:
+            if engine is EngineOpt.ray:
+                from .integrations.ray import run_ray_job
+
+                return await loop.run_in_executor(
+                    None,
+                    lambda: run_ray_job(
+                        job, actors=actors, ray_address=ray_address, on_progress=on_progress
+                    ),
+                )
             if llm_mode is LLMModeOpt.batch_api:
                 return await _run_batch_api(job, poll_interval, stop, on_progress, quiet)
             return await run_match_job(job, stop=stop, on_progress=on_progress)

@@ -463,3 +463,38 @@ def test_no_file_written_contains_the_api_key(
     _, tmp_path = killed_and_resumed
     leaks = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaks == []
+
+
+# -- the command line -------------------------------------------------------------------
+
+
+def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nem_llm.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_cli_match_in_batch_api_mode_reports_batches_and_writes_every_row(
+    tmp_path: Path,
+) -> None:
+    with run_simulator(SimConfig(), batch=BatchSimConfig(rate_error_line=0.2)) as server:
+        _, env = _run_args(tmp_path, server.base_url)
+        env["OPENAI_BASE_URL"] = server.base_url
+        args = ["match", "--catalog", str(CATALOG), "--queries", str(QUERIES)]
+        args += ["--out", "out.jsonl", "--model", "sim", "--accept-threshold", "1.5"]
+        done = _cli([*args, "--llm-mode", "batch-api", "--poll-interval", "0.05"], env, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "batch 1 (" in done.stderr and "completed" in done.stderr
+    assert len(rows(tmp_path / "out.jsonl")) == N_QUERIES
+
+
+def test_cli_rejects_the_ray_engine_with_the_batch_api(tmp_path: Path) -> None:
+    args = ["match", "--catalog", str(CATALOG), "--queries", str(QUERIES), "--out", "o.jsonl"]
+    done = _cli([*args, "--engine", "ray", "--llm-mode", "batch-api"], dict(os.environ), tmp_path)
+    assert done.returncode == 2
+    assert "--engine ray works with --llm-mode live only" in done.stderr
