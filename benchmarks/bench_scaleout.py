@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -177,6 +178,82 @@ def bench_batch(n: int) -> list[tuple[str, str]]:
     return rows
 
 
+def bench_ray(n: int) -> list[tuple[str, str]]:
+    """Local engine vs Ray engine (actors 1 and 2) on the first ``n`` restaurants queries."""
+    import shutil
+
+    import ray
+
+    from nem_llm.integrations.ray import prepare_index, run_ray_job
+    from nem_llm.jobs.batch import MatchJob, run_match_job
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
+    catalog = DATA / "restaurants_catalog.jsonl"
+    queries = tmp / "queries.jsonl"
+    with (DATA / "restaurants_queries.jsonl").open() as src:
+        queries.write_text("".join(line for _, line in zip(range(n), src, strict=False)))
+    index = tmp / "index"
+    started = time.monotonic()
+    prepare_index(catalog, index)  # the real MiniLM embedder, once
+    index_s = time.monotonic() - started
+
+    def job(name: str, url: str) -> MatchJob:
+        out = tmp / f"{name}.jsonl"
+        state = tmp / f"{name}.state"
+        shutil.copytree(index, state / "index")  # every engine loads the same saved index
+        return MatchJob(catalog=catalog, queries=queries, out=out, base_url=url, state=state)
+
+    walls: dict[str, float] = {}
+    outs: dict[str, list[dict[str, Any]]] = {}
+    with run_simulator(SimConfig(seed=5, latency_p50=0.05)) as sim:
+        local = job("local", sim.base_url)
+        started = time.monotonic()
+        asyncio.run(run_match_job(local))
+        walls["local"] = time.monotonic() - started
+        outs["local"] = [json.loads(x) for x in local.out.read_text().splitlines()]
+        started = time.monotonic()
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=tempfile.mkdtemp(prefix="ray"),
+        )
+        ray_start = time.monotonic() - started
+        try:
+            for actors in (1, 2):
+                name = f"ray{actors}"
+                started = time.monotonic()
+                run_ray_job(job(name, sim.base_url), actors=actors)
+                walls[name] = time.monotonic() - started
+                outs[name] = [
+                    json.loads(x) for x in (tmp / f"{name}.jsonl").read_text().splitlines()
+                ]
+        finally:
+            ray.shutdown()
+
+    def key(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [(r["id"], r["status"], r["entity_id"]) for r in rows]
+
+    routed = sum(1 for r in outs["local"] if r["decided_by"] == "llm")
+    return [
+        ("queries (restaurants dev set) / sent to the LLM", f"{n:,} / {routed:,}"),
+        ("index build (MiniLM, once, shared)", f"{index_s:.1f} s"),
+        ("Ray start-up (ray.init, num_cpus=2)", f"{ray_start:.1f} s"),
+        ("wall: local engine", f"{walls['local']:.1f} s"),
+        ("wall: ray actors=1 / actors=2", f"{walls['ray1']:.1f} s / {walls['ray2']:.1f} s"),
+        (
+            "ratio ray/local: actors=1 / actors=2",
+            f"{walls['ray1'] / walls['local']:.2f} / {walls['ray2'] / walls['local']:.2f}",
+        ),
+        ("ratio actors=2 / actors=1", f"{walls['ray2'] / walls['ray1']:.2f}"),
+        (
+            "rows equal to local (id, status, entity_id): actors=1 / 2",
+            f"{key(outs['ray1']) == key(outs['local'])} / "
+            f"{key(outs['ray2']) == key(outs['local'])}",
+        ),
+    ]
+
+
 def _table(title: str, rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"## {title}", "", f"| {'what':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
@@ -201,12 +278,8 @@ def main() -> None:
         n = 2_000 if args.quick else 10_000
         report.append(_table(f"Batch API engine, {n:,} queries", bench_batch(n)))
     if "ray" in parts:
-        try:
-            from bench_scaleout_ray import bench_ray  # type: ignore[import-not-found]
-        except ImportError:
-            sys.path.insert(0, str(HERE))
-            from bench_scaleout_ray import bench_ray  # type: ignore[import-not-found]
-        report.append(_table("Ray Data engine vs local engine", bench_ray(args.quick)))
+        n = 200 if args.quick else 533
+        report.append(_table(f"Ray Data engine vs local engine, {n:,} queries", bench_ray(n)))
     text = "\n".join(report)
     print(text)
     if args.save:
