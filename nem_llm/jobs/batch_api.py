@@ -38,6 +38,7 @@ import asyncio
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -512,11 +513,10 @@ class _Engine:
                 max_bytes=self.options.max_bytes,
             )
             start = 0
-            loop = asyncio.get_running_loop()
             for lines in files:
                 ids = [c for c, _, _, _ in pending[start : start + len(lines)]]
                 start += len(lines)
-                await self.store.anew_batch(self.run_key, ids, loop.time())
+                await self.store.anew_batch(self.run_key, ids, time.time())
         for batch in await self.store.aopen_batches(self.run_key):
             if batch["batch_id"] is None:
                 await self._send(batch)
