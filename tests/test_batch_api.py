@@ -23,6 +23,7 @@ from openai import AsyncOpenAI
 
 from nem_llm import Matcher
 from nem_llm.config import Limits
+from nem_llm.errors import LLMError
 from nem_llm.jobs.batch import MatchJob, run_match_job
 from nem_llm.jobs.batch_api import BatchApiOptions, BatchApiSummary, run_batch_api_job
 from nem_llm.llm.adjudication import Adjudicator, choice_model
@@ -379,6 +380,18 @@ async def test_a_lost_create_is_found_by_its_metadata_not_repeated(
     assert len(sim.batches.batch_ids()) == 1
     assert sim.batches.duplicate_submissions() == 0
     assert len(rows(job.out)) == N_QUERIES
+
+
+async def test_a_provider_error_while_polling_is_one_clear_error(tmp_path: Path) -> None:
+    sim = await serve(BatchSimConfig(completion_delay=3600))
+    try:
+        job = job_for(tmp_path, "batch", sim.base_url)
+        await run_batch(sim, job, BatchApiOptions(poll_interval=0.0, wait=False))
+    finally:
+        await sim.stop()
+    async with SimServer(SimConfig()) as other:  # a provider that never saw the batch
+        with pytest.raises(LLMError, match=r"Batch API failed.*run the same command again"):
+            await run_batch(other, job)
 
 
 # -- a real process killed while its batch is in flight -----------------------------------

@@ -43,11 +43,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import openai
 from openai import AsyncOpenAI
 
 from .._sqlite import immediate
 from ..catalog import load_catalog
-from ..errors import ConfigError
+from ..errors import ConfigError, LLMError
 from ..llm.adjudication import estimate_tokens
 from ..llm.batch_api import (
     MAX_FILE_BYTES,
@@ -800,6 +801,11 @@ def _stats(store: RunStore, run_key: str, seconds: float) -> RunStats:
     return collector.finish(seconds)
 
 
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _client_for(job: MatchJob) -> AsyncOpenAI:
     base_url = job.base_url or os.environ.get("OPENAI_BASE_URL")
     api_key = os.environ.get("OPENAI_API_KEY")
@@ -880,8 +886,16 @@ async def run_batch_api_job(
             finally:
                 rows.close()
         while True:
-            await engine.submit()
-            still_open = await engine.poll_once()
+            try:
+                await engine.submit()
+                still_open = await engine.poll_once()
+            except openai.APIError as exc:
+                # the client has already retried; every id is saved, so a rerun resumes
+                raise LLMError(
+                    f"the Batch API failed ({type(exc).__name__}: {_short(str(exc))}); the run "
+                    "is saved in the state directory: run the same command again to resume",
+                    cause="batch_api",
+                ) from exc
             if on_progress is not None:
                 on_progress(await store.acount(run_key), total, None)
             if still_open == 0:
