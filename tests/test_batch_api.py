@@ -4,6 +4,7 @@ a batch is in flight."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -379,6 +380,28 @@ async def test_a_lost_create_is_found_by_its_metadata_not_repeated(
     await run_batch(sim, job)
     assert len(sim.batches.batch_ids()) == 1
     assert sim.batches.duplicate_submissions() == 0
+    assert len(rows(job.out)) == N_QUERIES
+
+
+async def test_stop_leaves_batches_in_flight_for_the_next_run(tmp_path: Path) -> None:
+    sim = await serve(BatchSimConfig(completion_delay=0.5))
+    try:
+        job = job_for(tmp_path, "batch", sim.base_url)
+        client = AsyncOpenAI(base_url=sim.base_url, api_key=SECRET, max_retries=0)
+        stop = asyncio.Event()
+        stop.set()  # Ctrl-C before the first poll ends
+        try:
+            first = await run_batch_api_job(
+                job, client=client, options=FAST, stop=stop, matcher_factory=FACTORY
+            )
+        finally:
+            await client.close()
+        assert first.interrupted
+        second = await run_batch(sim, job, BatchApiOptions(poll_interval=0.1))
+    finally:
+        await sim.stop()
+    assert not second.interrupted
+    assert len(sim.batches.batch_ids()) == 1
     assert len(rows(job.out)) == N_QUERIES
 
 
