@@ -30,6 +30,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -240,13 +241,20 @@ def run_ray_job(
     }
     started_ray = False
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.WARNING,
+        }
         if ray_address:
             kwargs["address"] = ray_address
         else:
             kwargs["_temp_dir"] = tempfile.mkdtemp(prefix="nem-ray-")
         ray.init(**kwargs)
         started_ray = True
+    # our progress bar and table say what Ray Data's executor logs line by line
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     collector = StatsCollector()
     store = RunStore(state / "run.sqlite")
     try:
