@@ -405,6 +405,29 @@ async def test_stop_leaves_batches_in_flight_for_the_next_run(tmp_path: Path) ->
     assert len(rows(job.out)) == N_QUERIES
 
 
+async def test_stop_during_planning_resumes_planning_on_the_next_run(
+    sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nem_llm.jobs.batch_api as engine
+
+    monkeypatch.setattr(engine, "_PLAN_CHUNK", 4)
+    job = job_for(tmp_path, "batch", sim.base_url)
+    client = AsyncOpenAI(base_url=sim.base_url, api_key=SECRET, max_retries=0)
+    stop = asyncio.Event()
+    stop.set()
+    try:
+        first = await run_batch_api_job(
+            job, client=client, options=FAST, stop=stop, matcher_factory=FACTORY
+        )
+    finally:
+        await client.close()
+    assert first.interrupted
+    assert sim.batches.batch_ids() == []  # stopped after the first chunk of 4 rows
+    await run_batch(sim, job)
+    assert sorted(r["index"] for r in rows(job.out)) == list(range(N_QUERIES))
+    assert sim.batches.duplicate_submissions() == 0
+
+
 async def test_a_provider_error_while_polling_is_one_clear_error(tmp_path: Path) -> None:
     sim = await serve(BatchSimConfig(completion_delay=3600))
     try:

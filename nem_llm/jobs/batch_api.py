@@ -461,7 +461,8 @@ class _Engine:
 
     # -- plan --------------------------------------------------------------------------
 
-    async def plan(self, rows: Any) -> None:
+    async def plan(self, rows: Any, stop: asyncio.Event | None) -> bool:
+        """Route every row not yet routed, a chunk per transaction; False if stopped."""
         done = await self.store.adone_indexes(self.run_key)
         lined = await self.store.aline_indexes(self.run_key)
         chunk: list[QueryRow] = []
@@ -472,9 +473,12 @@ class _Engine:
             if len(chunk) >= _PLAN_CHUNK:
                 await self._plan_chunk(chunk)
                 chunk = []
+                if stop is not None and stop.is_set():
+                    return False
         if chunk:
             await self._plan_chunk(chunk)
         await self.store.amark_planned(self.run_key)
+        return True
 
     async def _plan_chunk(self, rows: list[QueryRow]) -> None:
         good = [r for r in rows if r.error is None and r.query is not None]
@@ -882,10 +886,10 @@ async def run_batch_api_job(
             await matcher.fit_async()
             rows = read_queries(job.queries, query_column=job.query_column, id_column=job.id_column)
             try:
-                await engine.plan(rows)
+                interrupted = not await engine.plan(rows, stop)
             finally:
                 rows.close()
-        while True:
+        while not interrupted:
             try:
                 await engine.submit()
                 still_open = await engine.poll_once()
