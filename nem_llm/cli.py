@@ -56,6 +56,16 @@ class OrderOpt(StrEnum):
     completion = "completion"
 
 
+class LLMModeOpt(StrEnum):
+    live = "live"
+    batch_api = "batch-api"
+
+
+class EngineOpt(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
 class LLMOpt(StrEnum):
     off = "off"
     env = "env"
@@ -170,6 +180,23 @@ def match(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no table.")] = False,
     stats_json: Annotated[Path | None, typer.Option(help="Write run stats as JSON.")] = None,
+    llm_mode: Annotated[
+        LLMModeOpt,
+        typer.Option(
+            help="live: one call per ambiguous row; batch-api: the provider's Batch "
+            "API (half price, up to 24 h; rerun the command to resume polling)."
+        ),
+    ] = LLMModeOpt.live,
+    poll_interval: Annotated[
+        float, typer.Option(help="Seconds between Batch API polls (--llm-mode batch-api).")
+    ] = 30.0,
+    engine: Annotated[
+        EngineOpt, typer.Option(help="local: this process; ray: a Ray Data actor pool.")
+    ] = EngineOpt.local,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (e.g. auto); default: start locally.")
+    ] = None,
+    actors: Annotated[int, typer.Option(help="Ray actors (limits are split across them).")] = 2,
 ) -> None:
     """Match every row of a queries file against a catalog; resumable and cached."""
     from .jobs.batch import MatchJob, run_match_job
@@ -186,6 +213,8 @@ def match(
     for label, path in (("catalog", catalog), ("queries", queries)):
         if not path.is_file():
             raise _fail(f"{path}: {label} file not found")
+    if engine is EngineOpt.ray and llm_mode is LLMModeOpt.batch_api:
+        raise _fail("--engine ray works with --llm-mode live only")
     job = MatchJob(
         catalog=catalog,
         queries=queries,
@@ -258,6 +287,17 @@ def match(
             progress.update(task_id, completed=done, total=total, rate=f"{rate:,.0f}/s", llm=llm)
 
         try:
+            if engine is EngineOpt.ray:
+                from .integrations.ray import run_ray_job
+
+                return await loop.run_in_executor(
+                    None,
+                    lambda: run_ray_job(
+                        job, actors=actors, ray_address=ray_address, on_progress=on_progress
+                    ),
+                )
+            if llm_mode is LLMModeOpt.batch_api:
+                return await _run_batch_api(job, poll_interval, stop, on_progress, quiet)
             return await run_match_job(job, stop=stop, on_progress=on_progress)
         except asyncio.CancelledError:
             return None
@@ -283,12 +323,35 @@ def match(
             extra["resumed from earlier run"] = f"{summary.rows_resumed:,}"
         if not summary.llm_configured:
             extra["LLM"] = "not configured: ambiguous rows are 'review'"
+        if llm_mode is LLMModeOpt.batch_api:
+            extra["batches (all runs)"] = str(getattr(summary, "batches", 0))
+            extra["prices"] = "Batch API (half the live price)"
         err.print(_stats_table("nem-llm match", summary.stats, extra))
     if summary.interrupted:
         err.print(
             "[yellow]interrupted:[/] finished rows are saved; run the same command to resume."
         )
         raise typer.Exit(130)
+
+
+async def _run_batch_api(
+    job: Any, poll_interval: float, stop: asyncio.Event, on_progress: Any, quiet: bool
+) -> Any:
+    """``match --llm-mode batch-api``: the job, with one status line per batch poll."""
+    from .jobs.batch_api import BatchApiOptions, BatchProgress, run_batch_api_job
+
+    def on_batch(p: BatchProgress) -> None:
+        if not quiet:
+            err.print(
+                f"batch {p.seq} ({p.batch_id}): {p.status}, {p.completed:,}/{p.total:,} done,"
+                f" {p.failed:,} failed",
+                highlight=False,
+            )
+
+    options = BatchApiOptions(poll_interval=poll_interval)
+    return await run_batch_api_job(
+        job, options=options, stop=stop, on_progress=on_progress, on_batch=on_batch
+    )
 
 
 # -- eval --------------------------------------------------------------------------------

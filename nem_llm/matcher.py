@@ -43,6 +43,7 @@ from .llm.adjudication import (
     estimate_tokens,
     render_messages,
 )
+from .llm.batch_api import PlannedRequest, request_body
 from .llm.cache import CachedDecision, DecisionCache, ReviewedLabel, decision_key
 from .llm.governor import Governor, GovernorStats
 from .llm.stats import StatsCollector
@@ -570,6 +571,16 @@ class Matcher:
         result.latency_s = loop.time() - started
         return result, decision
 
+    def _messages(self, normalized: str, candidates: list[Candidate]) -> list[dict[str, str]]:
+        """The adjudication prompt of one query (the live path and the Batch API share it)."""
+        return render_messages(
+            normalized,
+            candidates,
+            self.catalog,
+            attributes=self.prompt_attributes,
+            attribute_chars=self.prompt_attribute_chars,
+        )
+
     async def _decide(
         self,
         index: int,
@@ -608,13 +619,7 @@ class Matcher:
                 score=top.score if top else None,
                 reason=f"{decision.reason}; no LLM configured",
             )
-        messages = render_messages(
-            normalized,
-            candidates,
-            self.catalog,
-            attributes=self.prompt_attributes,
-            attribute_chars=self.prompt_attribute_chars,
-        )
+        messages = self._messages(normalized, candidates)
         ids = tuple(c.id for c in candidates)
         key = self._cache_key(normalized, messages, ids) if self._cache is not None else None
         if self._cache is not None and key is not None:
@@ -1128,6 +1133,85 @@ class Matcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- deferred adjudication (the provider's Batch API) --------------------------------
+
+    async def plan_async(
+        self, index: int, query: Any, *, top_k: int | None = None
+    ) -> tuple[MatchResult, PlannedRequest | None]:
+        """Route one query without calling the LLM: its final result, or the request to send.
+
+        Returns ``(result, None)`` when no LLM call is needed (matched, novel, cached, no
+        LLM configured, bad input: an error record), else ``(provisional, request)``: a
+        ``review`` result carrying the candidates, and the exact body the live path would
+        send. Finish it with :meth:`resolve_planned`.
+        """
+        k = top_k or self.top_k
+        text = query if isinstance(query, str) else repr(query)
+        try:
+            normalized = validate_query(query, index=index, max_chars=self.max_query_chars)
+            candidates = await self._candidates(normalized, k)
+            decision = route(candidates, self.thresholds, normalized)
+            adjudicator = self._adjudicator
+            if (
+                decision.kind != "adjudicate"
+                or adjudicator is None
+                or await self.reviewed_label(normalized) is not None
+            ):
+                return await self._decide(index, text, normalized, candidates, decision), None
+            messages = self._messages(normalized, candidates)
+            ids = tuple(c.id for c in candidates)
+            key = self._cache_key(normalized, messages, ids) if self._cache is not None else None
+            provisional = MatchResult(
+                query=text,
+                index=index,
+                candidates=candidates,
+                status="review",
+                score=candidates[0].score,
+                reason=decision.reason,
+            )
+            if self._cache is not None and key is not None:
+                cached = await self._cache.aget(key)
+                if cached is not None:
+                    return self.resolve_planned(provisional, cached, decided_by="cache"), None
+            body = request_body(
+                messages,
+                len(ids),
+                model=self.model,
+                mode=self.mode,
+                create_kwargs=adjudicator._kwargs,
+            )
+            return provisional, PlannedRequest(body=body, candidate_ids=ids, cache_key=key)
+        except (asyncio.CancelledError, NotReadyError):
+            raise
+        except Exception as exc:
+            error = MatchResult(
+                query=text[:1000],
+                index=index,
+                status="error",
+                error=str(exc),
+                error_type=getattr(exc, "cause", None) or type(exc).__name__,
+            )
+            return error, None
+
+    def resolve_planned(
+        self,
+        provisional: MatchResult,
+        decision: Decision | CachedDecision,
+        *,
+        decided_by: str = "llm",
+    ) -> MatchResult:
+        """The final result of a :meth:`plan_async` request once its decision is known."""
+
+        def make(**fields: Any) -> MatchResult:
+            return MatchResult(
+                query=provisional.query,
+                index=provisional.index,
+                candidates=provisional.candidates,
+                **fields,
+            )
+
+        return self._from_decision(make, provisional.candidates, decision, decided_by=decided_by)
 
 
 async def _maybe_await(value: Awaitable[None] | None) -> None:

@@ -325,3 +325,20 @@ def test_transliterated_query_finds_a_name_in_another_script() -> None:
     ):
         top = index.search(emb.encode([query]), [query], 1)[0][0]
         assert top.name == want, (query, top)
+
+
+def test_entities_with_equal_reported_scores_come_in_catalog_order(
+    fake_embedder: FakeEmbedder,
+) -> None:
+    # duplicate records whose vectors differ by float noise (as batching makes them): the
+    # order must follow the catalog, not the noise
+    rows = [{"id": f"other{i}", "name": f"unrelated {i} {'x' * i}"} for i in range(30)]
+    rows[7:7] = [{"id": "twin-b", "name": "blackman crescent"}]
+    rows[20:20] = [{"id": "twin-a", "name": "blackman crescent"}]
+    catalog = load_catalog(rows)
+    vectors = fake_embedder.encode(list(catalog.forms))
+    later = catalog.forms.index("blackman crescent", 8)
+    vectors[later] *= np.float32(1.0 + 3e-7)  # the later twin scores a hair higher
+    index = HybridIndex(catalog, vectors, embedder_name=fake_embedder.name)
+    found = search(index, fake_embedder, ["blackman cresent road"], 5)[0]
+    assert [c.id for c in found[:2]] == ["twin-b", "twin-a"]

@@ -172,7 +172,11 @@ class HybridIndex:
             else:
                 top = np.tile(np.arange(n_entities), (ent_scores.shape[0], 1))
             for row in range(ent_scores.shape[0]):
-                idx = top[row][np.argsort(-ent_scores[row, top[row]], kind="stable")]
+                # best first by the score as reported (6 decimals), ties in catalog order:
+                # duplicate entities differ only by float noise that depends on how the
+                # texts were batched, and their order must not (it decides "top" answers)
+                reported = np.round(ent_scores[row, top[row]], 6)
+                idx = top[row][np.lexsort((top[row], -reported))]
                 out.append(self._candidates(row, idx, ent_scores, form_scores, query_vecs[lo:hi]))
         return out
 

@@ -13,11 +13,15 @@ Example:
 
 from __future__ import annotations
 
+from .batches import BatchEndpoints, BatchLogRecord, BatchSimConfig
 from .config import SimConfig, lognormal_sigma, sample_latency
 from .server import KINDS, RequestRecord, SimServer, max_in_window, run_simulator, serve_forever
 
 __all__ = [
     "KINDS",
+    "BatchEndpoints",
+    "BatchLogRecord",
+    "BatchSimConfig",
     "RequestRecord",
     "SimConfig",
     "SimServer",

@@ -26,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .batches import BatchEndpoints, BatchSimConfig
 from .config import SimConfig, sample_latency
 from .protocol import (
     NONE_ID,
@@ -191,7 +192,14 @@ class SimServer:
         ...         print(sim.stats())
     """
 
-    def __init__(self, config: SimConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        config: SimConfig,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        batch: BatchSimConfig | None = None,
+    ) -> None:
         if not isinstance(config, SimConfig):
             raise TypeError(f"config must be a SimConfig, got {type(config).__name__}")
         self.config = config
@@ -208,6 +216,8 @@ class SimServer:
         self._stopping = False
         self._counter = 0
         self._in_flight = 0
+        #: The provider Batch API (``/v1/files``, ``/v1/batches``), answered by the same policy.
+        self.batches = BatchEndpoints(batch or BatchSimConfig(), self._batch_answer)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -245,6 +255,7 @@ class SimServer:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
+        self.batches.register(app)
         runner = web.AppRunner(
             app,
             access_log=None,
@@ -373,6 +384,11 @@ class SimServer:
         )
         return body, completion_tokens
 
+    def _batch_answer(self, body: dict[str, Any], kind: str) -> dict[str, Any]:
+        """Answer one Batch API line like the live endpoint (``kind`` "ok" or "invalid")."""
+        self._counter += 1
+        return self._answer(parse_request(body), kind, self._counter)[0]
+
     def _rate_limited(self, wait: float, limit: str) -> web.Response:
         wait = max(wait, 0.0)
         used, tokens = self._limiter.used(time.monotonic())
@@ -481,7 +497,13 @@ class SimServer:
 
 
 @contextlib.contextmanager
-def run_simulator(config: SimConfig, host: str = "127.0.0.1", port: int = 0) -> Iterator[SimServer]:
+def run_simulator(
+    config: SimConfig,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    batch: BatchSimConfig | None = None,
+) -> Iterator[SimServer]:
     """Run a :class:`SimServer` in a background thread with its own event loop (sync).
 
     Yields the started server (``base_url`` known); on exit stops it, ends hung requests
@@ -492,7 +514,7 @@ def run_simulator(config: SimConfig, host: str = "127.0.0.1", port: int = 0) -> 
         >>> with run_simulator(SimConfig(latency_p50=0.01)) as sim:   # doctest: +SKIP
         ...     client = OpenAI(base_url=sim.base_url, api_key="sim", max_retries=0)
     """
-    sim = SimServer(config, host, port)
+    sim = SimServer(config, host, port, batch=batch)
     started: Future[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = Future()
 
     async def main() -> None:
