@@ -112,6 +112,7 @@ def main() -> None:
     results["base"] = _rank(catalog, SentenceTransformerEmbedder(default_model_path()), queries)
 
     load_before = os.getloadavg()[0]
+    cpu_before = time.process_time()
     with tempfile.TemporaryDirectory(prefix="nem-llm-ft-") as tmp:
         out = Path(tmp) / "tuned"
         result = finetune(
@@ -126,6 +127,7 @@ def main() -> None:
             show_progress=True,
         )
         load_after = os.getloadavg()[0]
+        cpu = time.process_time() - cpu_before  # this process only: loading + training + saving
         minutes_10k = (
             10_000 / result.pairs_per_second / 60 if result.pairs_per_second else float("inf")
         )
@@ -133,6 +135,7 @@ def main() -> None:
             f"fine-tune: {result.steps} steps x {args.batch_size} in {result.seconds:.0f} s, "
             f"{result.pairs_per_second:.1f} pairs/s (10,000 pairs: {minutes_10k:.1f} min), "
             f"stopped by {result.stopped_by}, torch threads {args.threads}, "
+            f"{result.pairs_per_second * result.seconds / cpu:.1f} pairs per CPU-second, "
             f"load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores"
         )
         print(speed)
