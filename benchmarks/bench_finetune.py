@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads while training")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--learning-rate", type=float, default=2e-5)
+    parser.add_argument("--no-base", action="store_true", help="skip the base model's rows")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "finetune.md"
     )
@@ -108,8 +110,10 @@ def main() -> None:
     )
 
     results: dict[str, dict[str, list[list[str]]]] = {}
-    print("base model:")
-    results["base"] = _rank(catalog, SentenceTransformerEmbedder(default_model_path()), queries)
+    if not args.no_base:
+        print("base model:")
+        base = SentenceTransformerEmbedder(default_model_path())
+        results["base"] = _rank(catalog, base, queries)
 
     load_before = os.getloadavg()[0]
     cpu_before = time.process_time()
@@ -122,6 +126,7 @@ def main() -> None:
             epochs=1,
             max_seconds=args.max_seconds,
             batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
             seed=args.seed,
             num_threads=args.threads,
             show_progress=True,
@@ -132,7 +137,8 @@ def main() -> None:
             10_000 / result.pairs_per_second / 60 if result.pairs_per_second else float("inf")
         )
         speed = (
-            f"fine-tune: {result.steps} steps x {args.batch_size} in {result.seconds:.0f} s, "
+            f"fine-tune (lr {args.learning_rate:g}): {result.steps} steps x {args.batch_size} "
+            f"in {result.seconds:.0f} s, "
             f"{result.pairs_per_second:.1f} pairs/s (10,000 pairs: {minutes_10k:.1f} min), "
             f"stopped by {result.stopped_by}, torch threads {args.threads}, "
             f"{result.pairs_per_second * result.seconds / cpu:.1f} pairs per CPU-second, "
