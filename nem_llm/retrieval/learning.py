@@ -375,6 +375,11 @@ def finetune(
     Training stops after ``epochs`` or once ``max_seconds`` have passed (checked before
     every step), whichever comes first, and the model is saved either way.
 
+    A pair needs pairs of other entities beside it to learn from: a batch left with a
+    single pair (the tail of an epoch where one entity has more pairs than the others can
+    accompany) is skipped, so on a handful of entities use a small ``batch_size`` and a
+    few ``epochs``.
+
     Args:
         base_model_path: A local sentence-transformers model directory (e.g.
             ``default_model_path()``, or an earlier fine-tune's output).
