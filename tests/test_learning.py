@@ -319,3 +319,17 @@ def test_batches_are_reproducible_with_a_seed() -> None:
     first = no_duplicate_batches(pairs, 8, random.Random(3))
     assert first == no_duplicate_batches(pairs, 8, random.Random(3))
     assert first != no_duplicate_batches(pairs, 8, random.Random(4))
+
+
+def test_training_with_the_progress_bar_on_completes(tmp_path: Path) -> None:
+    result = finetune(
+        default_model_path(),
+        PAIRS,
+        tmp_path / "model",
+        batch_size=4,
+        max_seconds=1.5,
+        show_progress=True,
+        num_threads=1,
+        clock=_stepping_clock(),
+    )
+    assert (result.steps, result.stopped_by) == (1, "time")
