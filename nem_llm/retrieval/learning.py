@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -254,17 +255,16 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 # --------------------------------------------------------------------------- training
 
 
+def _nothing() -> None:
+    return None
+
+
 def _lr_factor(step: int, total: int) -> float:
     """Linear warmup over the first 10% of ``total`` steps, then linear decay to 0."""
     warmup = max(1, math.ceil(total * _WARMUP_SHARE))
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
-
-
-class _NoProgress:
-    def update(self, advance: int) -> None:
-        pass
 
 
 def _train(
@@ -304,7 +304,7 @@ def _train(
     stopped: Literal["epochs", "time"] = "epochs"
     start = clock()
     progress: Any = None
-    bar: Any = _NoProgress()
+    advance: Callable[[], None] = _nothing
     if show_progress:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -317,12 +317,7 @@ def _train(
         )
         task = progress.add_task("fine-tune", total=total)
         progress.start()
-
-        class _Bar:
-            def update(self, advance: int) -> None:
-                progress.update(task, advance=advance)
-
-        bar = _Bar()
+        advance = functools.partial(progress.update, task, advance=1)
     model.train()
     try:
         for batches in plan:
@@ -343,7 +338,7 @@ def _train(
                 scheduler.step()
                 steps += 1
                 rows += len(batch)
-                bar.update(1)
+                advance()
             if stopped == "time":
                 break
     finally:
