@@ -32,16 +32,19 @@ import contextlib
 import hmac
 import importlib.metadata
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+import traceback
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import openai
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -68,6 +71,7 @@ __all__ = [
     "ServiceLimits",
     "StreamRequest",
     "create_app",
+    "server_config",
 ]
 
 log = logging.getLogger("nem_llm.service")
@@ -207,16 +211,27 @@ class _Redactor:
         return value
 
 
-class _RedactingFilter(logging.Filter):
-    def __init__(self, redactor: _Redactor) -> None:
-        super().__init__()
-        self.redactor = redactor
+class _RedactingRecords:
+    """A log-record factory that redacts secrets from every record, whichever library logs.
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.redactor.secrets:
-            record.msg = self.redactor.text(record.getMessage())
-            record.args = None
-        return True
+    Installed for the app's lifetime (instructor and openai log provider error messages,
+    which may quote a key); tracebacks are formatted and redacted up front.
+    """
+
+    def __init__(self, redactor: _Redactor, previous: Callable[..., logging.LogRecord]) -> None:
+        self.redactor = redactor
+        self.previous = previous
+
+    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = self.previous(*args, **kwargs)
+        message = record.getMessage()
+        redacted = self.redactor.text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and record.exc_info[0] is not None:
+            text = "".join(traceback.format_exception(*record.exc_info))
+            record.exc_text = self.redactor.text(text).rstrip("\n")
+        return record
 
 
 # -- metrics -----------------------------------------------------------------------------
@@ -483,7 +498,19 @@ class _Guard:
         app_task = asyncio.ensure_future(self.app(scope, replay, tracked_send))
         listener = asyncio.ensure_future(listen())
         try:
-            await asyncio.wait({app_task, listener}, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                await asyncio.wait({app_task, listener}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                # the server gave up on us (drain timeout): stop the work, say why, go on
+                # being cancelled
+                app_task.cancel()
+                await asyncio.gather(app_task, return_exceptions=True)
+                if status == 0:
+                    with contextlib.suppress(Exception):
+                        await _error_json(503, "shutting_down", "the service shut down")(
+                            scope, receive, send
+                        )
+                raise
             if not app_task.done() and not complete:
                 self.state.metrics.disconnects.inc()
                 app_task.cancel()
@@ -501,14 +528,43 @@ class _Guard:
 # -- the app -----------------------------------------------------------------------------
 
 
+class _NDJSONResponse(Response):
+    """Streams NDJSON lines with plain awaits (no task group).
+
+    Starlette's ``StreamingResponse`` runs the body in an anyio task group; cancelling
+    it there interrupts the clean-up of the Matcher's stream, so httpcore never closes the
+    LLM connection of a cancelled call (the provider keeps working for nobody). Here a
+    disconnect cancels the request task (see ``_Guard``) and the clean-up runs whole.
+    """
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, lines: AsyncGenerator[bytes, None]) -> None:
+        super().__init__(media_type=self.media_type)
+        self.lines = lines
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        async with aclosing(self.lines):
+            async for line in self.lines:
+                await send({"type": "http.response.body", "body": line, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def _field_of(loc: Sequence[int | str]) -> str | None:
-    parts = [p for p in loc if p != "body"]
+    """``("body", "query", "list[str]", 3)`` -> ``"query[3]"`` (pydantic's union tags dropped)."""
+    parts = [p for p in loc if p != "body" and not (isinstance(p, str) and _is_type_tag(p))]
     if not parts:
         return None
     out = str(parts[0])
     for p in parts[1:]:
         out += f"[{p}]" if isinstance(p, int) else f".{p}"
     return out
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in {"str", "int", "float", "bool", "dict", "list"} or "[" in part
 
 
 def _check_queries(queries: list[str], name: str, limits: ServiceLimits) -> None:
@@ -561,12 +617,14 @@ def create_app(
     client = matcher._client
     redactor = _Redactor([api_key, client.api_key if client is not None else None])
     state = _State(matcher, limits, redactor, probe_interval, probe_timeout)
-    log_filter = _RedactingFilter(redactor)
+    records: _RedactingRecords | None = None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        for name in ("nem_llm.service", "uvicorn.error", "uvicorn.access"):
-            logging.getLogger(name).addFilter(log_filter)
+        nonlocal records
+        if redactor.secrets:
+            records = _RedactingRecords(redactor, logging.getLogRecordFactory())
+            logging.setLogRecordFactory(records)
         if not matcher.ready:
             state.fit_task = asyncio.create_task(matcher.fit_async(), name="nem-llm-fit")
             state.fit_task.add_done_callback(_fit_done)
@@ -580,8 +638,8 @@ def create_app(
                 await asyncio.gather(state.fit_task, return_exceptions=True)
             if close_matcher:
                 await matcher.aclose()
-            for name in ("nem_llm.service", "uvicorn.error", "uvicorn.access"):
-                logging.getLogger(name).removeFilter(log_filter)
+            if records is not None and logging.getLogRecordFactory() is records:
+                logging.setLogRecordFactory(records.previous)
 
     def _fit_done(task: asyncio.Task[Matcher]) -> None:
         if task.cancelled():
@@ -615,7 +673,9 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
+        errors = exc.errors()
+        # the deepest location names the field best (a union reports every branch)
+        first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
         message = str(first.get("msg", "invalid request"))
         return _error_json(422, "invalid_request", message, _field_of(first.get("loc", ())))
 
@@ -685,22 +745,22 @@ def create_app(
     @v1.post(
         "/match:stream",
         summary="Match many queries; NDJSON, one MatchResult a line, as each finishes.",
-        response_class=StreamingResponse,
+        response_class=_NDJSONResponse,
         responses={200: {"content": {"application/x-ndjson": {}}, "model": MatchResult}},
     )
-    async def match_stream(body: StreamRequest) -> StreamingResponse:
+    async def match_stream(body: StreamRequest) -> Response:
         state.require_ready()
         _check_queries(body.queries, "queries", limits)
         opts = _options_for(matcher.match_stream_async, body)
         stream = matcher.match_stream_async(body.queries, strategy="as_completed", **opts)
 
-        async def lines() -> AsyncIterator[bytes]:
+        async def lines() -> AsyncGenerator[bytes, None]:
             async with aclosing(stream):
                 async for result in stream:
                     state.metrics.observe([result])
                     yield redactor.data(result.model_dump_json().encode()) + b"\n"
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return _NDJSONResponse(lines())
 
     @v1.post(
         "/entities",
@@ -767,6 +827,33 @@ def create_app(
 
     app.state.nem_llm = state
     return app
+
+
+def server_config(
+    app: FastAPI,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    drain_timeout: float | None = None,
+    log_level: str = "info",
+) -> uvicorn.Config:
+    """The uvicorn configuration ``nem-llm serve`` runs ``app`` with.
+
+    On SIGTERM/Ctrl-C uvicorn stops accepting connections and lets in-flight requests
+    finish for up to ``drain_timeout`` seconds (default: the app's
+    ``ServiceLimits.drain_timeout``), then cancels them.
+    """
+    if drain_timeout is None:
+        drain_timeout = app.state.nem_llm.limits.drain_timeout
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        log_level=log_level,
+        timeout_graceful_shutdown=max(1, math.ceil(drain_timeout)),
+        server_header=False,
+    )
 
 
 def _admin_method(matcher: Matcher, name: str) -> Any:
