@@ -746,6 +746,7 @@ def create_app(
         "/match:stream",
         summary="Match many queries; NDJSON, one MatchResult a line, as each finishes.",
         response_class=_NDJSONResponse,
+        status_code=200,
         responses={200: {"content": {"application/x-ndjson": {}}, "model": MatchResult}},
     )
     async def match_stream(body: StreamRequest) -> Response:
