@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -579,3 +584,83 @@ def test_match_answers_503_until_the_index_is_built(countries: list[dict[str, An
     assert (before.status_code, before.json()["error"]["type"]) == (503, "not_ready")
     assert ready_before.status_code == 503
     assert after.status_code == 200
+
+
+# -- nem-llm serve ---------------------------------------------------------------------------
+
+CATALOG = Path(__file__).parent / "data" / "cli" / "catalog.jsonl"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serve_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def test_serve_command_serves_the_catalog_with_auth_and_stops_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with run_simulator(SimConfig()) as sim, log.open("wb") as out:
+        env = _serve_env(
+            NEM_TEST_TOKEN=TOKEN, OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=sim.base_url
+        )
+        args = ["serve", "--catalog", str(CATALOG), "--port", str(port)]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nem_llm.cli", *args, "--api-key-env", "NEM_TEST_TOKEN"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+
+            def ready() -> bool:
+                assert proc.poll() is None, log.read_text()
+                try:
+                    return httpx.get(url + "/readyz").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            wait_for(ready, interval=0.2)
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            r = httpx.post(url + "/v1/match", json={"query": "USA"}, headers=auth, timeout=30)
+            denied = httpx.post(url + "/v1/match", json={"query": "USA"}, timeout=30)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text(encoding="utf-8", errors="replace")
+    assert (r.status_code, r.json()["entity_id"]) == (200, "US")
+    assert denied.status_code == 401
+    # uvicorn shuts down cleanly, then re-raises the signal (exit status of a SIGTERM)
+    assert code in (0, -signal.SIGTERM), text
+    assert "Application shutdown complete" in text
+    assert TOKEN not in text
+    assert OPENAI_KEY not in text
+
+
+UNSET = ("--api-key-env", "NEM_TEST_UNSET_TOKEN")
+
+
+def test_serve_command_fails_clearly_when_the_api_key_variable_is_unset() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "nem_llm.cli", "serve", "--catalog", str(CATALOG), *UNSET],
+        env=_serve_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert "NEM_TEST_UNSET_TOKEN" in run.stderr

@@ -381,14 +381,15 @@ class _State:
                 return self._probe[1], self._probe[2]
             state, detail = "reachable", None
             try:
-                await client.with_options(timeout=self.probe_timeout, max_retries=0).models.list()
+                # the matcher's own client (max_retries=0); a per-call timeout, no new client
+                await client.models.list(timeout=self.probe_timeout)
             except openai.APIStatusError as exc:
                 if exc.status_code in (401, 403):
                     state, detail = (
                         "unreachable",
                         f"the LLM rejected the credentials ({exc.status_code})",
                     )
-            except (openai.APIError, OSError) as exc:
+            except Exception as exc:  # connection refused, timeout, TLS, ...
                 state, detail = "unreachable", f"{type(exc).__name__}: {exc}"
             detail = self.redactor.text(detail) if detail else None
             self._probe = (time.monotonic(), state, detail)
