@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# the same torch threads in every process of the comparison (set before torch is imported)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _data_dir() -> Path:
@@ -109,7 +111,7 @@ class Server:
         cmd += ["--embedder", args.embedder, "--sim-rpm", str(args.sim_rpm)]
         if sim_url:
             cmd += ["--sim-url", sim_url]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.proc = subprocess.Popen(cmd)
         self.url = f"http://127.0.0.1:{self.port}"
 
     async def ready(self) -> None:

@@ -739,7 +739,10 @@ def create_app(
             state.metrics.observe([result])
             return json_bytes(result.model_dump_json().encode())
         opts = _options_for(matcher.match_batch_async, body)
-        results = await matcher.match_batch_async(queries, strategy="gather", **opts)
+        # no more workers than queries: a request of 10 should not start 64 tasks
+        results = await matcher.match_batch_async(
+            queries, strategy="gather", batch_size=min(64, len(queries)), **opts
+        )
         state.metrics.observe(results)
         return json_bytes(_RESULTS.dump_json(results))
 
