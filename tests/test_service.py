@@ -81,6 +81,11 @@ def serve(
         running.stop()
 
 
+def app_for(matcher: Matcher, **kwargs: Any) -> Any:
+    """A fresh app that closes its matcher (and the LLM connections it owns) on shutdown."""
+    return create_app(matcher, close_matcher=True, **kwargs)
+
+
 def wait_for(condition: Callable[[], bool], interval: float = 0.01) -> None:
     """Poll until ``condition()`` holds (the test timeout bounds the wait)."""
     while not condition():
@@ -99,7 +104,7 @@ def matcher(countries: list[dict[str, Any]]) -> Matcher:
 
 @pytest.fixture
 def server(matcher: Matcher) -> Iterator[Running]:
-    with serve(create_app(matcher)) as running:
+    with serve(app_for(matcher)) as running:
         yield running
 
 
@@ -123,7 +128,7 @@ def test_readyz_is_ready_with_index_built_and_no_llm_configured(server: Running)
 
 def test_readyz_reports_a_reachable_llm(countries: list[dict[str, Any]]) -> None:
     m = Matcher(countries, embedder=FakeEmbedder(), client=fake_client(FakeLLM()))
-    with serve(create_app(m)) as running:
+    with serve(app_for(m)) as running:
         r = httpx.get(running.url + "/readyz")
     assert (r.status_code, r.json()["llm"]) == (200, "reachable")
 
@@ -134,7 +139,7 @@ def test_readyz_is_503_when_the_llm_is_unreachable(countries: list[dict[str, Any
         dead = sock.getsockname()[1]
     client = openai.AsyncOpenAI(api_key="x", base_url=f"http://127.0.0.1:{dead}/v1")
     m = Matcher(countries, embedder=FakeEmbedder(), client=client)
-    with serve(create_app(m)) as running:
+    with serve(app_for(m)) as running:
         r = httpx.get(running.url + "/readyz")
     assert r.status_code == 503
     assert (r.json()["ready"], r.json()["llm"]) == (False, "unreachable")
@@ -202,7 +207,7 @@ def test_match_where_filters_on_entity_attributes() -> None:
         {"id": "PAR-US", "name": "Paris", "aliases": ["Paris TX"], "attributes": {"country": "US"}},
     ]
     m = Matcher(entities, embedder=FakeEmbedder(), llm=False)
-    with serve(create_app(m)) as running:
+    with serve(app_for(m)) as running:
         r = post(running, "/v1/match", {"query": "Paris", "where": {"country": "US"}})
     assert r.status_code == 200
     assert {c["id"] for c in r.json()["candidates"]} == {"PAR-US"}
@@ -258,7 +263,7 @@ def test_entities_are_routed_to_the_incremental_index_methods(
 ) -> None:
     m = _AdminMatcher(countries, embedder=FakeEmbedder(), llm=False)
     m.added, m.removed = [], []
-    with serve(create_app(m)) as running:
+    with serve(app_for(m)) as running:
         added = post(running, "/v1/entities", {"entities": [{"id": "IT", "name": "Italy"}]})
         removed = httpx.delete(running.url + "/v1/entities/DE")
         missing = httpx.delete(running.url + "/v1/entities/nope")
@@ -273,7 +278,7 @@ def test_entities_are_routed_to_the_incremental_index_methods(
 
 @pytest.fixture
 def guarded(matcher: Matcher) -> Iterator[Running]:
-    with serve(create_app(matcher, api_key=TOKEN)) as running:
+    with serve(app_for(matcher, api_key=TOKEN)) as running:
         yield running
 
 
@@ -310,7 +315,7 @@ def test_auth_on_guards_metrics_but_not_the_probes(guarded: Running) -> None:
 @pytest.fixture
 def limited(matcher: Matcher) -> Iterator[Running]:
     limits = ServiceLimits(max_body_bytes=2_000, max_queries=3, max_query_chars=20)
-    with serve(create_app(matcher, limits=limits)) as running:
+    with serve(app_for(matcher, limits=limits)) as running:
         yield running
 
 
@@ -403,7 +408,7 @@ def test_metrics_count_llm_calls_and_tokens(countries: list[dict[str, Any]]) -> 
     m = Matcher(
         countries, embedder=FakeEmbedder(), client=fake_client(FakeLLM()), accept_threshold=1.01
     )
-    with serve(create_app(m)) as running:
+    with serve(app_for(m)) as running:
         r = post(running, "/v1/match", {"query": "Germani"})
         families = _families(httpx.get(running.url + "/metrics").text)
     assert r.json()["decided_by"] == "llm"
@@ -448,7 +453,7 @@ def test_the_openai_key_never_appears_in_responses_metrics_or_logs(
         accept_threshold=1.01,
     )
     caplog.set_level("DEBUG")
-    with serve(create_app(m, api_key=TOKEN)) as running:
+    with serve(app_for(m, api_key=TOKEN)) as running:
         auth = {"Authorization": f"Bearer {TOKEN}"}
         bodies = [
             post(running, "/v1/match", {"query": "Germani"}, headers=auth).text,
@@ -471,11 +476,12 @@ def test_the_openai_key_never_appears_in_responses_metrics_or_logs(
 
 
 def _sim_matcher(countries: list[dict[str, Any]], base_url: str) -> Matcher:
-    client = openai.AsyncOpenAI(api_key="sim", base_url=base_url)
+    # the matcher makes (and so closes) its own client: no connection outlives the server
     return Matcher(
         countries,
         embedder=FakeEmbedder(),
-        client=client,
+        base_url=base_url,
+        api_key="sim",
         model="nem-llm-sim",
         accept_threshold=1.01,
     )
@@ -495,7 +501,7 @@ def _raw_post(port: int, body: dict[str, Any]) -> socket.socket:
 def test_a_disconnecting_client_cancels_its_llm_calls(countries: list[dict[str, Any]]) -> None:
     with run_simulator(SimConfig(latency="fixed", latency_p50=60.0)) as sim:
         m = _sim_matcher(countries, sim.base_url)
-        app = create_app(m)
+        app = app_for(m)
         with serve(app) as running:
             sock = _raw_post(running.port, {"query": ["Germani", "Frankreich"]})
             wait_for(lambda: sim.in_flight == 2)
@@ -512,7 +518,7 @@ def test_a_disconnecting_stream_client_cancels_its_llm_calls(
 ) -> None:
     with run_simulator(SimConfig(latency="fixed", latency_p50=60.0)) as sim:
         m = _sim_matcher(countries, sim.base_url)
-        with serve(create_app(m)) as running:
+        with serve(app_for(m)) as running:
             client = httpx.Client(timeout=30)
             with client.stream(
                 "POST",
@@ -528,7 +534,7 @@ def test_a_disconnecting_stream_client_cancels_its_llm_calls(
 def test_shutdown_drains_in_flight_requests(countries: list[dict[str, Any]]) -> None:
     with run_simulator(SimConfig(latency="fixed", latency_p50=0.5)) as sim:
         m = _sim_matcher(countries, sim.base_url)
-        running = Running(create_app(m))
+        running = Running(app_for(m))
         running.start()
         wait_for(lambda: m.ready)
         answers: list[httpx.Response] = []
@@ -549,7 +555,7 @@ def test_shutdown_cancels_what_is_still_running_after_the_drain_timeout(
 ) -> None:
     with run_simulator(SimConfig(latency="fixed", latency_p50=60.0)) as sim:
         m = _sim_matcher(countries, sim.base_url)
-        running = Running(create_app(m), drain_timeout=0.1)  # uvicorn rounds up to 1 s
+        running = Running(app_for(m), drain_timeout=0.1)  # uvicorn rounds up to 1 s
         running.start()
         wait_for(lambda: m.ready)
         answers: list[httpx.Response] = []
@@ -575,7 +581,7 @@ def test_match_answers_503_until_the_index_is_built(countries: list[dict[str, An
             return super().encode(texts)
 
     m = Matcher(countries, embedder=SlowEmbedder(), llm=False)
-    with serve(create_app(m), wait_ready=False) as running:
+    with serve(app_for(m), wait_ready=False) as running:
         before = post(running, "/v1/match", {"query": "USA"})
         ready_before = httpx.get(running.url + "/readyz")
         gate.set()
