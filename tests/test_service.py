@@ -29,7 +29,7 @@ pytest.importorskip("fastapi", reason="needs the service extra: pip install 'nem
 uvicorn = pytest.importorskip("uvicorn")
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
-from nem_llm import Matcher  # noqa: E402
+from nem_llm import CatalogError, Matcher  # noqa: E402
 from nem_llm.integrations.service import (  # noqa: E402
     ServiceLimits,
     create_app,
@@ -220,9 +220,10 @@ def test_match_where_on_an_unknown_attribute_is_422_naming_where(server: Running
 
 
 @pytest.mark.skipif(not _takes("threshold"), reason="Matcher.match_async has no threshold= yet")
-def test_match_threshold_is_passed_to_the_matcher(server: Running) -> None:
-    strict = post(server, "/v1/match", {"query": "Germani", "threshold": 0.999}).json()
-    assert strict["status"] != "matched" or strict["score"] >= 0.999
+def test_match_threshold_overrides_the_accept_threshold(server: Running) -> None:
+    default = post(server, "/v1/match", {"query": "USA"}).json()
+    strict = post(server, "/v1/match", {"query": "USA", "threshold": 1.01}).json()
+    assert (default["status"], strict["status"]) == ("matched", "review")
 
 
 @pytest.mark.skipif(_takes("where"), reason="the Matcher takes where=: see the tests above")
@@ -235,11 +236,13 @@ def test_where_on_a_matcher_without_it_is_422_naming_where(server: Running) -> N
 # -- entity administration -----------------------------------------------------------------
 
 
-@pytest.mark.skipif(hasattr(Matcher, "add_entities"), reason="the Matcher has an incremental index")
+@pytest.mark.skipif(
+    hasattr(Matcher, "add_entities_async"), reason="the Matcher has an incremental index"
+)
 def test_entities_are_501_without_an_incremental_index(server: Running) -> None:
     r = post(server, "/v1/entities", {"entities": [{"id": "IT", "name": "Italy"}]})
     assert r.status_code == 501
-    assert "add_entities" in r.json()["error"]["message"]
+    assert "add_entities_async" in r.json()["error"]["message"]
     assert httpx.delete(server.url + "/v1/entities/US").status_code == 501
 
 
@@ -247,30 +250,56 @@ class _AdminMatcher(Matcher):
     """A Matcher with stand-in incremental methods (the routing is what is tested)."""
 
     added: list[Any]
+    updated: list[Any]
     removed: list[Any]
 
-    async def add_entities(self, entities: list[Any]) -> None:
+    async def add_entities_async(self, entities: list[Any]) -> None:
+        if any(e.id == "US" for e in entities):
+            raise CatalogError("duplicate id 'US'", source="entities[0]")
         self.added.append([e.id for e in entities])
 
-    async def remove_entities(self, ids: list[str]) -> None:
+    async def update_entities_async(self, entities: list[Any]) -> None:
+        self.updated.append([e.id for e in entities])
+
+    async def remove_entities_async(self, ids: list[str]) -> None:
         if "nope" in ids:
-            raise KeyError("nope")
+            raise CatalogError("id 'nope' is not in the catalog")
         self.removed.append(ids)
 
 
-def test_entities_are_routed_to_the_incremental_index_methods(
-    countries: list[dict[str, Any]],
-) -> None:
+@pytest.fixture
+def admin(countries: list[dict[str, Any]]) -> Iterator[tuple[Running, _AdminMatcher]]:
     m = _AdminMatcher(countries, embedder=FakeEmbedder(), llm=False)
-    m.added, m.removed = [], []
+    m.added, m.updated, m.removed = [], [], []
     with serve(app_for(m)) as running:
-        added = post(running, "/v1/entities", {"entities": [{"id": "IT", "name": "Italy"}]})
-        removed = httpx.delete(running.url + "/v1/entities/DE")
-        missing = httpx.delete(running.url + "/v1/entities/nope")
+        yield running, m
+
+
+def test_entities_post_put_and_delete_reach_the_incremental_index(
+    admin: tuple[Running, _AdminMatcher],
+) -> None:
+    running, m = admin
+    added = post(running, "/v1/entities", {"entities": [{"id": "IT", "name": "Italy"}]})
+    updated = httpx.put(
+        running.url + "/v1/entities", json={"entities": [{"id": "DE", "name": "Germany"}]}
+    )
+    removed = httpx.delete(running.url + "/v1/entities/DE")
     assert (added.status_code, added.json()["added"]) == (201, 1)
+    assert (updated.status_code, updated.json()["updated"]) == (200, 1)
     assert (removed.status_code, removed.json()["removed"]) == (200, 1)
-    assert missing.status_code == 404
-    assert (m.added, m.removed) == ([["IT"]], [["DE"]])
+    assert (m.added, m.updated, m.removed) == ([["IT"]], [["DE"]], [["DE"]])
+
+
+def test_deleting_an_unknown_entity_is_404(admin: tuple[Running, _AdminMatcher]) -> None:
+    r = httpx.delete(admin[0].url + "/v1/entities/nope")
+    assert (r.status_code, r.json()["error"]["field"]) == (404, "entity_id")
+
+
+def test_adding_a_duplicate_entity_is_422_naming_entities(
+    admin: tuple[Running, _AdminMatcher],
+) -> None:
+    r = post(admin[0], "/v1/entities", {"entities": [{"id": "US", "name": "USA"}]})
+    assert (r.status_code, r.json()["error"]["field"]) == (422, "entities")
 
 
 # -- auth ----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Endpoints::
     POST   /v1/match            one query (-> MatchResult) or a list (-> list, input order)
     POST   /v1/match:stream     NDJSON, one MatchResult a line as each finishes (``index`` kept)
     POST   /v1/entities         add entities (when the Matcher has an incremental index)
+    PUT    /v1/entities         replace entities by id (same)
     DELETE /v1/entities/{id}    remove one entity (same)
     GET    /healthz             alive
     GET    /readyz              index built and the LLM reachable (or not configured)
@@ -31,6 +32,7 @@ import asyncio
 import contextlib
 import hmac
 import importlib.metadata
+import inspect
 import logging
 import math
 import time
@@ -178,6 +180,7 @@ class EntitiesChanged(BaseModel):
     """Body answering entity administration."""
 
     added: int = 0
+    updated: int = 0
     removed: int = 0
 
 
@@ -776,9 +779,27 @@ def create_app(
     )
     async def add_entities(body: EntitiesRequest) -> EntitiesChanged:
         state.require_ready()
-        add = _admin_method(matcher, "add_entities")
-        await add(body.entities)
+        add = _admin_method(matcher, "add_entities_async")
+        try:
+            await add(body.entities)
+        except InputError as exc:  # a duplicate id, an invalid entity
+            raise _ApiError(422, "invalid_entities", str(exc), "entities") from None
         return EntitiesChanged(added=len(body.entities))
+
+    @v1.put(
+        "/entities",
+        response_model=EntitiesChanged,
+        summary="Replace entities by id (needs the Matcher's incremental index).",
+        responses={501: {"model": ErrorResponse}},
+    )
+    async def update_entities(body: EntitiesRequest) -> EntitiesChanged:
+        state.require_ready()
+        update = _admin_method(matcher, "update_entities_async")
+        try:
+            await update(body.entities)
+        except InputError as exc:  # an unknown id, an invalid entity
+            raise _ApiError(422, "invalid_entities", str(exc), "entities") from None
+        return EntitiesChanged(updated=len(body.entities))
 
     @v1.delete(
         "/entities/{entity_id}",
@@ -788,10 +809,10 @@ def create_app(
     )
     async def remove_entity(entity_id: str) -> EntitiesChanged:
         state.require_ready()
-        remove = _admin_method(matcher, "remove_entities")
+        remove = _admin_method(matcher, "remove_entities_async")
         try:
             await remove([entity_id])
-        except KeyError:
+        except (InputError, KeyError):  # the id is not in the catalog
             raise _ApiError(
                 404, "not_found", f"no entity with id {entity_id!r}", "entity_id"
             ) from None
@@ -862,8 +883,9 @@ def server_config(
 
 
 def _admin_method(matcher: Matcher, name: str) -> Any:
+    """The Matcher's async incremental-index method ``name``, or 501 if it has none."""
     method = getattr(matcher, name, None)
-    if method is None:
+    if method is None or not inspect.iscoroutinefunction(method):
         raise _ApiError(
             501,
             "not_implemented",
