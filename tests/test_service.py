@@ -220,9 +220,11 @@ def test_match_where_on_an_unknown_attribute_is_422_naming_where(server: Running
 
 
 @pytest.mark.skipif(not _takes("threshold"), reason="Matcher.match_async has no threshold= yet")
-def test_match_threshold_overrides_the_accept_threshold(server: Running) -> None:
-    default = post(server, "/v1/match", {"query": "USA"}).json()
-    strict = post(server, "/v1/match", {"query": "USA", "threshold": 1.01}).json()
+def test_match_threshold_overrides_the_accept_threshold(countries: list[dict[str, Any]]) -> None:
+    m = Matcher(countries, embedder=FakeEmbedder(), llm=False, accept_threshold=0.92)
+    with serve(app_for(m)) as running:
+        default = post(running, "/v1/match", {"query": "United Statess"}).json()
+        strict = post(running, "/v1/match", {"query": "United Statess", "threshold": 1.01}).json()
     assert (default["status"], strict["status"]) == ("matched", "review")
 
 

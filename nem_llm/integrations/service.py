@@ -37,10 +37,18 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import openai
 import uvicorn
@@ -77,6 +85,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("nem_llm.service")
+T = TypeVar("T")
 
 REDACTED = "[redacted]"
 _RESULTS = TypeAdapter(list[MatchResult])
@@ -712,6 +721,22 @@ def create_app(
     def json_bytes(payload: bytes) -> Response:
         return Response(redactor.data(payload), media_type="application/json")
 
+    async def call(body: _Options, work: Awaitable[T]) -> T:
+        """Await a Matcher call; a ConfigError names the request option it came from."""
+        try:
+            return await work
+        except ConfigError as exc:
+            message = redactor.text(str(exc))
+            field = next(
+                (
+                    f
+                    for f in ("threshold", "top_k")
+                    if f in message and getattr(body, f) is not None
+                ),
+                "where" if body.where is not None else None,
+            )
+            raise _ApiError(422, "invalid_option", message, field) from None
+
     @v1.post(
         "/match",
         response_model=MatchResult | Explanation | list[MatchResult] | list[Explanation],
@@ -728,7 +753,7 @@ def create_app(
 
             async def explain(q: str) -> Explanation:
                 async with gate:
-                    return await matcher.explain_match_async(q, **opts)
+                    return await call(body, matcher.explain_match_async(q, **opts))
 
             explanations = list(await asyncio.gather(*(explain(q) for q in queries)))
             state.metrics.observe(e.result for e in explanations)
@@ -736,15 +761,17 @@ def create_app(
                 return json_bytes(explanations[0].model_dump_json().encode())
             return json_bytes(_EXPLANATIONS.dump_json(explanations))
         if not many:
-            result = await matcher.match_async(
-                queries[0], **_options_for(matcher.match_async, body)
-            )
+            opts = _options_for(matcher.match_async, body)
+            result = await call(body, matcher.match_async(queries[0], **opts))
             state.metrics.observe([result])
             return json_bytes(result.model_dump_json().encode())
         opts = _options_for(matcher.match_batch_async, body)
         # no more workers than queries: a request of 10 should not start 64 tasks
-        results = await matcher.match_batch_async(
-            queries, strategy="gather", batch_size=min(64, len(queries)), **opts
+        results = await call(
+            body,
+            matcher.match_batch_async(
+                queries, strategy="gather", batch_size=min(64, len(queries)), **opts
+            ),
         )
         state.metrics.observe(results)
         return json_bytes(_RESULTS.dump_json(results))
