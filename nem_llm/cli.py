@@ -1,4 +1,5 @@
-"""The ``nem-llm`` command line: match, eval, review, discover, report, bench, sim, local-llm.
+"""The ``nem-llm`` command line: match, eval, review, discover, report, bench, serve, sim,
+local-llm.
 
 User errors (bad files, bad options) print one line ``error: ...`` and exit with status 2;
 ``--debug`` shows the traceback. The OpenAI key is read from the environment by the
@@ -734,6 +735,104 @@ def bench(
         b.write_json(report, json_out)
     if plot is not None:
         b.write_plot(report, plot)
+
+
+# -- serve -------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    catalog: Annotated[Path, typer.Option(help="Entities: JSONL or CSV (id, name, ...).")],
+    index: Annotated[
+        Path | None, typer.Option(help="Directory to save the index to and load it from.")
+    ] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(
+            help="Require 'Authorization: Bearer <token>', the token read from this env var."
+        ),
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="LLM calls in flight.")] = 16,
+    rpm: Annotated[float | None, typer.Option(help="Requests per minute cap.")] = None,
+    tpm: Annotated[float | None, typer.Option(help="Tokens per minute cap.")] = None,
+    model: str = "gpt-4o-mini",
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL).")
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="Candidates shown to the LLM.")] = 5,
+    budget_usd: Annotated[float | None, typer.Option(help="Stop LLM calls past this.")] = None,
+    budget_tokens: Annotated[int | None, typer.Option(help="Stop LLM calls past this.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per LLM attempt.")] = 30.0,
+    max_attempts: Annotated[int, typer.Option(help="Attempts per LLM call.")] = 5,
+    accept_threshold: float | None = None,
+    margin: float | None = None,
+    novel_threshold: float | None = None,
+    index_description: Annotated[
+        bool, typer.Option(help="Also index 'name, description' (record-like catalogs).")
+    ] = False,
+    cache: Annotated[Path | None, typer.Option(help="SQLite decision cache.")] = None,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="Larger bodies are answered 413.")
+    ] = 1_048_576,
+    max_queries: Annotated[int, typer.Option(help="Queries per request (else 422).")] = 1000,
+    max_query_chars: Annotated[int, typer.Option(help="Characters per query (else 422).")] = 2000,
+    drain_timeout: Annotated[
+        float, typer.Option(help="Seconds in-flight requests may finish after SIGTERM.")
+    ] = 30.0,
+    log_level: str = "info",
+) -> None:
+    """Serve the catalog over HTTP (FastAPI + uvicorn; needs the `service` extra)."""
+    try:
+        import uvicorn
+
+        from .integrations.service import ServiceLimits, create_app, server_config
+    except ImportError as exc:
+        raise _fail(f"{exc.name} is missing: pip install 'nem_llm[service]'") from None
+    from .matcher import Matcher
+
+    token: str | None = None
+    if api_key_env is not None:
+        token = os.environ.get(api_key_env)
+        if not token:
+            raise _fail(f"--api-key-env {api_key_env}: that environment variable is not set")
+    if not catalog.is_file():
+        raise _fail(f"{catalog}: catalog file not found")
+    limits = _limits(
+        concurrency=concurrency,
+        rpm=rpm,
+        tpm=tpm,
+        timeout=timeout,
+        max_attempts=max_attempts,
+        budget_usd=budget_usd,
+        budget_tokens=budget_tokens,
+    )
+    try:
+        service_limits = ServiceLimits(
+            max_body_bytes=max_body_bytes,
+            max_queries=max_queries,
+            max_query_chars=max_query_chars,
+            drain_timeout=drain_timeout,
+        )
+        matcher = Matcher(
+            catalog,
+            model=model,
+            base_url=base_url,
+            limits=limits,
+            top_k=top_k,
+            accept_threshold=accept_threshold,
+            margin=margin,
+            novel_threshold=novel_threshold,
+            index_description=index_description,
+            cache=cache,
+            index_path=index,
+        )
+    except (NemLLMError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    service = create_app(matcher, api_key=token, limits=service_limits, close_matcher=True)
+    config = server_config(service, host=host, port=port, log_level=log_level)
+    uvicorn.Server(config).run()
 
 
 # -- sim / local-llm ---------------------------------------------------------------------

@@ -1213,6 +1213,65 @@ class Matcher:
 
         return self._from_decision(make, provisional.candidates, decision, decided_by=decided_by)
 
+    # -- DataFrames (logic in integrations/frames.py) ------------------------------------
+
+    async def match_frame_async(
+        self,
+        frame: Any,
+        *,
+        column: str = "name",
+        where_columns: Sequence[str] | dict[str, str] | None = None,
+        top_k: int | None = None,
+        threshold: float | None = None,
+        batch_size: int = 64,
+        candidates: bool = False,
+        prefix: str = "",
+    ) -> Any:
+        """Match a pandas/polars DataFrame's or pyarrow Table's ``column``; a new frame with
+        entity_id, entity_name, status, score, decided_by, reason and cost columns.
+
+        Needs the ``frames`` extra; see :func:`nem_llm.integrations.frames.match_frame_async`.
+        """
+        from .integrations.frames import match_frame_async
+
+        return await match_frame_async(
+            self,
+            frame,
+            column=column,
+            where_columns=where_columns,
+            top_k=top_k,
+            threshold=threshold,
+            batch_size=batch_size,
+            candidates=candidates,
+            prefix=prefix,
+        )
+
+    def match_frame(
+        self,
+        frame: Any,
+        *,
+        column: str = "name",
+        where_columns: Sequence[str] | dict[str, str] | None = None,
+        top_k: int | None = None,
+        threshold: float | None = None,
+        batch_size: int = 64,
+        candidates: bool = False,
+        prefix: str = "",
+    ) -> Any:
+        """Sync twin of :meth:`match_frame_async`."""
+        return self._sync.run(
+            self.match_frame_async(
+                frame,
+                column=column,
+                where_columns=where_columns,
+                top_k=top_k,
+                threshold=threshold,
+                batch_size=batch_size,
+                candidates=candidates,
+                prefix=prefix,
+            )
+        )
+
 
 async def _maybe_await(value: Awaitable[None] | None) -> None:
     if inspect.isawaitable(value):

@@ -40,6 +40,12 @@ ALLOWED: dict[str, set[str]] = {
 }
 
 
+# (module, target) pairs allowed against the flow, each for a stated reason:
+# the Matcher's match_frame methods are thin twins of integrations/frames.py, imported
+# inside the method (frames imports the Matcher only for type checking)
+EXCEPTIONS = {("matcher", "integrations.frames")}
+
+
 def _layer(parts: list[str]) -> str:
     """The layer of a module given its path parts under nem_llm (``["llm", "governor"]``)."""
     head = parts[0]
@@ -92,6 +98,10 @@ def test_imports_run_downward_only(path: Path) -> None:
         if not target:
             continue  # "from . import" of the package itself
         there = _layer(target)
+        if (".".join(path.relative_to(PACKAGE).with_suffix("").parts), ".".join(target)) in (
+            EXCEPTIONS
+        ):
+            continue
         assert there in ALLOWED[here], (
             f"nem_llm/{path.relative_to(PACKAGE)}:{line} ({here}) imports "
             f"nem_llm.{'.'.join(target)} ({there}): imports must run downward"

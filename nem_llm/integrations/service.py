@@ -1,0 +1,929 @@
+"""The HTTP service: a FastAPI app over one Matcher (``nem-llm serve``, ``create_app``).
+
+Endpoints::
+
+    POST   /v1/match            one query (-> MatchResult) or a list (-> list, input order)
+    POST   /v1/match:stream     NDJSON, one MatchResult a line as each finishes (``index`` kept)
+    POST   /v1/entities         add entities (when the Matcher has an incremental index)
+    PUT    /v1/entities         replace entities by id (same)
+    DELETE /v1/entities/{id}    remove one entity (same)
+    GET    /healthz             alive
+    GET    /readyz              index built and the LLM reachable (or not configured)
+    GET    /metrics             Prometheus text format
+    GET    /docs                OpenAPI (the response models are nem_llm's public models)
+
+One Matcher serves every request, so concurrent requests share its micro-batcher and its
+governor (one RPM/TPM budget, one 429 cooldown). With ``api_key`` set, ``/v1/*`` and
+``/metrics`` need ``Authorization: Bearer <key>`` (compared in constant time); the probes
+and the docs stay open. Request limits answer 413 (body) or 422 (queries, query length)
+with ``{"error": {"type", "field", "message"}}``. A client that disconnects cancels its
+work (and so its LLM calls); on shutdown in-flight requests drain up to
+``ServiceLimits.drain_timeout`` and are cancelled after. Secrets (the LLM client's API key
+and the bearer token) are replaced by ``[redacted]`` in every response body and log line.
+
+Example:
+    >>> app = create_app(Matcher("entities.jsonl"), api_key="s3cret")  # doctest: +SKIP
+    >>> uvicorn.run(app)                                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import importlib.metadata
+import inspect
+import logging
+import math
+import time
+import traceback
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import openai
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import ConfigError, InputError, NemLLMError, NotReadyError
+from ..matcher import Matcher
+from ..models import Entity, Explanation, MatchResult
+from ._options import call_options
+
+__all__ = [
+    "EntitiesRequest",
+    "ErrorResponse",
+    "MatchRequest",
+    "ReadyStatus",
+    "ServiceLimits",
+    "StreamRequest",
+    "create_app",
+    "server_config",
+]
+
+log = logging.getLogger("nem_llm.service")
+T = TypeVar("T")
+
+REDACTED = "[redacted]"
+_RESULTS = TypeAdapter(list[MatchResult])
+_EXPLANATIONS = TypeAdapter(list[Explanation])
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_PATHS = ("/v1/match", "/v1/match:stream", "/v1/entities", "/healthz", "/readyz", "/metrics")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceLimits:
+    """Request limits and the shutdown drain of the HTTP service.
+
+    Example:
+        >>> ServiceLimits(max_queries=100, max_query_chars=500).max_body_bytes
+        1048576
+
+    Args:
+        max_body_bytes: larger request bodies are answered 413 (field ``body``).
+        max_queries: more queries in one request are answered 422 (field ``query``/``queries``).
+        max_query_chars: a longer query is answered 422 naming it (``query[3]``).
+        drain_timeout: seconds in-flight requests may run on after shutdown starts.
+        max_explain_concurrency: explanations of a list computed at once.
+    """
+
+    max_body_bytes: int = 1_048_576
+    max_queries: int = 1_000
+    max_query_chars: int = 2_000
+    drain_timeout: float = 30.0
+    max_explain_concurrency: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_queries", "max_query_chars", "max_explain_concurrency"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if not self.drain_timeout >= 0:
+            raise ConfigError(f"drain_timeout must be >= 0, got {self.drain_timeout!r}")
+
+
+# -- request and response models ---------------------------------------------------------
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int | None = Field(default=None, ge=1, le=1000, description="Candidates retrieved.")
+    threshold: float | None = Field(
+        default=None, description="Per-request threshold (passed to the Matcher when set)."
+    )
+    where: dict[str, Any] | None = Field(
+        default=None,
+        description="Filter on entity attributes: a value (equality) or a list (membership).",
+    )
+
+
+class MatchRequest(_Options):
+    """Body of ``POST /v1/match``: one query or a list, and the options."""
+
+    query: str | list[str] = Field(description="One query, or a list (results in input order).")
+    explain: bool = Field(default=False, description="Return Explanations (route, reasons).")
+
+
+class StreamRequest(_Options):
+    """Body of ``POST /v1/match:stream``: the queries and the options."""
+
+    queries: list[str]
+
+
+class EntitiesRequest(BaseModel):
+    """Body of ``POST /v1/entities``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    entities: list[Entity] = Field(min_length=1)
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, and which field of the request (if one) caused it."""
+
+    type: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer of the service."""
+
+    error: ErrorDetail
+
+
+class ReadyStatus(BaseModel):
+    """Body of ``GET /readyz``."""
+
+    ready: bool
+    index_built: bool
+    llm: Literal["not_configured", "reachable", "unreachable"]
+    detail: str | None = None
+
+
+class EntitiesChanged(BaseModel):
+    """Body answering entity administration."""
+
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int, type_: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.message = message
+        self.field = field
+
+
+# -- secrets -----------------------------------------------------------------------------
+
+
+class _Redactor:
+    """Replace known secrets in text and bytes (keys shorter than 6 chars are not secrets)."""
+
+    def __init__(self, secrets: Iterable[str | None]) -> None:
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+        self._bytes = [s.encode() for s in self.secrets]
+
+    def text(self, value: str) -> str:
+        for secret in self.secrets:
+            value = value.replace(secret, REDACTED)
+        return value
+
+    def data(self, value: bytes) -> bytes:
+        for secret in self._bytes:
+            value = value.replace(secret, REDACTED.encode())
+        return value
+
+
+class _RedactingRecords:
+    """A log-record factory that redacts secrets from every record, whichever library logs.
+
+    Installed for the app's lifetime (instructor and openai log provider error messages,
+    which may quote a key); tracebacks are formatted and redacted up front.
+    """
+
+    def __init__(self, redactor: _Redactor, previous: Callable[..., logging.LogRecord]) -> None:
+        self.redactor = redactor
+        self.previous = previous
+
+    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = self.previous(*args, **kwargs)
+        message = record.getMessage()
+        redacted = self.redactor.text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and record.exc_info[0] is not None:
+            text = "".join(traceback.format_exception(*record.exc_info))
+            record.exc_text = self.redactor.text(text).rstrip("\n")
+        return record
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+
+class _GovernorCollector:
+    """Reads the matcher's governor totals at scrape time (LLM calls, retries, tokens, cost)."""
+
+    def __init__(self, matcher: Matcher) -> None:
+        self.matcher = matcher
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.matcher.governor_stats
+        calls = CounterMetricFamily("nem_llm_llm_calls", "LLM calls (one per adjudication).")
+        attempts = CounterMetricFamily("nem_llm_llm_attempts", "LLM attempts, retries included.")
+        failures = CounterMetricFamily("nem_llm_llm_failures", "LLM calls that failed for good.")
+        retries = CounterMetricFamily(
+            "nem_llm_llm_retries", "LLM retries by cause.", labels=["cause"]
+        )
+        limited = CounterMetricFamily("nem_llm_llm_rate_limited", "429 answers received.")
+        tokens = CounterMetricFamily("nem_llm_llm_tokens", "Tokens spent.", labels=["kind"])
+        cost = CounterMetricFamily("nem_llm_llm_cost_usd", "Dollars spent (list prices).")
+        in_flight = GaugeMetricFamily("nem_llm_llm_in_flight", "LLM calls in flight.")
+        if stats is None:
+            for family in (calls, attempts, failures, limited, cost):
+                family.add_metric([], 0.0)
+            for kind in ("prompt", "completion"):
+                tokens.add_metric([kind], 0.0)
+            in_flight.add_metric([], 0.0)
+        else:
+            calls.add_metric([], stats.calls)
+            attempts.add_metric([], stats.attempts)
+            failures.add_metric([], stats.failures)
+            for cause, n in sorted(stats.retries_by_cause.items()):
+                retries.add_metric([cause], n)
+            limited.add_metric([], stats.rate_limited)
+            tokens.add_metric(["prompt"], stats.usage.prompt_tokens)
+            tokens.add_metric(["completion"], stats.usage.completion_tokens)
+            cost.add_metric([], stats.usage.cost_usd)
+            in_flight.add_metric([], stats.in_flight)
+        yield from (calls, attempts, failures, retries, limited, tokens, cost, in_flight)
+
+
+class _Metrics:
+    """The service's Prometheus registry (one per app, so tests can build many apps)."""
+
+    def __init__(self, matcher: Matcher) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "nem_llm_http_requests",
+            "HTTP requests answered.",
+            ["method", "path", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "nem_llm_http_request_duration_seconds",
+            "HTTP request latency.",
+            ["method", "path"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "nem_llm_http_requests_in_flight", "HTTP requests in flight.", registry=r
+        )
+        self.disconnects = Counter(
+            "nem_llm_http_client_disconnects", "Requests cancelled by their client.", registry=r
+        )
+        self.results = Counter(
+            "nem_llm_results", "Match results.", ["status", "decided_by"], registry=r
+        )
+        self.result_seconds = Histogram(
+            "nem_llm_result_duration_seconds",
+            "Latency of one query.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.llm_attempt_seconds = Histogram(
+            "nem_llm_llm_attempt_duration_seconds",
+            "Latency of one LLM attempt.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        r.register(_GovernorCollector(matcher))
+
+    def observe(self, results: Iterable[MatchResult]) -> None:
+        for result in results:
+            self.results.labels(result.status, result.decided_by or "none").inc()
+            self.result_seconds.observe(result.latency_s)
+            for attempt in result.attempts:
+                self.llm_attempt_seconds.observe(attempt.latency_s)
+
+
+def _path_label(path: str) -> str:
+    if path in _PATHS:
+        return path
+    if path.startswith("/v1/entities/"):
+        return "/v1/entities/{entity_id}"
+    return "other"
+
+
+# -- state and the ASGI guard ------------------------------------------------------------
+
+
+class _State:
+    """Per-app state: the matcher, limits, metrics, in-flight requests, readiness."""
+
+    def __init__(
+        self,
+        matcher: Matcher,
+        limits: ServiceLimits,
+        redactor: _Redactor,
+        probe_interval: float,
+        probe_timeout: float,
+    ) -> None:
+        self.matcher = matcher
+        self.limits = limits
+        self.redactor = redactor
+        self.metrics = _Metrics(matcher)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self.fit_task: asyncio.Task[Matcher] | None = None
+        self.fit_error: str | None = None
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self._probe: tuple[float, str, str | None] | None = None
+        self._probe_lock = asyncio.Lock()
+
+    def require_ready(self) -> None:
+        if self.draining:
+            raise _ApiError(503, "shutting_down", "the service is shutting down")
+        if not self.matcher.ready:
+            detail = self.fit_error or "the index is being built"
+            raise _ApiError(503, "not_ready", detail)
+
+    async def probe_llm(self) -> tuple[str, str | None]:
+        """Whether the LLM answers (any HTTP answer but 401/403 counts); cached a while."""
+        client = self.matcher._client
+        if client is None:
+            return "not_configured", None
+        async with self._probe_lock:
+            now = time.monotonic()
+            if self._probe is not None and now - self._probe[0] < self.probe_interval:
+                return self._probe[1], self._probe[2]
+            state, detail = "reachable", None
+            try:
+                # the matcher's own client (max_retries=0); a per-call timeout, no new client
+                await client.models.list(timeout=self.probe_timeout)
+            except openai.APIStatusError as exc:
+                if exc.status_code in (401, 403):
+                    state, detail = (
+                        "unreachable",
+                        f"the LLM rejected the credentials ({exc.status_code})",
+                    )
+            except Exception as exc:  # connection refused, timeout, TLS, ...
+                state, detail = "unreachable", f"{type(exc).__name__}: {exc}"
+            detail = self.redactor.text(detail) if detail else None
+            self._probe = (time.monotonic(), state, detail)
+            return state, detail
+
+    async def drain(self) -> None:
+        """Wait for in-flight requests up to the drain timeout, then cancel the rest."""
+        pending = set(self.tasks)
+        if pending:
+            log.info("draining %d in-flight request(s)", len(pending))
+            _, pending = await asyncio.wait(pending, timeout=self.limits.drain_timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("cancelled %d request(s) after the drain timeout", len(pending))
+            await asyncio.wait(pending)
+
+
+def _error_json(status: int, type_: str, message: str, field: str | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(type=type_, message=message, field=field))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+class _Guard:
+    """Pure ASGI middleware: body-size limit, metrics, cancel on disconnect, drain tracking.
+
+    It reads the whole body first (answering 413 past the limit), hands it to the app,
+    and meanwhile listens for ``http.disconnect``: if the client goes away before the
+    response is complete, the app's task is cancelled, and with it the request's matching
+    and LLM calls.
+    """
+
+    def __init__(self, app: ASGIApp, state: _State) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        metrics = state.metrics
+        method, path = scope["method"], _path_label(scope["path"])
+        status = 0
+        started = time.perf_counter()
+        metrics.in_flight.inc()
+        task = asyncio.current_task()
+        if task is not None:
+            state.tasks.add(task)
+        try:
+            status = await self._handle(scope, receive, send)
+        finally:
+            if task is not None:
+                state.tasks.discard(task)
+            metrics.in_flight.dec()
+            metrics.requests.labels(method, path, str(status)).inc()
+            metrics.request_seconds.labels(method, path).observe(time.perf_counter() - started)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
+        limit = self.state.limits.max_body_bytes
+        too_large = f"request body exceeds {limit} bytes"
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _error_json(413, "request_too_large", too_large, "body")(scope, receive, send)
+                return 413
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return 499
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _error_json(413, "request_too_large", too_large, "body")(scope, receive, send)
+                return 413
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        disconnected = asyncio.Event()
+        delivered = False
+        status = 0
+        complete = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal status, complete
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
+            await send(message)
+
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+
+        app_task = asyncio.ensure_future(self.app(scope, replay, tracked_send))
+        listener = asyncio.ensure_future(listen())
+        try:
+            try:
+                await asyncio.wait({app_task, listener}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                # the server gave up on us (drain timeout): stop the work, say why, go on
+                # being cancelled
+                app_task.cancel()
+                await asyncio.gather(app_task, return_exceptions=True)
+                if status == 0:
+                    with contextlib.suppress(Exception):
+                        await _error_json(503, "shutting_down", "the service shut down")(
+                            scope, receive, send
+                        )
+                raise
+            if not app_task.done() and not complete:
+                self.state.metrics.disconnects.inc()
+                app_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await app_task
+                return 499
+            await app_task
+            return status
+        finally:
+            listener.cancel()
+            app_task.cancel()
+            await asyncio.gather(listener, app_task, return_exceptions=True)
+
+
+# -- the app -----------------------------------------------------------------------------
+
+
+class _NDJSONResponse(Response):
+    """Streams NDJSON lines with plain awaits (no task group).
+
+    Starlette's ``StreamingResponse`` runs the body in an anyio task group; cancelling
+    it there interrupts the clean-up of the Matcher's stream, so httpcore never closes the
+    LLM connection of a cancelled call (the provider keeps working for nobody). Here a
+    disconnect cancels the request task (see ``_Guard``) and the clean-up runs whole.
+    """
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, lines: AsyncGenerator[bytes, None]) -> None:
+        super().__init__(media_type=self.media_type)
+        self.lines = lines
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        async with aclosing(self.lines):
+            async for line in self.lines:
+                await send({"type": "http.response.body", "body": line, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _field_of(loc: Sequence[int | str]) -> str | None:
+    """``("body", "query", "list[str]", 3)`` -> ``"query[3]"`` (pydantic's union tags dropped)."""
+    parts = [p for p in loc if p != "body" and not (isinstance(p, str) and _is_type_tag(p))]
+    if not parts:
+        return None
+    out = str(parts[0])
+    for p in parts[1:]:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in {"str", "int", "float", "bool", "dict", "list"} or "[" in part
+
+
+def _check_queries(queries: list[str], name: str, limits: ServiceLimits) -> None:
+    if len(queries) > limits.max_queries:
+        raise _ApiError(
+            422,
+            "too_many_queries",
+            f"{len(queries)} queries in one request; at most {limits.max_queries}",
+            name,
+        )
+    for i, q in enumerate(queries):
+        if len(q) > limits.max_query_chars:
+            raise _ApiError(
+                422,
+                "query_too_long",
+                f"query of {len(q)} characters; at most {limits.max_query_chars}",
+                f"{name}[{i}]",
+            )
+
+
+def _options_for(fn: Any, body: _Options) -> dict[str, Any]:
+    try:
+        return call_options(fn, top_k=body.top_k, threshold=body.threshold, where=body.where)
+    except ConfigError as exc:
+        raise _ApiError(422, "unsupported_option", str(exc), str(exc).split(":")[0]) from None
+
+
+def create_app(
+    matcher: Matcher,
+    *,
+    api_key: str | None = None,
+    limits: ServiceLimits | None = None,
+    close_matcher: bool = False,
+    probe_interval: float = 15.0,
+    probe_timeout: float = 3.0,
+) -> FastAPI:
+    """Build the FastAPI app serving ``matcher`` (a fresh app each call; no globals).
+
+    The index is built in the background at startup (``/readyz`` says when it is ready).
+
+    Args:
+        matcher: the one Matcher of this process; every request shares it.
+        api_key: when set, ``/v1/*`` and ``/metrics`` require ``Authorization: Bearer <it>``.
+        limits: request limits and the shutdown drain.
+        close_matcher: close the matcher on shutdown (``nem-llm serve`` owns its matcher).
+        probe_interval: seconds ``/readyz`` caches the LLM reachability probe.
+        probe_timeout: seconds the probe (``GET /models``) may take.
+    """
+    limits = limits or ServiceLimits()
+    client = matcher._client
+    redactor = _Redactor([api_key, client.api_key if client is not None else None])
+    state = _State(matcher, limits, redactor, probe_interval, probe_timeout)
+    records: _RedactingRecords | None = None
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        nonlocal records
+        if redactor.secrets:
+            records = _RedactingRecords(redactor, logging.getLogRecordFactory())
+            logging.setLogRecordFactory(records)
+        if not matcher.ready:
+            state.fit_task = asyncio.create_task(matcher.fit_async(), name="nem-llm-fit")
+            state.fit_task.add_done_callback(_fit_done)
+        try:
+            yield
+        finally:
+            state.draining = True
+            await state.drain()
+            if state.fit_task is not None and not state.fit_task.done():
+                state.fit_task.cancel()
+                await asyncio.gather(state.fit_task, return_exceptions=True)
+            if close_matcher:
+                await matcher.aclose()
+            if records is not None and logging.getLogRecordFactory() is records:
+                logging.setLogRecordFactory(records.previous)
+
+    def _fit_done(task: asyncio.Task[Matcher]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            state.fit_error = redactor.text(f"building the index failed: {exc}")
+            log.error("%s", state.fit_error)
+
+    app = FastAPI(
+        title="nem_llm",
+        summary="LLM-assisted entity matching over HTTP.",
+        version=_version(),
+        lifespan=lifespan,
+        responses={
+            422: {"model": ErrorResponse, "description": "Invalid request or limit exceeded."},
+            413: {"model": ErrorResponse, "description": "Request body too large."},
+            503: {"model": ErrorResponse, "description": "Not ready, or shutting down."},
+        },
+    )
+    app.add_middleware(_Guard, state=state)
+
+    @app.exception_handler(_ApiError)
+    async def _api_error(_request: Request, exc: _ApiError) -> JSONResponse:
+        response = _error_json(exc.status, exc.type, redactor.text(exc.message), exc.field)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        if exc.status == 503:
+            response.headers["Retry-After"] = "1"
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        # the deepest location names the field best (a union reports every branch)
+        first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
+        message = str(first.get("msg", "invalid request"))
+        return _error_json(422, "invalid_request", message, _field_of(first.get("loc", ())))
+
+    @app.exception_handler(NemLLMError)
+    async def _nem_error(_request: Request, exc: NemLLMError) -> JSONResponse:
+        message = redactor.text(str(exc))
+        if isinstance(exc, NotReadyError):
+            return _error_json(503, "not_ready", message)
+        if isinstance(exc, ConfigError):
+            field = next((f for f in ("where", "threshold", "top_k") if f in message), None)
+            return _error_json(422, "invalid_option", message, field)
+        if isinstance(exc, InputError):
+            return _error_json(422, "invalid_query", message, "query")
+        log.error("request failed: %s", message)
+        return _error_json(500, type(exc).__name__, message)
+
+    bearer = HTTPBearer(auto_error=False, description="The key named by --api-key-env.")
+
+    async def authorize(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+    ) -> None:
+        assert api_key is not None
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if not hmac.compare_digest(given, api_key.encode()):
+            raise _ApiError(401, "unauthorized", "missing or wrong bearer token", "Authorization")
+
+    guarded = [Depends(authorize)] if api_key is not None else []
+    v1 = APIRouter(prefix="/v1", dependencies=guarded)
+
+    def json_bytes(payload: bytes) -> Response:
+        return Response(redactor.data(payload), media_type="application/json")
+
+    async def call(body: _Options, work: Awaitable[T]) -> T:
+        """Await a Matcher call; a ConfigError names the request option it came from."""
+        try:
+            return await work
+        except ConfigError as exc:
+            message = redactor.text(str(exc))
+            field = next(
+                (
+                    f
+                    for f in ("threshold", "top_k")
+                    if f in message and getattr(body, f) is not None
+                ),
+                "where" if body.where is not None else None,
+            )
+            raise _ApiError(422, "invalid_option", message, field) from None
+
+    @v1.post(
+        "/match",
+        response_model=MatchResult | Explanation | list[MatchResult] | list[Explanation],
+        summary="Match one query or a list (input order).",
+    )
+    async def match(body: MatchRequest) -> Response:
+        state.require_ready()
+        many = isinstance(body.query, list)
+        queries = body.query if isinstance(body.query, list) else [body.query]
+        _check_queries(queries, "query", limits)
+        if body.explain:
+            opts = _options_for(matcher.explain_match_async, body)
+            gate = asyncio.Semaphore(limits.max_explain_concurrency)
+
+            async def explain(q: str) -> Explanation:
+                async with gate:
+                    return await call(body, matcher.explain_match_async(q, **opts))
+
+            explanations = list(await asyncio.gather(*(explain(q) for q in queries)))
+            state.metrics.observe(e.result for e in explanations)
+            if not many:
+                return json_bytes(explanations[0].model_dump_json().encode())
+            return json_bytes(_EXPLANATIONS.dump_json(explanations))
+        if not many:
+            opts = _options_for(matcher.match_async, body)
+            result = await call(body, matcher.match_async(queries[0], **opts))
+            state.metrics.observe([result])
+            return json_bytes(result.model_dump_json().encode())
+        opts = _options_for(matcher.match_batch_async, body)
+        # no more workers than queries: a request of 10 should not start 64 tasks
+        results = await call(
+            body,
+            matcher.match_batch_async(
+                queries, strategy="gather", batch_size=min(64, len(queries)), **opts
+            ),
+        )
+        state.metrics.observe(results)
+        return json_bytes(_RESULTS.dump_json(results))
+
+    @v1.post(
+        "/match:stream",
+        summary="Match many queries; NDJSON, one MatchResult a line, as each finishes.",
+        response_class=_NDJSONResponse,
+        status_code=200,
+        responses={200: {"content": {"application/x-ndjson": {}}, "model": MatchResult}},
+    )
+    async def match_stream(body: StreamRequest) -> Response:
+        state.require_ready()
+        _check_queries(body.queries, "queries", limits)
+        opts = _options_for(matcher.match_stream_async, body)
+        stream = matcher.match_stream_async(body.queries, strategy="as_completed", **opts)
+
+        async def lines() -> AsyncGenerator[bytes, None]:
+            async with aclosing(stream):
+                async for result in stream:
+                    state.metrics.observe([result])
+                    yield redactor.data(result.model_dump_json().encode()) + b"\n"
+
+        return _NDJSONResponse(lines())
+
+    @v1.post(
+        "/entities",
+        response_model=EntitiesChanged,
+        status_code=201,
+        summary="Add entities (needs the Matcher's incremental index).",
+        responses={501: {"model": ErrorResponse}},
+    )
+    async def add_entities(body: EntitiesRequest) -> EntitiesChanged:
+        state.require_ready()
+        add = _admin_method(matcher, "add_entities_async")
+        try:
+            await add(body.entities)
+        except InputError as exc:  # a duplicate id, an invalid entity
+            raise _ApiError(422, "invalid_entities", str(exc), "entities") from None
+        return EntitiesChanged(added=len(body.entities))
+
+    @v1.put(
+        "/entities",
+        response_model=EntitiesChanged,
+        summary="Replace entities by id (needs the Matcher's incremental index).",
+        responses={501: {"model": ErrorResponse}},
+    )
+    async def update_entities(body: EntitiesRequest) -> EntitiesChanged:
+        state.require_ready()
+        update = _admin_method(matcher, "update_entities_async")
+        try:
+            await update(body.entities)
+        except InputError as exc:  # an unknown id, an invalid entity
+            raise _ApiError(422, "invalid_entities", str(exc), "entities") from None
+        return EntitiesChanged(updated=len(body.entities))
+
+    @v1.delete(
+        "/entities/{entity_id}",
+        response_model=EntitiesChanged,
+        summary="Remove one entity (needs the Matcher's incremental index).",
+        responses={404: {"model": ErrorResponse}, 501: {"model": ErrorResponse}},
+    )
+    async def remove_entity(entity_id: str) -> EntitiesChanged:
+        state.require_ready()
+        remove = _admin_method(matcher, "remove_entities_async")
+        try:
+            await remove([entity_id])
+        except (InputError, KeyError):  # the id is not in the catalog
+            raise _ApiError(
+                404, "not_found", f"no entity with id {entity_id!r}", "entity_id"
+            ) from None
+        return EntitiesChanged(removed=1)
+
+    app.include_router(v1)
+
+    @app.get("/healthz", summary="Alive.")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        response_model=ReadyStatus,
+        summary="Ready: index built and the LLM reachable (or not configured).",
+        responses={503: {"model": ReadyStatus}},
+    )
+    async def readyz() -> JSONResponse:
+        llm, detail = await state.probe_llm()
+        built = matcher.ready
+        if state.draining:
+            detail = "shutting down"
+        elif not built:
+            detail = state.fit_error or "the index is being built"
+        ready = built and llm != "unreachable" and not state.draining
+        body = ReadyStatus(ready=ready, index_built=built, llm=llm, detail=detail)  # type: ignore[arg-type]
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics (text format).",
+        response_class=Response,
+        dependencies=guarded,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    )
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.nem_llm = state
+    return app
+
+
+def server_config(
+    app: FastAPI,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    drain_timeout: float | None = None,
+    log_level: str = "info",
+) -> uvicorn.Config:
+    """The uvicorn configuration ``nem-llm serve`` runs ``app`` with.
+
+    On SIGTERM/Ctrl-C uvicorn stops accepting connections and lets in-flight requests
+    finish for up to ``drain_timeout`` seconds (default: the app's
+    ``ServiceLimits.drain_timeout``), then cancels them.
+    """
+    if drain_timeout is None:
+        drain_timeout = app.state.nem_llm.limits.drain_timeout
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        log_level=log_level,
+        timeout_graceful_shutdown=max(1, math.ceil(drain_timeout)),
+        server_header=False,
+    )
+
+
+def _admin_method(matcher: Matcher, name: str) -> Any:
+    """The Matcher's async incremental-index method ``name``, or 501 if it has none."""
+    method = getattr(matcher, name, None)
+    if method is None or not inspect.iscoroutinefunction(method):
+        raise _ApiError(
+            501,
+            "not_implemented",
+            f"entity administration needs Matcher.{name} (the incremental index), which "
+            "this version of nem_llm does not have",
+        )
+    return method
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("nem_llm")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+        return "0"
