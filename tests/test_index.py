@@ -287,3 +287,30 @@ async def test_minilm_calls_a_country_missing_from_the_catalog_novel(
         await matcher.fit_async()
         result = await matcher.match_async("Japan")
     assert (result.status, result.entity_id, result.decided_by) == ("novel", None, "embedding")
+
+
+def test_small_encodes_use_query_threads_and_restore_torch_setting(
+    minilm: SentenceTransformerEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    seen: list[int] = []
+    model = minilm._load()
+    real_encode = model.encode
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(torch.get_num_threads())
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(model, "encode", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        minilm.encode(["one query"])
+        minilm.encode(["text"] * (minilm.batch_size + 1))
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+    assert seen == [1, 2]
+    assert after == 2
