@@ -255,7 +255,7 @@ def make_matcher(catalog: list[dict[str, Any]], **kwargs: Any) -> Any:
     return Matcher(catalog, **kwargs)
 
 
-def llm_matcher(catalog: list[dict[str, Any]], client: Any, concurrency: int) -> Any:
+def llm_matcher(catalog: list[dict[str, Any]], client: Any, concurrency: int, **kwargs: Any) -> Any:
     """Every query goes to the LLM: accept > 1 and novel = 0."""
     from nem_llm import Limits
 
@@ -266,6 +266,7 @@ def llm_matcher(catalog: list[dict[str, Any]], client: Any, concurrency: int) ->
         limits=Limits(concurrency=concurrency, timeout=120.0),
         accept_threshold=1.01,
         novel_threshold=0.0,
+        **kwargs,
     )
 
 
