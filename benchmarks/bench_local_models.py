@@ -127,7 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     before = loadavg()
     items = asyncio.run(ambiguous(args.data, args.per_set))
     nulls = sum(1 for *_, gold in items if gold is None)
-    baseline = max(nulls, len(items) - nulls) / len(items)
+    # no-LLM baselines on the same items: always the top candidate, or a uniform guess
+    top1 = sum(1 for _, ids, gold in items if ids and ids[0] == gold) / len(items)
+    guess = sum(1 / (len(ids) + 1) for _, ids, _ in items) / len(items)
     rows = []
     for name, path in model_paths().items():
         log(f"{name}: {len(items)} calls")
@@ -145,13 +147,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.out(
         f"{len(items)} queries ({', '.join(SETS)}; {nulls} with no right candidate), "
         f"server on 1 thread, one call at a time; load average {before} before, "
-        f"{loadavg()} after. Always answering the majority "
-        f"({'none' if nulls * 2 > len(items) else 'a candidate'}) would score at most "
-        f"{baseline:.2f}."
+        f"{loadavg()} after. Baselines without an LLM on the same queries: always the top "
+        f"candidate {top1:.2f}; a uniform guess among the candidates and none {guess:.2f}. "
+        "answer tok/s = completion tokens / whole call time (prompt evaluation included)."
     )
     rep.out()
     rep.table(
-        ["model", "queries", "accuracy", "no valid answer", "s per call", "completion tok/s"],
+        ["model", "queries", "accuracy", "no valid answer", "s per call", "answer tok/s"],
         rows,
     )
     if args.save:
