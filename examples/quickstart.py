@@ -87,7 +87,7 @@ async def main() -> None:
         top = ", ".join(f"{c.id} {c.score:.2f}" for c in r.candidates[:3])
         decided = r.decided_by or "-"
         if small_model and r.decided_by == "llm":
-            decided = f"llm ({LOCAL_MODEL}, small model)"
+            decided = "llm (small model)"
         table.add_row(
             r.query,
             r.status,
