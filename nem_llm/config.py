@@ -67,8 +67,8 @@ class Limits:
 
     Args:
         concurrency: LLM calls in flight at once (the semaphore), also the number of workers.
-        rpm: requests per minute; ``None`` for no limit. A fresh limiter lets at most
-            ``rpm`` requests start in any 60 s window (no initial burst).
+        rpm: requests per minute; ``None`` for no limit. Never more than ``rpm`` requests
+            start in any 60 s window, no initial burst, and a busy run gets ``rpm`` a minute.
         tpm: tokens per minute (estimated before the call, reconciled with the
             response's usage); ``None`` for no limit.
         timeout: seconds for one attempt (request and response).

@@ -48,6 +48,7 @@ from .llm.cache import CachedDecision, DecisionCache, ReviewedLabel, decision_ke
 from .llm.governor import Governor, GovernorStats
 from .llm.stats import StatsCollector
 from .llm.strategies import Strategy, check_strategy, run_strategy
+from .llm.transport import make_async_client
 from .models import (
     Calibration,
     Candidate,
@@ -263,10 +264,9 @@ class Matcher:
         api_key = api_key or os.environ.get("OPENAI_API_KEY")
         if not base_url and not api_key:
             return None, False
-        made = AsyncOpenAI(
+        made = make_async_client(  # aiohttp when installed: measured cheaper per call
             base_url=base_url,
             api_key=api_key or "not-needed",  # local servers (llama.cpp, vLLM) want none
-            max_retries=0,
             timeout=self.limits.timeout,
         )
         return made, True

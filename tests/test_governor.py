@@ -20,7 +20,7 @@ import pytest
 
 from nem_llm import Limits, Matcher
 from nem_llm.errors import AdjudicationError, BudgetExceededError, LLMError
-from nem_llm.llm.governor import Governed, Governor, TokenBucket, classify_error
+from nem_llm.llm.governor import Governed, Governor, RequestPacer, TokenBucket, classify_error
 from nem_llm.models import Usage
 from nem_llm.testing import FakeEmbedder, FakeLLM
 
@@ -155,9 +155,8 @@ async def test_fresh_rpm_limiter_does_not_burst() -> None:
 @pytest.mark.looptime
 @pytest.mark.timeout(5)
 async def test_rpm_pacing_terminates_on_a_fake_clock() -> None:
-    # aiolimiter leaves ~1e-16 of level after a full period and schedules its wake-up
-    # 1e-18 s later, which rounds to "now": a clock that only moves when the loop idles
-    # never moves again. 60 / 500 s periods hit that rounding on the 11th request.
+    # slots 60 / 500 s apart leave float residue (a wait of ~1e-16 s rounds to "now"): a
+    # clock that only moves when the loop idles would never move again if the pacer slept it
     governor = Governor(Limits(rpm=500, concurrency=8))
     fn = Script(duration=0.3)
 
@@ -165,6 +164,86 @@ async def test_rpm_pacing_terminates_on_a_fake_clock() -> None:
 
     assert fn.calls == 20
     assert fn.starts[-1] == pytest.approx(19 * 60 / 500)
+
+
+class LateSleep:
+    """A sleep that wakes up to ``max_late`` seconds after its time, as a busy real loop does."""
+
+    def __init__(self, max_late: float, seed: int = 0) -> None:
+        self.max_late = max_late
+        self.rng = random.Random(seed)
+
+    async def __call__(self, delay: float) -> None:
+        await asyncio.sleep(delay + self.rng.uniform(0.0, self.max_late))
+
+
+async def paced_starts(pacer: RequestPacer, seconds: float, demand: int) -> list[float]:
+    """Start times granted by ``pacer`` to ``demand`` waiting requests over ``seconds``."""
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+
+    async def request() -> None:
+        await pacer.acquire()
+        starts.append(loop.time())
+
+    tasks = [asyncio.create_task(request()) for _ in range(demand)]
+    await asyncio.sleep(seconds)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return starts
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("rpm", [60, 600, 1000])
+async def test_pacer_holds_the_rate_within_one_percent_over_five_minutes(rpm: int) -> None:
+    period = 60 / rpm
+    pacer = RequestPacer(rpm, sleep=LateSleep(max_late=0.8 * period))
+
+    starts = await paced_starts(pacer, 300.0, demand=5 * rpm + 10)
+
+    assert 5 * rpm * 0.99 <= len([t for t in starts if t < 300.0]) <= 5 * rpm
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("late_periods", [0.0, 0.8, 3.0])
+async def test_pacer_never_exceeds_rpm_in_any_60s_window_even_waking_late(
+    late_periods: float,
+) -> None:
+    rpm = 120
+    pacer = RequestPacer(rpm, sleep=LateSleep(max_late=late_periods * 60 / rpm, seed=7))
+
+    starts = await paced_starts(pacer, 300.0, demand=5 * rpm + 10)
+
+    assert max_in_window([(t, 1) for t in starts]) <= rpm
+
+
+@pytest.mark.looptime
+async def test_pacer_restarts_its_schedule_after_an_idle_spell() -> None:
+    loop = asyncio.get_running_loop()
+    pacer = RequestPacer(60)
+    await pacer.acquire()
+    await asyncio.sleep(100.0)
+
+    await pacer.acquire()  # nobody queued: starts at once, no catch-up burst after it
+    await pacer.acquire()
+
+    assert loop.time() == pytest.approx(101.0)
+
+
+@pytest.mark.looptime
+async def test_cancelled_pacer_waiter_consumes_no_slot() -> None:
+    loop = asyncio.get_running_loop()
+    pacer = RequestPacer(60)
+    await pacer.acquire()
+    waiter = asyncio.create_task(pacer.acquire())
+    await asyncio.sleep(0.5)
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+
+    await pacer.acquire()
+
+    assert loop.time() == pytest.approx(1.0)
 
 
 # -- tokens per minute -----------------------------------------------------------------

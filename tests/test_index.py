@@ -342,3 +342,30 @@ def test_entities_with_equal_reported_scores_come_in_catalog_order(
     index = HybridIndex(catalog, vectors, embedder_name=fake_embedder.name)
     found = search(index, fake_embedder, ["blackman cresent road"], 5)[0]
     assert [c.id for c in found[:2]] == ["twin-b", "twin-a"]
+
+
+def test_small_encodes_use_query_threads_and_restore_torch_setting(
+    minilm: SentenceTransformerEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    seen: list[int] = []
+    model = minilm._load()
+    real_encode = model.encode
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(torch.get_num_threads())
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(model, "encode", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        minilm.encode(["one query"])
+        minilm.encode(["text"] * (minilm.batch_size + 1))
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+    assert seen == [1, 2]
+    assert after == 2

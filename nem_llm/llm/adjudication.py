@@ -35,6 +35,7 @@ from ..catalog import Catalog
 from ..config import price_for
 from ..errors import AdjudicationError
 from ..models import Candidate, Usage
+from . import instructor_checks
 
 __all__ = [
     "NONE",
@@ -149,7 +150,7 @@ def choice_model(k: int) -> type[BaseModel]:
     choice_type: Any = Literal[choices]
     # an OpenAISchema subclass: instructor then uses it as is, instead of wrapping it in a
     # new class (and a new, uncached JSON schema) on every call
-    return create_model(
+    model = create_model(
         "EntityChoice",
         __base__=instructor.OpenAISchema,
         __doc__="The numbered candidate the query refers to, or none.",
@@ -166,6 +167,8 @@ def choice_model(k: int) -> type[BaseModel]:
             Field(description="One short sentence: why this candidate (or none)."),
         ),
     )
+    instructor_checks.trust(model)  # instructor's per-request walk of it, done once
+    return model
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,7 @@ class Adjudicator:
         if temperature is not None:
             self._kwargs.setdefault("temperature", temperature)
         client.on("parse:error", _count_reask)
+        instructor_checks.install()
 
     async def decide(
         self,

@@ -12,8 +12,9 @@ import asyncio
 import json
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -106,6 +107,13 @@ class SentenceTransformerEmbedder:
             :attr:`name` carries the tuned weights' fingerprint (see :func:`model_name_of`).
         batch_size: texts per forward pass.
         device: torch device, ``"cpu"`` by default.
+        query_threads: torch intra-op threads for a call of at most ``batch_size`` texts
+            (the matcher's micro-batches of queries); ``None`` leaves torch's setting.
+            Larger calls (the catalog at fit time) use torch's setting. With more than
+            one thread, torch's OpenMP workers spin-wait between the many small forward
+            passes of a concurrent run, burning the core the event loop and the LLM client
+            need: on 2 cores, 1 thread cut the process CPU per adjudicated query from
+            23.8 ms to 6.3 ms (benchmarks/bench_overhead.py).
     """
 
     def __init__(
@@ -114,11 +122,13 @@ class SentenceTransformerEmbedder:
         *,
         batch_size: int = 64,
         device: str = "cpu",
+        query_threads: int | None = 1,
     ) -> None:
         self._model_ref = None if model is None else os.fspath(model)
         self._name = model_name_of(self._model_ref) if self._model_ref is not None else None
         self.batch_size = batch_size
         self.device = device
+        self.query_threads = query_threads
         self._model: Any = None
         self._lock = threading.Lock()
 
@@ -149,14 +159,35 @@ class SentenceTransformerEmbedder:
         if not texts:
             dim = int(model.get_embedding_dimension())
             return np.zeros((0, dim), dtype=np.float32)
-        vecs = model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
+        threads = self.query_threads if len(texts) <= self.batch_size else None
+        with _torch_threads(threads):
+            vecs = model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
         return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the body with ``threads`` torch intra-op threads (``None``: as set)."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    if before == threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 In = TypeVar("In")
