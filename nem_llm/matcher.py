@@ -13,6 +13,9 @@ import inspect
 import json
 import logging
 import os
+import random
+import shutil
+import tempfile
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -68,10 +71,28 @@ from .retrieval.calibration import (
     make_probes,
     probe_examples,
 )
-from .retrieval.embedding import Embedder, MicroBatcher, SentenceTransformerEmbedder
+from .retrieval.embedding import (
+    TUNED_MANIFEST,
+    Embedder,
+    MicroBatcher,
+    SentenceTransformerEmbedder,
+    default_model_path,
+)
 from .retrieval.index import HybridIndex, catalog_fingerprint
+from .retrieval.learning import (
+    FIT_MODES,
+    FinetuneResult,
+    FitMode,
+    LearnedLabels,
+    choose_mode,
+    finetune,
+    learn_labels,
+    pairs_from_catalog,
+    pairs_from_labels,
+    with_learned_aliases,
+)
 from .retrieval.routing import Route, route
-from .text import DEFAULT_MAX_QUERY_CHARS, validate_query
+from .text import DEFAULT_MAX_QUERY_CHARS, fold, validate_query
 
 __all__ = ["Matcher", "ProgressCallback", "Where"]
 
@@ -84,6 +105,8 @@ Where = Mapping[str, Any]
 Wheres = Where | Sequence[Where | None] | None
 
 log = logging.getLogger("nem_llm")
+#: learned aliases and known-novel mentions, kept in the index directory
+LEARNED_FILE = "learned.json"
 # extra candidates retrieved per probe: its own entity may be among them (see calibration)
 _PROBE_EXTRA = 1
 
@@ -178,6 +201,13 @@ class Matcher:
         self.catalog = load_catalog(
             entities, include_description=index_description, columns=columns
         )
+        # the catalog as given; self.catalog adds what fit learned (learned aliases)
+        self._base_catalog = self.catalog
+        self._include_description = index_description
+        self.learned: LearnedLabels | None = None
+        self.last_finetune: FinetuneResult | None = None
+        self._tmp_model_dir: Path | None = None
+        self._own_embedder = embedder is None
         defaults = Thresholds()
         self.thresholds = Thresholds(
             accept=defaults.accept if accept_threshold is None else accept_threshold,
@@ -315,10 +345,31 @@ class Matcher:
         self,
         training_data: Sequence[tuple[str, str | None]] | None = None,
         *,
+        mode: FitMode | None = None,
+        show_progress: bool = True,
         target_precision: float | None = None,
         novel_target_precision: float | None = None,
+        **kwargs: Any,
     ) -> Matcher:
-        """Build (or load) the index and calibrate the routing thresholds.
+        """Build (or load) the index, learn from labels, and calibrate the routing thresholds.
+
+        Modes (``training_data`` is labelled ``(query, gold_id_or_None)`` pairs):
+
+        - ``"zero-shot"``: build the index; labels only calibrate.
+        - ``"aliases"``: each labelled ``(query, id)`` becomes a learned surface form of its
+          entity (saved with the index: a repeated mention is matched without the LLM);
+          ``(query, None)`` teaches that the mention is not in the catalog.
+        - ``"full"``: also fine-tune the embedding model on the labelled pairs plus the
+          catalog's own alias pairs (contrastive, on CPU, bounded by ``max_seconds``,
+          default 600, and ``epochs``, default 1; ``learning_rate`` default 1e-4); the tuned
+          model is saved with the index (``index_path``) and the index fingerprint covers it.
+        - ``None``: "zero-shot" with fewer than 20 labelled pairs that have an id, "aliases"
+          below 5,000, "full" from 5,000.
+
+        In "aliases" and "full" a seeded share of the labels (``holdout``, default 0.3)
+        is held out of training and calibrates the thresholds, so the precision reported
+        in ``matcher.calibration`` is measured on labels training did not see. Labels naming
+        an unknown id are reported and skipped (``strict=True``: a ``ConfigError``).
 
         With labelled ``(query, gold_id_or_None)`` pairs (at least 20), the thresholds are
         calibrated on them; without, they are estimated from probes of the catalog itself
@@ -331,18 +382,29 @@ class Matcher:
         """
         if self._closed:
             raise NemLLMError("this Matcher is closed")
+        unknown = set(kwargs) - {"holdout", "strict", "max_seconds", "epochs", "learning_rate",
+                                 "seed", "batch_size"}  # fmt: skip
+        if unknown:
+            raise ConfigError(f"fit: unknown option(s) {', '.join(sorted(unknown))}")
+        if mode is not None and mode not in FIT_MODES:
+            raise ConfigError(f"mode must be one of {', '.join(FIT_MODES)} or None, got {mode!r}")
         if target_precision is not None:
             self.target_precision = _precision("target_precision", target_precision)
         if novel_target_precision is not None:
             self.novel_target_precision = _precision(
                 "novel_target_precision", novel_target_precision
             )
+        labels = self._check_labels(training_data or ())
+        chosen = mode or choose_mode(labels)
+        calibrate_on: Sequence[tuple[str, str | None]] = labels
+        if chosen != "zero-shot" and labels:
+            calibrate_on = await self._train(labels, chosen, show_progress, kwargs)
         loop = asyncio.get_running_loop()
         if self.index is None:
             self.index = await loop.run_in_executor(self._executor, self._build_index)
         calibration = None
-        if training_data:
-            calibration = await self._calibrate_on_labels(training_data)
+        if calibrate_on:
+            calibration = await self._calibrate_on_labels(calibrate_on)
         if calibration is None and {"accept", "margin", "novel"} <= self._user_thresholds:
             calibration = self._user_calibration()
         if calibration is None:
@@ -383,6 +445,7 @@ class Matcher:
         )
 
     def _build_index(self) -> HybridIndex:
+        self._restore_learned()
         if self.index_path is not None and (self.index_path / "manifest.json").exists():
             return HybridIndex.load(
                 self.index_path,
@@ -411,17 +474,117 @@ class Matcher:
             found.extend(await loop.run_in_executor(self._executor, self._retrieve_batch, chunk))
         return found
 
-    async def _calibrate_on_labels(
+    def _check_labels(
         self, training_data: Sequence[tuple[str, str | None]]
-    ) -> Calibration | None:
-        queries: list[str] = []
-        golds: list[str | None] = []
+    ) -> list[tuple[str, str | None]]:
+        """Validated, normalized labels (a clear ConfigError/QueryError naming the item)."""
+        out: list[tuple[str, str | None]] = []
         for i, pair in enumerate(training_data):
             if not isinstance(pair, tuple | list) or len(pair) != 2:
                 raise ConfigError(f"training_data[{i}] must be a (query, gold_id) pair")
             query, gold = pair
-            queries.append(validate_query(query, index=i, max_chars=self.max_query_chars))
-            golds.append(gold)
+            if gold is not None and not isinstance(gold, str):
+                raise ConfigError(f"training_data[{i}]: gold id must be a str or None")
+            out.append((validate_query(query, index=i, max_chars=self.max_query_chars), gold))
+        return out
+
+    async def _train(
+        self,
+        labels: list[tuple[str, str | None]],
+        mode: FitMode,
+        show_progress: bool,
+        options: dict[str, Any],
+    ) -> list[tuple[str, str | None]]:
+        """Learn from a training share of the labels; return the held-out share."""
+        holdout = float(options.get("holdout", 0.3))
+        if not 0.0 <= holdout < 1.0:
+            raise ConfigError(f"holdout must be in [0, 1), got {holdout}")
+        order = list(range(len(labels)))
+        random.Random(int(options.get("seed", 0))).shuffle(order)
+        cut = int(len(order) * holdout)
+        held = [labels[i] for i in sorted(order[:cut])]
+        train = [labels[i] for i in sorted(order[cut:])]
+        learned, problems = learn_labels(
+            train, self._base_catalog, strict=bool(options.get("strict"))
+        )
+        for problem in problems[:20]:
+            log.warning("nem_llm: %s", problem)
+        if len(problems) > 20:
+            log.warning("nem_llm: ... and %d more label problems", len(problems) - 20)
+        loop = asyncio.get_running_loop()
+        if mode == "full":
+            if self._own_embedder:
+                pairs = pairs_from_catalog(self._base_catalog) + pairs_from_labels(
+                    train, self._base_catalog, strict=False
+                )
+                out = self._model_dir()
+                result = await loop.run_in_executor(
+                    self._executor,
+                    lambda: finetune(
+                        default_model_path(),
+                        pairs,
+                        out,
+                        epochs=int(options.get("epochs", 1)),
+                        max_seconds=options.get("max_seconds", 600),
+                        learning_rate=float(options.get("learning_rate", 1e-4)),
+                        batch_size=int(options.get("batch_size", 32)),
+                        seed=int(options.get("seed", 0)),
+                        show_progress=show_progress,
+                    ),
+                )
+                self.embedder = SentenceTransformerEmbedder(result.path)
+                self.last_finetune = result
+            else:
+                log.warning("nem_llm: mode 'full' fine-tunes the default model only; "
+                            "a custom embedder is kept (learning aliases)")  # fmt: skip
+        self._learn(learned)
+        return held
+
+    def _model_dir(self) -> Path:
+        if self.index_path is not None:
+            return self.index_path / "model"
+        if self._tmp_model_dir is None:
+            self._tmp_model_dir = Path(tempfile.mkdtemp(prefix="nem-llm-model-"))
+        return self._tmp_model_dir / "model"
+
+    def _learn(self, learned: LearnedLabels) -> None:
+        """Adopt learned aliases (a new catalog: the index is rebuilt) and novel mentions."""
+        self.learned = learned
+        self.catalog = Catalog.from_entities(
+            with_learned_aliases(self._base_catalog.entities, learned),
+            include_description=self._include_description,
+        )
+        self._masks.clear()
+        self.index = None
+        if self.index_path is not None:
+            self.index_path.mkdir(parents=True, exist_ok=True)
+            for stale in ("manifest.json", "calibration.json"):
+                (self.index_path / stale).unlink(missing_ok=True)
+            target = self.index_path / LEARNED_FILE
+            tmp = target.with_suffix(".tmp")
+            tmp.write_text(learned.to_json(), encoding="utf-8")
+            tmp.replace(target)
+
+    def _restore_learned(self) -> None:
+        """Reload learned aliases and a tuned model saved with the index (a restart)."""
+        if self.index_path is None or self.learned is not None:
+            return
+        saved = self.index_path / LEARNED_FILE
+        if saved.exists():
+            self.learned = LearnedLabels.from_json(saved.read_text(encoding="utf-8"))
+            self.catalog = Catalog.from_entities(
+                with_learned_aliases(self._base_catalog.entities, self.learned),
+                include_description=self._include_description,
+            )
+        tuned = self.index_path / "model"
+        if self._own_embedder and (tuned / TUNED_MANIFEST).exists():
+            self.embedder = SentenceTransformerEmbedder(tuned)
+
+    async def _calibrate_on_labels(
+        self, labels: Sequence[tuple[str, str | None]]
+    ) -> Calibration | None:
+        queries = [q for q, _ in labels]
+        golds = [g for _, g in labels]
         found = await self._retrieve_many(queries, max(self.top_k, 2))
         cal = estimate(
             labelled_examples(found, queries, golds),
@@ -525,6 +688,14 @@ class Matcher:
         prompt_hash = hashlib.sha256(messages[-1]["content"].encode()).hexdigest()[:16]
         return decision_key(normalized, ids, self.model, f"{PROMPT_VERSION}:{prompt_hash}")
 
+    def _route(self, candidates: list[Candidate], thresholds: Thresholds, normalized: str) -> Route:
+        """Routing, plus what fit learned: a mention labelled "not in the catalog" is novel."""
+        if self.learned is not None and fold(normalized) in self.learned.novel:
+            top = candidates[0].score if candidates else None
+            return Route("novel", "a labelled example says this mention is not in the catalog",
+                         top, None, "learned_novel")  # fmt: skip
+        return route(candidates, thresholds, normalized)
+
     def _thresholds_for(self, threshold: float | None) -> Thresholds:
         """The thresholds of one call: ``threshold`` overrides the accept threshold."""
         if threshold is None:
@@ -551,7 +722,7 @@ class Matcher:
         try:
             normalized = validate_query(query, index=index, max_chars=self.max_query_chars)
             candidates = await self._candidates(normalized, k, self._mask_key(where))
-            decision = route(candidates, thresholds or self.thresholds, normalized)
+            decision = self._route(candidates, thresholds or self.thresholds, normalized)
             result = await self._decide(index, text, normalized, candidates, decision)
         except asyncio.CancelledError:
             raise
@@ -974,7 +1145,7 @@ class Matcher:
                 hints=hints,
             )
         candidates = await self._candidates(normalized, self.top_k)
-        decision = route(candidates, self.thresholds, normalized)
+        decision = self._route(candidates, self.thresholds, normalized)
         if decision.kind == "adjudicate" and decision.margin is not None and decision.margin < 0.02:
             hints.append("near-tie between the top candidates: check for duplicate entities")
         if decision.kind == "novel" and candidates:
@@ -1023,6 +1194,8 @@ class Matcher:
             await self._client.close()
         if self._owns_cache and self._cache is not None:
             self._cache.close()
+        if self._tmp_model_dir is not None:  # a tuned model fit made without an index_path
+            shutil.rmtree(self._tmp_model_dir, ignore_errors=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> Matcher:
@@ -1037,15 +1210,21 @@ class Matcher:
         self,
         training_data: Sequence[tuple[str, str | None]] | None = None,
         *,
+        mode: FitMode | None = None,
+        show_progress: bool = True,
         target_precision: float | None = None,
         novel_target_precision: float | None = None,
+        **kwargs: Any,
     ) -> Matcher:
         """Sync twin of :meth:`fit_async`."""
         return self._sync.run(
             self.fit_async(
                 training_data,
+                mode=mode,
+                show_progress=show_progress,
                 target_precision=target_precision,
                 novel_target_precision=novel_target_precision,
+                **kwargs,
             )
         )
 
@@ -1151,7 +1330,7 @@ class Matcher:
         try:
             normalized = validate_query(query, index=index, max_chars=self.max_query_chars)
             candidates = await self._candidates(normalized, k)
-            decision = route(candidates, self.thresholds, normalized)
+            decision = self._route(candidates, self.thresholds, normalized)
             adjudicator = self._adjudicator
             if (
                 decision.kind != "adjudicate"

@@ -26,23 +26,30 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from ..catalog import Catalog
 from ..errors import ConfigError, InputError
-from ..text import normalize
+from ..models import Entity
+from ..text import fold, normalize
 from .embedding import TUNED_MANIFEST, model_name_of
 
 __all__ = [
+    "FIT_MODES",
     "FinetuneResult",
+    "FitMode",
+    "LearnedLabels",
+    "choose_mode",
     "finetune",
+    "learn_labels",
     "no_duplicate_batches",
     "pairs_from_catalog",
     "pairs_from_labels",
     "weights_fingerprint",
+    "with_learned_aliases",
 ]
 
 Pair = tuple[str, str]
@@ -487,3 +494,104 @@ def finetune(
         stopped_by=stopped,
         fingerprint=fingerprint,
     )
+
+
+# -- learned aliases (fit mode "aliases") ----------------------------------------------
+
+FitMode = Literal["zero-shot", "aliases", "full"]
+FIT_MODES: tuple[str, ...] = ("zero-shot", "aliases", "full")
+#: mode=None: below this many labelled pairs with an id, "zero-shot"; from it, "aliases".
+MIN_PAIRS_FOR_ALIASES = 20
+#: mode=None: from this many labelled pairs with an id, "full" (minutes of CPU).
+MIN_PAIRS_FOR_FULL = 5000
+
+
+def choose_mode(labels: Sequence[tuple[str, str | None]]) -> FitMode:
+    """The documented rule behind ``fit(mode=None)``, by labelled pairs with an id.
+
+    - fewer than ``MIN_PAIRS_FOR_ALIASES`` (20): "zero-shot" (labels only calibrate);
+    - fewer than ``MIN_PAIRS_FOR_FULL`` (5,000): "aliases";
+    - otherwise "full" (fine-tuning, bounded by ``max_seconds``).
+    """
+    with_id = sum(1 for _, gold in labels if gold is not None)
+    if with_id < MIN_PAIRS_FOR_ALIASES:
+        return "zero-shot"
+    if with_id < MIN_PAIRS_FOR_FULL:
+        return "aliases"
+    return "full"
+
+
+@dataclass(frozen=True)
+class LearnedLabels:
+    """What training learned from labels: surface forms per entity, mentions known novel."""
+
+    aliases: Mapping[str, tuple[str, ...]]  # entity id -> learned mention texts
+    novel: frozenset[str]  # folded mentions labelled "not in the catalog"
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"aliases": {k: list(v) for k, v in sorted(self.aliases.items())},
+             "novel": sorted(self.novel)},
+            ensure_ascii=False,
+        )  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str) -> LearnedLabels:
+        data = json.loads(text)
+        return cls(
+            aliases={str(k): tuple(v) for k, v in data.get("aliases", {}).items()},
+            novel=frozenset(data.get("novel", [])),
+        )
+
+
+def learn_labels(
+    labels: Sequence[tuple[str, str | None]], catalog: Catalog, *, strict: bool = False
+) -> tuple[LearnedLabels, list[str]]:
+    """Learned surface forms from labelled ``(normalized query, id or None)`` pairs.
+
+    Returns the learned labels and one problem line per skipped label (unknown id, a
+    query labelled two ways); ``strict`` raises ``ConfigError`` on the first instead.
+    """
+    problems: list[str] = []
+    aliases: dict[str, list[str]] = {}
+    novel: set[str] = set()
+    seen: dict[str, str | None] = {}
+    for i, (query, gold) in enumerate(labels):
+        key = fold(query)
+        if key in seen and seen[key] != gold:
+            msg = f"training_data[{i}]: {query!r} is labelled both {seen[key]!r} and {gold!r}"
+            if strict:
+                raise ConfigError(msg)
+            problems.append(msg)
+            continue
+        seen[key] = gold
+        if gold is None:
+            novel.add(key)
+            continue
+        if gold not in catalog.by_id:
+            msg = f"training_data[{i}]: unknown entity id {gold!r} (skipped)"
+            if strict:
+                raise ConfigError(msg)
+            problems.append(msg)
+            continue
+        own = {fold(f) for f in catalog.entities[catalog.by_id[gold]].surface_forms()}
+        forms = aliases.setdefault(gold, [])
+        if key not in own and query not in forms:
+            forms.append(query)
+    # a mention labelled with an id somewhere and novel elsewhere is not "known novel"
+    conflicted = {k for k, g in seen.items() if g is not None}
+    return (
+        LearnedLabels(
+            {k: tuple(v) for k, v in aliases.items() if v}, frozenset(novel - conflicted)
+        ),
+        problems,
+    )
+
+
+def with_learned_aliases(entities: Sequence[Entity], learned: LearnedLabels) -> list[Entity]:
+    """The entities with their learned mentions appended to their aliases."""
+    out = []
+    for e in entities:
+        extra = [a for a in learned.aliases.get(e.id, ()) if a not in e.aliases and a != e.name]
+        out.append(e.model_copy(update={"aliases": [*e.aliases, *extra]}) if extra else e)
+    return out
