@@ -24,7 +24,14 @@ SETS = {  # set -> index "name, description" too (record-like catalogs)
     "febrl4": True,
     "languages": False,
 }
-RUNS = [("off", 0.0), ("sim", 0.0), ("off", 0.5), ("sim", 0.5)]
+RUNS = [  # (llm, labelled share, fit mode)
+    ("off", 0.0, "zero-shot"),
+    ("sim", 0.0, "zero-shot"),
+    ("off", 0.5, "zero-shot"),
+    ("sim", 0.5, "zero-shot"),
+    ("off", 0.5, "aliases"),
+    ("sim", 0.5, "aliases"),
+]
 
 
 async def main() -> None:
@@ -35,7 +42,7 @@ async def main() -> None:
     args = parser.parse_args()
     reports: list[EvalReport] = []
     for name in args.sets:
-        for llm, frac in RUNS:
+        for llm, frac, mode in RUNS:
             started = time.perf_counter()
             report = await run_eval(
                 catalog=args.data / f"{name}_catalog.jsonl",
@@ -44,6 +51,8 @@ async def main() -> None:
                 oracle_error_rate=0.1,
                 index_description=SETS[name],
                 calibrate_fraction=frac,
+                mode=mode,
+                seed=0,
                 name=name,
             )
             reports.append(report)

@@ -379,6 +379,14 @@ def eval_(
         typer.Option(help="Share of queries used to calibrate thresholds (rest evaluated)."),
     ] = 0.0,
     target_precision: float = 0.99,
+    mode: Annotated[
+        str,
+        typer.Option(help="fit mode with --calibrate: zero-shot, aliases, full, or auto."),
+    ] = "zero-shot",
+    seed: Annotated[int, typer.Option(help="Seed of the --calibrate split.")] = 0,
+    max_seconds: Annotated[
+        float, typer.Option(help="Fine-tuning time limit (mode full), seconds.")
+    ] = 600.0,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the report as JSON.")
     ] = None,
@@ -408,6 +416,9 @@ def eval_(
             index_description=index_description,
             calibrate_fraction=calibrate,
             target_precision=target_precision,
+            seed=seed,
+            mode=None if mode == "auto" else mode,
+            fit_options={"max_seconds": max_seconds} if mode in ("full", "auto") else None,
             name=name or catalog.stem.removesuffix("_catalog"),
             progress=err,
             keep_results=kept,

@@ -203,7 +203,6 @@ class Matcher:
         )
         # the catalog as given; self.catalog adds what fit learned (learned aliases)
         self._base_catalog = self.catalog
-        self._include_description = index_description
         self.learned: LearnedLabels | None = None
         self.last_finetune: FinetuneResult | None = None
         self._tmp_model_dir: Path | None = None
@@ -552,7 +551,7 @@ class Matcher:
         self.learned = learned
         self.catalog = Catalog.from_entities(
             with_learned_aliases(self._base_catalog.entities, learned),
-            include_description=self._include_description,
+            include_description=self._base_catalog.include_description,
         )
         self._masks.clear()
         self.index = None
@@ -574,7 +573,7 @@ class Matcher:
             self.learned = LearnedLabels.from_json(saved.read_text(encoding="utf-8"))
             self.catalog = Catalog.from_entities(
                 with_learned_aliases(self._base_catalog.entities, self.learned),
-                include_description=self._include_description,
+                include_description=self._base_catalog.include_description,
             )
         tuned = self.index_path / "model"
         if self._own_embedder and (tuned / TUNED_MANIFEST).exists():

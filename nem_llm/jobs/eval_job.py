@@ -65,6 +65,8 @@ async def run_eval(
     calibrate_fraction: float = 0.0,
     target_precision: float = 0.99,
     seed: int = 0,
+    mode: str | None = "zero-shot",
+    fit_options: dict[str, Any] | None = None,
     name: str = "",
     progress: Any = None,
     keep_results: list[tuple[MatchResult, str | None]] | None = None,
@@ -78,8 +80,12 @@ async def run_eval(
     ``keep_results``: a list that receives every evaluated ``(result, gold_id)`` pair
     (``nem-llm eval --report`` draws the run report from them).
 
-    ``calibrate_fraction > 0``: a seeded random share of the queries calibrates the
-    thresholds (``fit_async(training_data=...)``) and the report covers only the rest.
+    ``calibrate_fraction > 0``: a seeded random share of the queries is the labelled data
+    given to ``fit_async(training_data, mode=mode)`` (it calibrates the thresholds and, in
+    modes "aliases" and "full", trains) and the report covers only the rest; it also counts
+    the evaluated queries that appear verbatim among the labelled ones and reports R@10 on
+    the others (a learned alias that memorises a repeated string is a real win, not a sign
+    that the model generalises).
     """
     if not 0.0 <= calibrate_fraction < 1.0:
         raise ConfigError(f"calibrate_fraction must be in [0, 1), got {calibrate_fraction}")
@@ -123,7 +129,13 @@ async def run_eval(
             novel_threshold=novel_threshold,
         )
         await stack.enter_async_context(matcher)
-        await matcher.fit_async(training or None, target_precision=target_precision)
+        await matcher.fit_async(
+            training or None,
+            mode=mode,  # type: ignore[arg-type]  # checked by fit_async
+            show_progress=progress is not None,
+            target_precision=target_precision,
+            **(fit_options or {}),
+        )
         if progress is not None and matcher.calibration is not None:
             fitted = matcher.calibration
             for route_name, est in (("auto-match", fitted.matched), ("auto-novel", fitted.novel)):
@@ -154,6 +166,17 @@ async def run_eval(
     label = {"off": "off", "env": model, "sim": f"sim oracle err={oracle_error_rate:g}"}[llm]
     report = evaluate(results, golds, retrieved, name=name, llm=label)
     report.calibrated_on = len(training)
+    report.mode = mode or "auto"
+    if training:
+        from ..text import fold
+
+        seen = {fold(t) for t, _ in training}
+        unseen = [i for i, t in enumerate(texts) if fold(t) not in seen]
+        report.seen_in_training = len(texts) - len(unseen)
+        with_gold = [i for i in unseen if golds[i] is not None]
+        if with_gold:
+            hits = sum(1 for i in with_gold if golds[i] in {c.id for c in retrieved[i][:10]})
+            report.recall_at_10_unseen = hits / len(with_gold)
     report.thresholds = matcher.thresholds.as_dict()
     cal = matcher.calibration
     if cal is not None:

@@ -37,6 +37,9 @@ class EvalReport(BaseModel):
     calibrated_on: int = 0
     thresholds: dict[str, float] = Field(default_factory=dict)
     calibration_source: str = ""
+    mode: str = "zero-shot"
+    seen_in_training: int = 0
+    recall_at_10_unseen: float | None = None
     expected_accept_precision: float | None = None
     expected_novel_precision: float | None = None
 
@@ -119,18 +122,21 @@ def render_eval_table(reports: Sequence[EvalReport]) -> str:
     them is what calibration expected (on probes of the catalog or on the labels).
     """
     head = (
-        "| set | llm | calibrated on | queries | R@1 | R@10 | R@50 | auto-match P (est) "
+        "| set | llm | calibrated on | queries | R@1 | R@10 | R@50 | R@10 unseen (seen) "
+        "| auto-match P (est) "
         "| auto-match cov | auto-novel P (est) | auto-novel cov | novel P | novel R | accuracy "
         "| to LLM | review | tokens |"
     )
-    lines = [head, "|" + "---|" * 17]
+    lines = [head, "|" + "---|" * 18]
     for r in reports:
         source = r.calibration_source or "-"
-        if source == "labels":
-            source = f"{r.calibrated_on} labels"
+        if r.calibrated_on:
+            source = f"{r.calibrated_on} labels, {r.mode}"
+        unseen = f"{_fmt(r.recall_at_10_unseen)} ({r.seen_in_training})" if r.calibrated_on else "-"
         lines.append(
             f"| {r.name} | {r.llm} | {source} | {r.queries} | "
             + " | ".join(_fmt(r.recall_at.get(k)) for k in (1, 10, 50))
+            + f" | {unseen}"
             + f" | {_fmt(r.auto_accept_precision)} ({_fmt(r.expected_accept_precision)}) "
             f"| {_fmt(r.auto_accept_coverage)} "
             f"| {_fmt(r.auto_novel_precision)} ({_fmt(r.expected_novel_precision)}) "
