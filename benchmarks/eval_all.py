@@ -39,10 +39,13 @@ async def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(__file__).parents[2] / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval.md")
     parser.add_argument("--sets", nargs="*", default=list(SETS))
+    parser.add_argument(
+        "--runs", nargs="*", type=int, help="indexes into RUNS (default: all)", default=None
+    )
     args = parser.parse_args()
     reports: list[EvalReport] = []
     for name in args.sets:
-        for llm, frac, mode in RUNS:
+        for llm, frac, mode in [RUNS[i] for i in args.runs] if args.runs else RUNS:
             started = time.perf_counter()
             report = await run_eval(
                 catalog=args.data / f"{name}_catalog.jsonl",

@@ -767,6 +767,8 @@ def test_eval_prints_every_metric(eval_runs: dict[str, Run]) -> None:
     assert cells["tokens"] == str(report["tokens"])
     assert cells["cost $"] == f"{report['cost_usd']:.4f}"
     assert cells["queries"] == "21"
+    assert cells["auto-novel P"] == fmt(report["auto_novel_precision"])
+    assert cells["auto-novel cov"] == fmt(report["auto_novel_coverage"])
 
 
 def test_eval_json_agrees_with_an_independent_computation(

@@ -118,16 +118,18 @@ def _fmt(value: float | None) -> str:
 def render_eval_table(reports: Sequence[EvalReport]) -> str:
     """A markdown table, one row per report.
 
-    "auto-match P" and "auto-novel P" are measured on the evaluated queries; "(est)" beside
-    them is what calibration expected (on probes of the catalog or on the labels).
+    "auto-accept P" and "auto-novel P" are measured on the evaluated queries; "est." is
+    what calibration expected (on probes of the catalog, or on held-out labels).
+    "R@10 unseen (seen)": recall@10 of the evaluated queries whose text is not among the
+    labelled ones, and how many are.
     """
     head = (
-        "| set | llm | calibrated on | queries | R@1 | R@10 | R@50 | R@10 unseen (seen) "
-        "| auto-match P (est) "
-        "| auto-match cov | auto-novel P (est) | auto-novel cov | novel P | novel R | accuracy "
-        "| to LLM | review | tokens |"
+        "| set | llm | calib | queries | R@1 | R@5 | R@10 | R@50 | auto-accept P | auto-accept cov "
+        "| novel P | novel R | accuracy | to LLM | review | tokens | cost $ "
+        "| est. auto-accept P | auto-novel P | est. auto-novel P | auto-novel cov "
+        "| R@10 unseen (seen) |"
     )
-    lines = [head, "|" + "---|" * 18]
+    lines = [head, "|" + "---|" * 22]
     for r in reports:
         source = r.calibration_source or "-"
         if r.calibrated_on:
@@ -135,13 +137,11 @@ def render_eval_table(reports: Sequence[EvalReport]) -> str:
         unseen = f"{_fmt(r.recall_at_10_unseen)} ({r.seen_in_training})" if r.calibrated_on else "-"
         lines.append(
             f"| {r.name} | {r.llm} | {source} | {r.queries} | "
-            + " | ".join(_fmt(r.recall_at.get(k)) for k in (1, 10, 50))
-            + f" | {unseen}"
-            + f" | {_fmt(r.auto_accept_precision)} ({_fmt(r.expected_accept_precision)}) "
-            f"| {_fmt(r.auto_accept_coverage)} "
-            f"| {_fmt(r.auto_novel_precision)} ({_fmt(r.expected_novel_precision)}) "
-            f"| {_fmt(r.auto_novel_coverage)} "
+            + " | ".join(_fmt(r.recall_at.get(k)) for k in RECALL_KS)
+            + f" | {_fmt(r.auto_accept_precision)} | {_fmt(r.auto_accept_coverage)} "
             f"| {_fmt(r.novel_precision)} | {_fmt(r.novel_recall)} | {_fmt(r.accuracy)} "
-            f"| {_fmt(r.llm_share)} | {_fmt(r.review_share)} | {r.tokens} |"
+            f"| {_fmt(r.llm_share)} | {_fmt(r.review_share)} | {r.tokens} | {r.cost_usd:.4f} "
+            f"| {_fmt(r.expected_accept_precision)} | {_fmt(r.auto_novel_precision)} "
+            f"| {_fmt(r.expected_novel_precision)} | {_fmt(r.auto_novel_coverage)} | {unseen} |"
         )
     return "\n".join(lines)
