@@ -198,8 +198,27 @@ def match(
         str | None, typer.Option(help="Ray cluster address (e.g. auto); default: start locally.")
     ] = None,
     actors: Annotated[int, typer.Option(help="Ray actors (limits are split across them).")] = 2,
+    where: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="ATTRIBUTE=COLUMN: each row's candidates are the entities whose attribute "
+            "equals the row's COLUMN value (repeatable; an empty value: no filter)."
+        ),
+    ] = None,
+    catalog_columns: Annotated[
+        str | None,
+        typer.Option(help="Map catalog columns, e.g. id=code,name=label,aliases=alt_names."),
+    ] = None,
+    alias_separator: Annotated[
+        str | None, typer.Option(help="Splits an aliases column given as one string.")
+    ] = None,
+    prompt_attributes: Annotated[
+        str | None,
+        typer.Option(help="Entity attributes shown to the LLM, comma-separated (country,type)."),
+    ] = None,
 ) -> None:
     """Match every row of a queries file against a catalog; resumable and cached."""
+    from .catalog import CatalogColumns
     from .jobs.batch import MatchJob, run_match_job
 
     limits = _limits(
@@ -216,6 +235,15 @@ def match(
             raise _fail(f"{path}: {label} file not found")
     if engine is EngineOpt.ray and llm_mode is LLMModeOpt.batch_api:
         raise _fail("--engine ray works with --llm-mode live only")
+    filters: list[tuple[str, str]] = []
+    for spec in where or []:
+        attribute, sep, column = (part.strip() for part in spec.partition("="))
+        if not sep or not attribute or not column:
+            raise _fail(f"--where {spec!r}: use ATTRIBUTE=COLUMN, e.g. country=country_code")
+        filters.append((attribute, column))
+    columns = None
+    if catalog_columns or alias_separator:
+        columns = CatalogColumns.parse(catalog_columns or "", alias_separator=alias_separator)
     job = MatchJob(
         catalog=catalog,
         queries=queries,
@@ -233,6 +261,11 @@ def match(
         novel_threshold=novel_threshold,
         index_description=index_description,
         state=state,
+        where=tuple(filters),
+        columns=columns,
+        prompt_attributes=tuple(
+            a.strip() for a in (prompt_attributes or "").split(",") if a.strip()
+        ),
     )
     progress = Progress(
         TextColumn("[bold]matching"),

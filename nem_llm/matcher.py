@@ -101,8 +101,9 @@ Queries = Iterable[str] | AsyncIterable[str]
 #: A candidate filter on entity attributes: ``{"country": "FR"}`` (equality) or
 #: ``{"country": ["FR", "BE"]}`` (membership); every key must hold.
 Where = Mapping[str, Any]
-#: One filter for every query, or one per query (``None`` = no filter for that one).
-Wheres = Where | Sequence[Where | None] | None
+#: One filter for every query, or one per query (a sequence, or a function of the query's
+#: position; ``None`` = no filter for that one).
+Wheres = Where | Sequence[Where | None] | Callable[[int], Where | None] | None
 
 log = logging.getLogger("nem_llm")
 #: learned aliases and known-novel mentions, kept in the index directory
@@ -1019,6 +1020,8 @@ class Matcher:
             self._mask_key(where)
             shared = where
             return lambda i: shared
+        if callable(where):
+            return where
         if isinstance(where, str | bytes) or not isinstance(where, Sequence):
             raise ConfigError(
                 f"where must be a mapping or a sequence of mappings, got {type(where).__name__}"

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..catalog import load_catalog
+from ..catalog import CatalogColumns, load_catalog
 from ..config import Limits
+from ..errors import ConfigError
 from ..llm.adjudication import PROMPT_VERSION
 from ..llm.cache import DecisionCache
 from ..llm.governor import GovernorStats
@@ -61,6 +62,11 @@ class MatchJob:
     novel_threshold: float | None = None
     index_description: bool = False
     state: Path | None = None
+    #: (entity attribute, query column) pairs: each row's candidates are filtered to
+    #: entities whose attribute equals the row's value (an empty value: no filter)
+    where: tuple[tuple[str, str], ...] = ()
+    columns: CatalogColumns | None = None
+    prompt_attributes: tuple[str, ...] = ()
 
     @property
     def state_dir(self) -> Path:
@@ -100,6 +106,9 @@ def _run_meta(job: MatchJob) -> dict[str, object]:
         "thresholds": [job.accept_threshold, job.margin, job.novel_threshold],
         "index_description": job.index_description,
         "prompt_version": PROMPT_VERSION,
+        "where": [list(w) for w in job.where],
+        "columns": None if job.columns is None else repr(job.columns),
+        "prompt_attributes": list(job.prompt_attributes),
     }
 
 
@@ -108,6 +117,17 @@ def output_row(row: QueryRow, result: MatchResult) -> str:
     data = result.model_dump(mode="json")
     data["index"] = row.index
     return json.dumps({"id": row.id, "line": row.line, **data}, ensure_ascii=False)
+
+
+def _row_filter(where: tuple[tuple[str, str], ...], row: QueryRow) -> dict[str, str]:
+    """A row's candidate filter from its columns (empty or missing values: no filter)."""
+    record = row.record or {}
+    out: dict[str, str] = {}
+    for attribute, column in where:
+        value = record.get(column)
+        if value is not None and str(value).strip():
+            out[attribute] = str(value).strip()
+    return out
 
 
 def _error_result(row: QueryRow) -> MatchResult:
@@ -153,8 +173,18 @@ async def run_match_job(
     check_strategy(job.strategy)
     loop = asyncio.get_running_loop()
     catalog = await loop.run_in_executor(
-        None, lambda: load_catalog(job.catalog, include_description=job.index_description)
+        None,
+        lambda: load_catalog(
+            job.catalog, include_description=job.index_description, columns=job.columns
+        ),
     )
+    known = catalog.attribute_names()
+    for attribute, _ in job.where:
+        if attribute not in known:
+            raise ConfigError(
+                f"--where {attribute}=...: no entity in {job.catalog} has the attribute "
+                f"{attribute!r} (attributes: {', '.join(sorted(known)[:10]) or 'none'})"
+            )
     rows = read_queries(job.queries, query_column=job.query_column, id_column=job.id_column)
     total = count_rows(job.queries)
     state = job.state_dir
@@ -175,6 +205,7 @@ async def run_match_job(
         novel_threshold=job.novel_threshold,
         cache=cache,
         index_path=state / "index",
+        **({"prompt_attributes": job.prompt_attributes} if job.prompt_attributes else {}),
     )
     collector = StatsCollector()
     started = loop.time()
@@ -187,6 +218,7 @@ async def run_match_job(
         await loop.run_in_executor(None, _rewrite, job.out, store, run_key, "completion")
         await matcher.fit_async()
         pending: dict[int, QueryRow] = {}
+        filters: dict[int, dict[str, str]] = {}
         finished = resumed
 
         with AtomicLineWriter(job.out, append=True) as writer:
@@ -214,10 +246,16 @@ async def run_match_job(
                         await emit(row, _error_result(row))
                         continue
                     pending[position] = row
+                    if job.where:
+                        filters[position] = _row_filter(job.where, row)
                     position += 1
                     yield row.query
 
-            stream = matcher.match_stream_async(feed(), strategy=job.strategy)
+            stream = matcher.match_stream_async(
+                feed(),
+                strategy=job.strategy,
+                where=(lambda i: filters.pop(i, None) or None) if job.where else None,
+            )
             # Stop (Ctrl-C) must stop LLM dispatch, not only the feed: the workers have
             # already pulled rows ahead that wait for an LLM slot. Results that are ready
             # are still recorded; then the stream is cancelled (in-flight calls too) and
