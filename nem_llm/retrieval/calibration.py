@@ -52,7 +52,7 @@ __all__ = [
 
 #: Bumped whenever probes or the estimator change: a saved label-free calibration of an
 #: older version is estimated again.
-PROBE_VERSION = 4
+PROBE_VERSION = 6
 #: Margins (top minus runner-up) tried by calibration, safest last.
 MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2)
 #: The share of novel mentions probes assume: (lowest, highest). Auto-match precision is
@@ -407,13 +407,18 @@ def _variants(form: str, rng: random.Random) -> list[tuple[str, str]]:
             out.append(("truncate", " ".join(tokens[:keep])))
     if len(tokens) >= 2:
         out.append(("reorder", " ".join(tokens[1:] + tokens[:1])))
+    if len(tokens) >= 3:
+        # another record of the same entity: a third of the details gone, a few typos
+        kept = [t for i, t in enumerate(tokens) if i == 0 or rng.random() >= 1 / 3]
+        mixed = " ".join(kept)
+        out.append(("mixed", _typo(mixed, rng, min(3, 1 + len(mixed) // 15))))
     folded = fold(form)
     out.append(("fold_case", folded.upper() if rng.random() < 0.5 else folded))
     return out
 
 
 def make_probes(
-    catalog: Catalog, *, entities: int = 400, per_entity: int = 4, seed: int = 0
+    catalog: Catalog, *, entities: int = 400, per_entity: int = 5, seed: int = 0
 ) -> list[Probe]:
     """Synthetic mentions of sampled entities: aliases and noisy variants of their forms.
 
@@ -433,8 +438,9 @@ def make_probes(
             continue
         own = {f.casefold() for f in forms}
         made: list[tuple[str, str]] = [("alias", a) for a in forms[1:3]]
-        for form in forms[:2]:
-            made.extend(_variants(form, rng))
+        # noise on the fullest form: a messy mention usually carries at least that much
+        # (a record's "name, description"), and short mentions are covered by aliases
+        made.extend(_variants(max(forms, key=len), rng))
         rng.shuffle(made)
         kept = 0
         seen: set[str] = set()
