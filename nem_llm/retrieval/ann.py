@@ -32,7 +32,7 @@ _MIN_PER_LIST = 39  # faiss wants >= 39 training points per centroid
 
 def _faiss() -> Any:
     try:
-        import faiss  # type: ignore[import-untyped]
+        import faiss
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ConfigError(
             'ANN search needs faiss-cpu: pip install "nem_llm[ann]" (or use index="exact")'

@@ -101,7 +101,8 @@ class _State:
     form_of_slot: npt.NDArray[np.int64]  # current form of each slot (-1: removed)
 
     def ends(self) -> npt.NDArray[np.int64]:
-        return np.r_[self.starts[1:], len(self.catalog.forms)].astype(np.int64)
+        ends: npt.NDArray[np.int64] = np.r_[self.starts[1:], len(self.catalog.forms)]
+        return ends.astype(np.int64)
 
 
 def _state(
