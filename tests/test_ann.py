@@ -84,10 +84,9 @@ def test_ann_top_10_agrees_with_exact(
     qv = embedder.encode(queries)
     got = ann.search(qv, queries, 10)
     want = exact.search(qv, queries, 10)
-    overlap = [
-        len({c.id for c in a} & {c.id for c in e}) / 10 for a, e in zip(got, want, strict=True)
-    ]
-    assert np.mean(overlap) >= 0.99
+    # ties at the 10th place may resolve either way: compare the scores, best first
+    for a, e in zip(got, want, strict=True):
+        assert [c.score for c in a] == pytest.approx([c.score for c in e], abs=2e-6)
 
 
 def test_ann_scores_equal_exact_scores_of_the_same_candidates(

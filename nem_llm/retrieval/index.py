@@ -138,6 +138,22 @@ def _forms_of(st: _State, entities: npt.NDArray[np.int64]) -> tuple[Any, Any]:
     return forms, offsets
 
 
+def _pair_dots(queries: sp.csr_matrix, rows: sp.csr_matrix, bounds: list[int]) -> F32:
+    """Dot product of each row with its query's row; query ``i`` owns rows
+    ``bounds[i]:bounds[i + 1]``. One scatter into a dense lookup per query: no product
+    matrix (a (queries x rows) sparse product would compute every cross pair too)."""
+    table = np.zeros(queries.shape[1], dtype=np.float32)
+    prod = np.zeros(len(rows.data), dtype=np.float32)
+    for i in range(queries.shape[0]):
+        qcols = queries.indices[queries.indptr[i] : queries.indptr[i + 1]]
+        table[qcols] = queries.data[queries.indptr[i] : queries.indptr[i + 1]]
+        lo, hi = rows.indptr[bounds[i]], rows.indptr[bounds[i + 1]]
+        prod[lo:hi] = rows.data[lo:hi] * table[rows.indices[lo:hi]]
+        table[qcols] = 0.0
+    owner = np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))
+    return np.bincount(owner, weights=prod, minlength=rows.shape[0]).astype(np.float32)
+
+
 class HybridIndex:
     """Top-k over a catalog's surface forms: exact, or an ANN shortlist re-scored exactly.
 
@@ -301,45 +317,107 @@ class HybridIndex:
             hi = lo + _QUERY_CHUNK
             qv, qs = query_vecs[lo:hi], queries[lo:hi]
             qlex = self._query_lexical(qs)
-            entities = None
             if self._ann is not None:
-                entities = self._shortlist(st, qv, qlex, k, allowed, n_allowed)
-            elif allowed is not None and n_allowed < n_entities // 4:
-                entities = np.flatnonzero(allowed).astype(np.int64)  # a small filtered subset
+                out.extend(self._ann_search(st, qv, qlex, k, allowed))
+                continue
+            entities = None
+            if allowed is not None and n_allowed < n_entities // 4:
+                entities = np.flatnonzero(allowed)  # a small filtered subset: score only it
             out.extend(self._top_k(st, qv, qlex, k, allowed, entities))
         return out
 
-    def _shortlist(
+    def _ann_search(
         self,
         st: _State,
         qv: F32,
         qlex: sp.csr_matrix | None,
         k: int,
         allowed: npt.NDArray[np.bool_] | None,
-        n_allowed: int,
-    ) -> npt.NDArray[np.int64]:
-        """Candidate entities for a batch of queries: the union of the dense and lexical
-        shortlists (widened for a filter), or the whole filtered subset when it is small
-        or the shortlist holds fewer than ``k`` allowed entities."""
+    ) -> list[list[Candidate]]:
+        """Per query: the dense and lexical shortlists (widened for a filter), re-scored
+        exactly; exact search over the allowed entities when the filter is small or a
+        shortlist holds fewer than ``k`` allowed entities."""
         assert self._ann is not None
         n_forms = len(st.catalog.forms)
         allowed_forms = n_forms if allowed is None else int(allowed[st.owners].sum())
         if allowed is not None and (allowed_forms <= _EXACT_SUBSET or allowed_forms < n_forms / 20):
-            return np.flatnonzero(allowed).astype(np.int64)
+            return self._top_k(st, qv, qlex, k, allowed, np.flatnonzero(allowed))
         widen = n_forms / max(1, allowed_forms)
         n = min(n_forms, int(max(_SHORTLIST, 4 * k) * widen))
         slots = self._ann.search(qv, n, nprobe=int(self.nprobe * min(widen, 4.0)))
-        slots = slots[slots >= 0]
-        forms = st.form_of_slot[slots[slots < len(st.form_of_slot)]]
-        parts = [forms[forms >= 0]]
+        lexical: list[npt.NDArray[np.int64]] = []
         if qlex is not None and st.inverted is not None and self._rare is not None:
-            parts.extend(shortlist(qlex, st.inverted, self._rare, n))
-        entities = np.unique(st.owners[np.concatenate(parts)])
-        if allowed is not None:
-            entities = entities[allowed[entities]]
-        if len(entities) < k:
-            return np.flatnonzero(allowed if allowed is not None else st.owners >= 0)
-        return entities
+            lexical = shortlist(qlex, st.inverted, self._rare, n)
+        per_query: list[npt.NDArray[np.int64]] = []
+        short: list[int] = []
+        for row in range(qv.shape[0]):
+            found = slots[row][(slots[row] >= 0) & (slots[row] < len(st.form_of_slot))]
+            forms = st.form_of_slot[found]
+            if lexical:
+                forms = np.concatenate([forms[forms >= 0], lexical[row]])
+            entities = np.unique(st.owners[forms[forms >= 0]])
+            if allowed is not None:
+                entities = entities[allowed[entities]]
+            if len(entities) < k:
+                short.append(row)
+            per_query.append(entities)
+        out = self._rescore(st, qv, qlex, k, per_query)
+        everyone = np.flatnonzero(allowed) if allowed is not None else None
+        for row in short:  # rare: fall back to exact search for this query
+            qrow = qlex[row] if qlex is not None else None
+            out[row] = self._top_k(st, qv[row : row + 1], qrow, k, allowed, everyone)[0]
+        return out
+
+    def _rescore(
+        self,
+        st: _State,
+        qv: F32,
+        qlex: sp.csr_matrix | None,
+        k: int,
+        per_query: list[npt.NDArray[np.int64]],
+    ) -> list[list[Candidate]]:
+        """Exact scores of each query's own candidate entities (all their forms)."""
+        q_rows, form_parts, seg_starts = [], [], []
+        base = 0
+        for row, entities in enumerate(per_query):
+            forms, offsets = _forms_of(st, entities)
+            form_parts.append(forms)
+            seg_starts.append(offsets + base)
+            q_rows.append(np.full(len(forms), row, dtype=np.int64))
+            base += len(forms)
+        forms = np.concatenate(form_parts)
+        qi = np.concatenate(q_rows)
+        vecs = np.asarray(st.vectors[forms], dtype=np.float32)
+        dense = np.einsum("ij,ij->i", vecs, qv[qi]).astype(np.float32)
+        lex = None
+        if qlex is not None and st.lex_forms is not None:
+            bounds = np.cumsum([0] + [len(f) for f in form_parts]).tolist()
+            lex = _pair_dots(qlex, st.lex_forms[forms], bounds)
+        scores = self._combine(dense[None, :], None if lex is None else lex[None, :])[0]
+        out: list[list[Candidate]] = []
+        for row, entities in enumerate(per_query):
+            starts = seg_starts[row]
+            if len(entities) == 0:
+                out.append([])
+                continue
+            seg_lo = int(starts[0])
+            seg = scores[seg_lo : seg_lo + len(form_parts[row])]
+            ends = np.r_[starts[1:], seg_lo + len(seg)]
+            ent_scores = np.maximum.reduceat(seg, starts - seg_lo)
+            kk = min(k, len(entities))
+            top = np.argpartition(-ent_scores, kk - 1)[:kk]
+            top = top[np.argsort(-ent_scores[top], kind="stable")]
+            cands = []
+            for col in top:
+                lo, hi = int(starts[col]), int(ends[col])
+                best = lo + int(np.argmax(scores[lo:hi]))
+                cands.append(
+                    self._candidate(
+                        st, qv[row], int(entities[col]), int(forms[best]), float(ent_scores[col])
+                    )
+                )
+            out.append(cands)
+        return out
 
     def _top_k(
         self,
