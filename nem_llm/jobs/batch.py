@@ -61,6 +61,7 @@ class MatchJob:
     novel_threshold: float | None = None
     index_description: bool = False
     state: Path | None = None
+    index: Path | None = None  # a saved index to reuse (default: one under the state dir)
 
     @property
     def state_dir(self) -> Path:
@@ -174,7 +175,7 @@ async def run_match_job(
         margin=job.margin,
         novel_threshold=job.novel_threshold,
         cache=cache,
-        index_path=state / "index",
+        index_path=job.index or state / "index",
     )
     collector = StatsCollector()
     started = loop.time()

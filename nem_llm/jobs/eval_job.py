@@ -67,6 +67,7 @@ async def run_eval(
     seed: int = 0,
     name: str = "",
     progress: Any = None,
+    index_path: Path | None = None,
 ) -> EvalReport:
     """Evaluate retrieval, routing and end-to-end decisions on labelled queries.
 
@@ -117,6 +118,7 @@ async def run_eval(
             accept_threshold=accept_threshold,
             margin=margin,
             novel_threshold=novel_threshold,
+            index_path=index_path,
         )
         await stack.enter_async_context(matcher)
         await matcher.fit_async(training or None, target_precision=target_precision)
