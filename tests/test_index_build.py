@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,10 @@ from nem_llm.catalog import load_catalog
 from nem_llm.jobs.index_build import build_index
 from nem_llm.retrieval.index import HybridIndex
 from nem_llm.testing import FakeEmbedder
+
+ROOT = Path(__file__).parent.parent
+CATALOG = ROOT / "tests" / "data" / "cli" / "catalog.jsonl"  # 25 countries
+MENTIONS = ROOT / "tests" / "data" / "cli" / "mentions.csv"  # 17 rows
 
 
 class CrashingEmbedder(FakeEmbedder):
@@ -51,3 +58,30 @@ def test_an_interrupted_build_resumes_at_the_first_missing_chunk(
     build_index(catalog, again, tmp_path / "idx", chunk_size=4)
     assert again.texts_encoded == len(catalog.forms) - 8
     assert HybridIndex.load(tmp_path / "idx", catalog).catalog is catalog
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "nem_llm.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+@pytest.mark.timeout(400)
+def test_match_reuses_an_index_built_by_the_cli(tmp_path: Path) -> None:
+    built = _cli("index", "build", "--catalog", str(CATALOG), "--out", "idx", "-q", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    assert "index saved to idx" in built.stderr
+    matched = _cli(
+        "match", "--catalog", str(CATALOG), "--queries", str(MENTIONS), "--out", "out.jsonl",
+        "--index", "idx", "-q", cwd=tmp_path,
+    )  # fmt: skip
+    assert matched.returncode == 0, matched.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 17
+    assert not (tmp_path / "out.jsonl.state" / "index").exists()  # nothing rebuilt
