@@ -80,9 +80,10 @@ def catalog_fingerprint(catalog: Catalog) -> str:
 
 
 IndexMode = Literal["auto", "exact", "ann"]
-# "auto" switches to ANN at this many surface forms. Measured on 2 cores (bench_scale.py):
-# exact hybrid search of 64 queries costs ~1 ms per 1,000 forms, the ANN path a roughly
-# constant ~30-60 ms; they cross near 50k forms, and 100k leaves a margin for small batches.
+# "auto" switches to ANN at this many surface forms. Below it exact search costs at most
+# ~60 ms per 64 queries on two idle cores (DESIGN.md), needs no faiss training at build
+# time and is exact; above it exact grows linearly (bench_scale.py: ~0.5 s at 55k forms on
+# two cores under load 12, ANN ~0.2 s there, and 10x+ apart at 1M).
 ANN_MIN_FORMS = 100_000
 _MANIFEST = "manifest.json"
 
