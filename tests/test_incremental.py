@@ -166,3 +166,8 @@ def test_the_next_save_after_a_crash_clears_the_half_written_version(
 
 def _raise(*args: Any, **kwargs: Any) -> None:
     raise OSError("disk gone")
+
+
+def test_removing_every_entity_is_refused(matcher: Matcher) -> None:
+    with pytest.raises(CatalogError, match="never empty"):
+        matcher.remove_entities([e.id for e in matcher.catalog.entities])

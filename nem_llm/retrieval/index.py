@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -86,6 +87,7 @@ IndexMode = Literal["auto", "exact", "ann"]
 # two cores under load 12, ANN ~0.2 s there, and 10x+ apart at 1M).
 ANN_MIN_FORMS = 100_000
 _MANIFEST = "manifest.json"
+_VERSION_DIR = re.compile(r"v\d{6}-[0-9a-f]{8}(\.tmp)?")
 
 
 @dataclass(frozen=True)
@@ -509,6 +511,8 @@ class HybridIndex:
             for e in added:
                 if e.id in cat.by_id and e.id not in gone:
                     raise CatalogError(f"entity id {e.id!r} is already in the catalog")
+            if len(gone) == len(cat.entities) and not added:
+                raise CatalogError("cannot remove every entity: a catalog is never empty")
             if add is not None and (add_vectors is None or len(add_vectors) != len(add.forms)):
                 raise ConfigError("add_vectors must hold one vector per added form")
             keep_ent = np.ones(len(cat.entities), dtype=bool)
@@ -601,7 +605,7 @@ class HybridIndex:
             os.fsync(fh.fileno())
         os.replace(staged, d / _MANIFEST)
         for old in d.iterdir():  # earlier versions and crashed saves
-            if old.is_dir() and old.name.startswith("v") and old.name != name:
+            if old.is_dir() and _VERSION_DIR.fullmatch(old.name) and old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
         (d / "form_vectors.npy").unlink(missing_ok=True)  # format 1 leftovers
 
