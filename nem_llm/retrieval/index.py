@@ -167,10 +167,13 @@ def _take_rows(
     """``array[kept]`` followed by ``extra``, written into one new array (one copy)."""
     n_extra = 0 if extra is None else len(extra)
     out = np.empty((len(kept) + n_extra, *array.shape[1:]), dtype=array.dtype)
-    if len(kept) == len(array):
-        out[: len(kept)] = array
-    else:
-        np.take(array, kept, axis=0, out=out[: len(kept)])
+    # kept rows come in long runs (few removals): copy run by run (memcpy speed; np.take
+    # with a row index is ~5x slower on a million rows)
+    breaks = np.flatnonzero(np.diff(kept) != 1) + 1
+    at = 0
+    for run in np.split(kept, breaks) if len(kept) else []:
+        out[at : at + len(run)] = array[run[0] : run[-1] + 1]
+        at += len(run)
     if extra is not None:
         out[len(kept) :] = extra
     return out
