@@ -216,6 +216,9 @@ def match(
         str | None,
         typer.Option(help="Entity attributes shown to the LLM, comma-separated (country,type)."),
     ] = None,
+    index: Annotated[
+        Path | None, typer.Option(help="A saved index (nem-llm index build) to reuse.")
+    ] = None,
 ) -> None:
     """Match every row of a queries file against a catalog; resumable and cached."""
     from .catalog import CatalogColumns
@@ -266,6 +269,7 @@ def match(
         prompt_attributes=tuple(
             a.strip() for a in (prompt_attributes or "").split(",") if a.strip()
         ),
+        index=index,
     )
     progress = Progress(
         TextColumn("[bold]matching"),
@@ -388,6 +392,69 @@ async def _run_batch_api(
     )
 
 
+# -- index -------------------------------------------------------------------------------
+
+index_app = typer.Typer(help="Build a reusable search index for a large catalog.")
+app.add_typer(index_app, name="index")
+
+
+class IndexOpt(StrEnum):
+    auto = "auto"
+    exact = "exact"
+    ann = "ann"
+
+
+@index_app.command("build")
+def index_build(
+    catalog: Annotated[Path, typer.Option(help="Entities: JSONL or CSV (id, name, ...).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Index directory (created).")],
+    index: Annotated[IndexOpt, typer.Option(help="Search: auto, exact or ann.")] = IndexOpt.auto,
+    index_description: Annotated[
+        bool, typer.Option(help="Also index 'name, description' (record-like catalogs).")
+    ] = False,
+    lexical_weight: float = 0.5,
+    chunk_size: Annotated[int, typer.Option(help="Forms encoded per saved chunk.")] = 20_000,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
+) -> None:
+    """Encode a catalog (resumable in chunks; Ctrl-C safe) and save its index to --out."""
+    from .catalog import load_catalog
+    from .jobs.index_build import build_index
+    from .retrieval.embedding import SentenceTransformerEmbedder
+
+    if not catalog.is_file():
+        raise _fail(f"{catalog}: catalog file not found")
+    entities = load_catalog(catalog, include_description=index_description)
+    progress = Progress(
+        TextColumn("[bold]encoding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet,
+    )
+    task = progress.add_task("encode", total=len(entities.forms))
+    try:
+        with progress:
+            built = build_index(
+                entities,
+                SentenceTransformerEmbedder(),
+                out_dir,
+                index=index.value,
+                lexical_weight=lexical_weight,
+                chunk_size=chunk_size,
+                on_chunk=lambda done, total: progress.update(task, completed=done),
+            )
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted: encoded chunks are kept; run again to resume[/]")
+        raise typer.Exit(130) from None
+    kind = "ann" if built.use_ann else "exact"
+    err.print(
+        f"index saved to {out_dir}: {len(entities):,} entities, {len(entities.forms):,} "
+        f"forms, {kind} search, {built.dense_nbytes_per_entity():,.0f} dense bytes/entity"
+    )
+
+
 # -- eval --------------------------------------------------------------------------------
 
 
@@ -427,6 +494,9 @@ def eval_(
     report_out: Annotated[
         Path | None, typer.Option("--report", help="Also write the HTML run report.")
     ] = None,
+    index: Annotated[
+        Path | None, typer.Option(help="Index directory: built once, reused by later runs.")
+    ] = None,
 ) -> None:
     """Measure retrieval recall, routing and end-to-end accuracy on labelled queries."""
     from .jobs.eval_job import run_eval
@@ -455,6 +525,7 @@ def eval_(
             name=name or catalog.stem.removesuffix("_catalog"),
             progress=err,
             keep_results=kept,
+            index_path=index,
         )
     )
     from .jobs.evaluation import render_eval_table

@@ -78,7 +78,7 @@ from .retrieval.embedding import (
     SentenceTransformerEmbedder,
     default_model_path,
 )
-from .retrieval.index import HybridIndex, catalog_fingerprint
+from .retrieval.index import HybridIndex, IndexMode, catalog_fingerprint
 from .retrieval.learning import (
     FIT_MODES,
     FinetuneResult,
@@ -156,6 +156,8 @@ class Matcher:
             flushes pad less (512 concurrent calls: 0.88x one big encode at 256, 0.65x at
             64) at the price of a later first result within a burst.
         max_query_chars: longer queries are rejected with a clear error.
+        index: ``"exact"`` search, ``"ann"`` (a faiss shortlist re-scored exactly; the
+            ``[ann]`` extra), or ``"auto"``: ANN from ``ANN_MIN_FORMS`` surface forms.
     """
 
     def __init__(
@@ -188,6 +190,7 @@ class Matcher:
         columns: CatalogColumns | None = None,
         prompt_attributes: Sequence[str] | None = None,
         prompt_attribute_chars: int = 200,
+        index: IndexMode = "auto",
     ) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ConfigError(f"top_k must be an int >= 1, got {top_k!r}")
@@ -256,6 +259,8 @@ class Matcher:
         self.max_wait = max_wait
         self.max_query_chars = max_query_chars
         self.index_path = Path(index_path) if index_path is not None else None
+        self.index_mode: IndexMode = index
+        self._index_description = index_description
         self.index: HybridIndex | None = None
         self.last_run_stats: RunStats | None = None
 
@@ -452,6 +457,7 @@ class Matcher:
                 self.catalog,
                 embedder_name=self.embedder.name,
                 lexical_weight=self.lexical_weight,
+                index=self.index_mode,
             )
         vectors = self.embedder.encode(list(self.catalog.forms))
         index = HybridIndex(
@@ -459,6 +465,7 @@ class Matcher:
             vectors,
             lexical_weight=self.lexical_weight,
             embedder_name=self.embedder.name,
+            index=self.index_mode,
         )
         if self.index_path is not None:
             index.save(self.index_path)
@@ -1452,6 +1459,73 @@ class Matcher:
                 prefix=prefix,
             )
         )
+
+    # -- incremental catalog updates ---------------------------------------------------
+
+    async def add_entities_async(self, entities: EntitySource) -> None:
+        """Add entities to the fitted index without a rebuild (saved to ``index_path``).
+
+        Only the new surface forms are encoded. The next query sees them.
+
+        Raises:
+            CatalogError: an invalid entity or an id already in the catalog.
+        """
+        await self._change_entities(add=entities)
+
+    async def remove_entities_async(self, ids: Sequence[str]) -> None:
+        """Remove entities by id from the fitted index (saved to ``index_path``).
+
+        Raises:
+            CatalogError: an id not in the catalog.
+        """
+        await self._change_entities(remove=ids)
+
+    async def update_entities_async(self, entities: EntitySource) -> None:
+        """Replace entities (matched by id) with new versions: names, aliases, attributes.
+
+        An updated entity moves to the end of the catalog order.
+
+        Raises:
+            CatalogError: an invalid entity or an id not in the catalog.
+        """
+        await self._change_entities(add=entities, replace=True)
+
+    async def _change_entities(
+        self,
+        *,
+        remove: Sequence[str] = (),
+        add: EntitySource | None = None,
+        replace: bool = False,
+    ) -> None:
+        index = self._require_index()
+        if isinstance(remove, str):
+            raise ConfigError("ids must be a list of entity ids, not one string")
+        if isinstance(add, list | tuple) and not add:
+            add = None
+        new = load_catalog(add, include_description=self._index_description) if add else None
+        gone = [e.id for e in new.entities] if new is not None and replace else list(remove)
+        loop = asyncio.get_running_loop()
+
+        def work() -> None:
+            vectors = self.embedder.encode(list(new.forms)) if new is not None else None
+            index.apply_changes(remove=gone, add=new, add_vectors=vectors)
+            if self.index_path is not None:
+                index.save(self.index_path)
+
+        await loop.run_in_executor(self._executor, work)
+        self.catalog = index.catalog
+
+    def add_entities(self, entities: EntitySource) -> None:
+        """Sync twin of :meth:`add_entities_async`."""
+        self._sync.run(self.add_entities_async(entities))
+
+    def remove_entities(self, ids: Sequence[str]) -> None:
+        """Sync twin of :meth:`remove_entities_async`."""
+        self._sync.run(self.remove_entities_async(ids))
+
+    def update_entities(self, entities: EntitySource) -> None:
+        """Sync twin of :meth:`update_entities_async`."""
+        self._sync.run(self.update_entities_async(entities))
 
 
 async def _maybe_await(value: Awaitable[None] | None) -> None:

@@ -67,6 +67,7 @@ class MatchJob:
     where: tuple[tuple[str, str], ...] = ()
     columns: CatalogColumns | None = None
     prompt_attributes: tuple[str, ...] = ()
+    index: Path | None = None  # a saved index to reuse (default: one under the state dir)
 
     @property
     def state_dir(self) -> Path:
@@ -204,7 +205,7 @@ async def run_match_job(
         margin=job.margin,
         novel_threshold=job.novel_threshold,
         cache=cache,
-        index_path=state / "index",
+        index_path=job.index or state / "index",
         **({"prompt_attributes": job.prompt_attributes} if job.prompt_attributes else {}),
     )
     collector = StatsCollector()

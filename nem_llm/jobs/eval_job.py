@@ -70,6 +70,7 @@ async def run_eval(
     name: str = "",
     progress: Any = None,
     keep_results: list[tuple[MatchResult, str | None]] | None = None,
+    index_path: Path | None = None,
 ) -> EvalReport:
     """Evaluate retrieval, routing and end-to-end decisions on labelled queries.
 
@@ -127,6 +128,7 @@ async def run_eval(
             accept_threshold=accept_threshold,
             margin=margin,
             novel_threshold=novel_threshold,
+            index_path=index_path,
         )
         await stack.enter_async_context(matcher)
         await matcher.fit_async(
