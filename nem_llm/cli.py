@@ -216,6 +216,13 @@ def match(
         str | None,
         typer.Option(help="Entity attributes shown to the LLM, comma-separated (country,type)."),
     ] = None,
+    rewrite: Annotated[
+        bool,
+        typer.Option(
+            help="For a row the LLM found no match for, ask it once for the entity's catalog "
+            "name(s), retrieve again and adjudicate once more."
+        ),
+    ] = False,
     index: Annotated[
         Path | None, typer.Option(help="A saved index (nem-llm index build) to reuse.")
     ] = None,
@@ -269,6 +276,7 @@ def match(
         prompt_attributes=tuple(
             a.strip() for a in (prompt_attributes or "").split(",") if a.strip()
         ),
+        rewrite=rewrite,
         index=index,
     )
     progress = Progress(
@@ -484,6 +492,9 @@ def eval_(
         typer.Option(help="fit mode with --calibrate: zero-shot, aliases, full, or auto."),
     ] = "zero-shot",
     seed: Annotated[int, typer.Option(help="Seed of the --calibrate split.")] = 0,
+    rewrite: Annotated[
+        bool, typer.Option(help="LLM query rewriting for rows retrieval missed (see match).")
+    ] = False,
     max_seconds: Annotated[
         float, typer.Option(help="Fine-tuning time limit (mode full), seconds.")
     ] = 600.0,
@@ -520,6 +531,7 @@ def eval_(
             calibrate_fraction=calibrate,
             target_precision=target_precision,
             seed=seed,
+            rewrite=rewrite,
             mode=None if mode == "auto" else mode,
             fit_options={"max_seconds": max_seconds} if mode in ("full", "auto") else None,
             name=name or catalog.stem.removesuffix("_catalog"),

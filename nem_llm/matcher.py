@@ -41,10 +41,12 @@ from .config import Limits, Thresholds
 from .errors import BudgetExceededError, ConfigError, LLMError, NemLLMError, NotReadyError
 from .llm.adjudication import (
     PROMPT_VERSION,
+    REWRITE_VERSION,
     Adjudicator,
     Decision,
     estimate_tokens,
     render_messages,
+    render_rewrite_messages,
 )
 from .llm.batch_api import PlannedRequest, request_body
 from .llm.cache import CachedDecision, DecisionCache, ReviewedLabel, decision_key
@@ -190,6 +192,7 @@ class Matcher:
         columns: CatalogColumns | None = None,
         prompt_attributes: Sequence[str] | None = None,
         prompt_attribute_chars: int = 200,
+        rewrite: bool = False,
         index: IndexMode = "auto",
     ) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -245,6 +248,7 @@ class Matcher:
                     f"(attributes: {', '.join(sorted(known)[:10]) or 'none'})"
                 )
         self.prompt_attribute_chars = prompt_attribute_chars
+        self.rewrite = rewrite
         self._masks: dict[str, Any] = {}
         self.limits = limits or Limits()
         if not isinstance(self.limits, Limits):
@@ -731,6 +735,8 @@ class Matcher:
             candidates = await self._candidates(normalized, k, self._mask_key(where))
             decision = self._route(candidates, thresholds or self.thresholds, normalized)
             result = await self._decide(index, text, normalized, candidates, decision)
+            if self.rewrite and self._adjudicator is not None and result.status == "novel":
+                result = await self._rewritten(result, normalized, k, where, decision)
         except asyncio.CancelledError:
             raise
         except NotReadyError:
@@ -757,6 +763,84 @@ class Matcher:
             self.catalog,
             attributes=self.prompt_attributes,
             attribute_chars=self.prompt_attribute_chars,
+        )
+
+    async def _rewritten(
+        self,
+        first: MatchResult,
+        normalized: str,
+        k: int,
+        where: Where | None,
+        decision: Route,
+    ) -> MatchResult:
+        """One LLM rewrite of a query retrieval missed: retrieve again with the names the LLM
+        expects, adjudicate once more over the merged candidates (never twice per query)."""
+        if first.decided_by == "human" or decision.rule == "learned_novel":
+            return first
+        governor = self._runtime_for_loop().governor
+        adjudicator = self._adjudicator
+        assert adjudicator is not None
+        key = decision_key(normalized, ("__rewrite__",), self.model, REWRITE_VERSION)
+        cached = await self._cache.aget(key) if self._cache is not None else None
+        attempts = list(first.attempts)
+        usage = first.usage
+        if cached is not None:
+            names = list(json.loads(cached.reason))  # the cache keeps the names as JSON
+        else:
+            try:
+                governed = await governor.call(
+                    lambda: adjudicator.rewrite(
+                        normalized, request_timeout=self.limits.timeout, pace=governor.pace
+                    ),
+                    estimated_tokens=estimate_tokens(render_rewrite_messages(normalized), 40),
+                    usage_of=lambda r: r.usage,
+                )
+            except (BudgetExceededError, LLMError) as exc:
+                why = f"{first.reason}; the rewrite failed: {exc}"
+                return first.model_copy(update={"reason": why})
+            names = governed.value.names
+            attempts += governed.attempts
+            usage = usage + governed.usage
+            if self._cache is not None:
+                await self._cache.aput(
+                    key,
+                    CachedDecision(
+                        entity_id=None,
+                        reason=json.dumps(names),
+                        usage=governed.usage,
+                        model=self.model,
+                    ),
+                )
+        names = [n for n in names if fold(n) != fold(normalized)]
+        if not names:
+            why = f"{first.reason}; the rewrite found no other name"
+            return first.model_copy(update={"reason": why, "attempts": attempts, "usage": usage})
+        mask_key = self._mask_key(where)
+        found = await asyncio.gather(*(self._candidates(n, k, mask_key) for n in names))
+        best: dict[str, Candidate] = {c.id: c for c in first.candidates}
+        for cands in found:
+            for c in cands:
+                if c.id not in best or c.score > best[c.id].score:
+                    best[c.id] = c
+        merged = sorted(best.values(), key=lambda c: -c.score)[:k]
+        if {c.id for c in merged} == {c.id for c in first.candidates} and first.decided_by in (
+            "llm",
+            "cache",
+        ):  # the LLM has already said none of these
+            why = f"{first.reason}; rewritten as {names}: no new candidate"
+            return first.model_copy(
+                update={"reason": why, "attempts": attempts, "usage": usage, "rewritten_as": names}
+            )
+        top = merged[0].score if merged else None
+        again = Route("adjudicate", f"rewritten as {names}", top, None, "rewrite")
+        second = await self._decide(first.index, first.query, normalized, merged, again)
+        return second.model_copy(
+            update={
+                "rewritten_as": names,
+                "attempts": attempts + second.attempts,
+                "usage": usage + second.usage,
+                "reason": f"rewritten as {names}: {second.reason}",
+            }
         )
 
     async def _decide(

@@ -140,6 +140,7 @@ class MatchResult(BaseModel):
     error: str | None = None
     error_type: str | None = None
     latency_s: float = 0.0
+    rewritten_as: list[str] = Field(default_factory=list)
 
 
 class Explanation(BaseModel):

@@ -67,6 +67,7 @@ class MatchJob:
     where: tuple[tuple[str, str], ...] = ()
     columns: CatalogColumns | None = None
     prompt_attributes: tuple[str, ...] = ()
+    rewrite: bool = False
     index: Path | None = None  # a saved index to reuse (default: one under the state dir)
 
     @property
@@ -110,6 +111,7 @@ def _run_meta(job: MatchJob) -> dict[str, object]:
         "where": [list(w) for w in job.where],
         "columns": None if job.columns is None else repr(job.columns),
         "prompt_attributes": list(job.prompt_attributes),
+        "rewrite": job.rewrite,
     }
 
 
@@ -207,6 +209,7 @@ async def run_match_job(
         cache=cache,
         index_path=job.index or state / "index",
         **({"prompt_attributes": job.prompt_attributes} if job.prompt_attributes else {}),
+        **({"rewrite": True} if job.rewrite else {}),
     )
     collector = StatsCollector()
     started = loop.time()

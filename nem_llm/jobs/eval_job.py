@@ -66,6 +66,7 @@ async def run_eval(
     target_precision: float = 0.99,
     seed: int = 0,
     mode: str | None = "zero-shot",
+    rewrite: bool = False,
     fit_options: dict[str, Any] | None = None,
     name: str = "",
     progress: Any = None,
@@ -111,6 +112,7 @@ async def run_eval(
                     SimConfig(
                         policy="oracle",
                         gold_path=str(queries),
+                        catalog_path=str(catalog),  # the rewrite call answers names
                         oracle_error_rate=oracle_error_rate,
                         seed=1,
                     )
@@ -129,6 +131,7 @@ async def run_eval(
             margin=margin,
             novel_threshold=novel_threshold,
             index_path=index_path,
+            rewrite=rewrite,
         )
         await stack.enter_async_context(matcher)
         await matcher.fit_async(
@@ -168,6 +171,16 @@ async def run_eval(
     label = {"off": "off", "env": model, "sim": f"sim oracle err={oracle_error_rate:g}"}[llm]
     report = evaluate(results, golds, retrieved, name=name, llm=label)
     report.calibrated_on = len(training)
+    report.rewritten = sum(1 for r in results if r.rewritten_as)
+    missed = [
+        i
+        for i, g in enumerate(golds)
+        if g is not None and g not in {c.id for c in retrieved[i][:top_k]}
+    ]
+    if rewrite and missed:
+        report.rewrite_recovered = sum(1 for i in missed if results[i].entity_id == golds[i]) / len(
+            missed
+        )
     report.mode = mode or "auto"
     if training:
         from ..text import fold

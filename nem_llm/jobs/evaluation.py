@@ -38,6 +38,8 @@ class EvalReport(BaseModel):
     thresholds: dict[str, float] = Field(default_factory=dict)
     calibration_source: str = ""
     mode: str = "zero-shot"
+    rewritten: int = 0
+    rewrite_recovered: float | None = None
     seen_in_training: int = 0
     recall_at_10_unseen: float | None = None
     expected_accept_precision: float | None = None
@@ -134,6 +136,8 @@ def render_eval_table(reports: Sequence[EvalReport]) -> str:
         source = r.calibration_source or "-"
         if r.calibrated_on:
             source = f"{r.calibrated_on} labels, {r.mode}"
+        if r.rewrite_recovered is not None:
+            source += f"; rewrite recovered {r.rewrite_recovered:.3f} of misses"
         unseen = f"{_fmt(r.recall_at_10_unseen)} ({r.seen_in_training})" if r.calibrated_on else "-"
         lines.append(
             f"| {r.name} | {r.llm} | {source} | {r.queries} | "
