@@ -52,7 +52,7 @@ __all__ = [
 
 #: Bumped whenever probes or the estimator change: a saved label-free calibration of an
 #: older version is estimated again.
-PROBE_VERSION = 6
+PROBE_VERSION = 7
 #: Margins (top minus runner-up) tried by calibration, safest last.
 MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2)
 #: The share of novel mentions probes assume: (lowest, highest). Auto-match precision is

@@ -40,10 +40,19 @@ def features(query: str, candidates: Sequence[Candidate]) -> RouteFeatures:
     runner_up = candidates[1] if len(candidates) > 1 else None
     top_form = fold(top.matched_form or top.name)
     q = fold(query)
-    exact = q == top_form and not any(fold(c.matched_form or c.name) == q for c in candidates[1:])
+    # an exact hit is unique only if no other candidate's name equals or contains the query
+    # as whole words ("Chinook" vs "Chinook Jargon": the mention may mean either)
+    exact = q == top_form and not any(
+        _contains_words(fold(c.matched_form or c.name), q) for c in candidates[1:]
+    )
     same = runner_up is not None and fold(runner_up.matched_form or runner_up.name) == top_form
     margin = top.score - (runner_up.score if runner_up is not None else 0.0)
     return RouteFeatures(top.score, margin, exact, same)
+
+
+def _contains_words(text: str, words: str) -> bool:
+    """``words`` appears in ``text`` on word boundaries (or equals it)."""
+    return f" {words} " in f" {' '.join(text.replace(',', ' ').split())} "
 
 
 @dataclass(frozen=True)
