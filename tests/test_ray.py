@@ -27,7 +27,11 @@ from nem_llm.integrations.ray import (  # noqa: E402
 )
 
 # Ray Data copies its own deprecated context fields internally (ray 2.60): not our code
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),
+    # a real local Ray on 2 shared cores: start-up and actor pools take minutes under load
+    pytest.mark.timeout(600),
+]
 
 FIXTURES = Path(__file__).parent / "data"
 CATALOG = FIXTURES / "restaurants_catalog.jsonl"
