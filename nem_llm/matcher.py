@@ -67,6 +67,7 @@ from .models import (
 from .retrieval.calibration import (
     PROBE_NOVEL_SHARE,
     PROBE_VERSION,
+    combine,
     estimate,
     exact_rule_from_catalog,
     labelled_examples,
@@ -597,8 +598,9 @@ class Matcher:
         queries = [q for q, _ in labels]
         golds = [g for _, g in labels]
         found = await self._retrieve_many(queries, max(self.top_k, 2))
+        examples = labelled_examples(found, queries, golds)
         cal = estimate(
-            labelled_examples(found, queries, golds),
+            examples,
             matched_target=self.target_precision,
             novel_target=self.novel_target_precision,
             source="labels",
@@ -606,7 +608,10 @@ class Matcher:
         if cal.examples < 20:
             log.info("nem_llm: %d labels are too few to calibrate on; using probes", cal.examples)
             return None
-        return cal
+        if cal.matched.open and cal.novel.open:
+            return cal
+        # a route the labels cannot open: the probes' rule, unless the labels contradict it
+        return combine(cal, await self._calibrate_on_probes(), examples)
 
     def _probe_key(self) -> str:
         """What a label-free calibration depends on: reused from the index dir if equal."""

@@ -251,3 +251,27 @@ def test_route_without_candidates_and_with_closed_routes_says_so() -> None:
     assert "both auto routes are closed" in r.reason
     assert route([], closed, "q").kind == "novel"
     assert np.isclose(closed.accept, 1.01)
+
+
+def _ex(top: float, margin: float, *, right: bool = False, absent: bool = False) -> Example:
+    return Example(RouteFeatures(top, margin, False, False), right, absent)
+
+
+def test_labels_too_few_to_open_a_route_take_the_probes_rule_unless_they_contradict_it() -> None:
+    from nem_llm.retrieval.calibration import combine
+
+    probes = estimate(
+        [_ex(0.95, 0.3, right=True)] * 400 + [_ex(0.1, 0.0, absent=True)] * 400,
+        source="probes",
+    )
+    assert probes.matched.open and probes.novel.open
+    agreeing = [_ex(0.96, 0.3, right=True)] * 30 + [_ex(0.05, 0.0, absent=True)] * 30
+    labels = estimate(agreeing, source="labels")  # 30 each: too few to open at 0.99
+    assert not labels.matched.open
+    merged = combine(labels, probes, agreeing)
+    assert merged.source == "labels+probes"
+    assert merged.matched.open and merged.thresholds["accept"] == probes.thresholds["accept"]
+    assert "the labels agree (30 of 30" in merged.matched.reason
+    contradicting = [_ex(0.96, 0.3, right=False)] * 30 + [_ex(0.05, 0.0, absent=True)] * 30
+    vetoed = combine(estimate(contradicting, source="labels"), probes, contradicting)
+    assert not vetoed.matched.open and vetoed.thresholds["accept"] == CLOSED_ACCEPT

@@ -86,7 +86,8 @@ async def test_holdout_labels_calibrate_and_training_labels_teach() -> None:
         assert m.learned is not None
         learned = len(m.learned.aliases.get("E1", ())) + len(m.learned.novel)
         assert learned == 40  # half trained...
-        assert m.calibration is not None and m.calibration.examples == 40  # ...half calibrated
+        cal = m.calibration  # ...and the other half calibrated (probes fill what 40 cannot)
+        assert cal is not None and cal.source.startswith("labels") and cal.examples >= 40
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ __all__ = [
     "Example",
     "Probe",
     "calibrate",
+    "combine",
     "estimate",
     "exact_rule_from_catalog",
     "make_probes",
@@ -473,3 +474,59 @@ def probe_examples(
         out.append(present)
         out.append(_example(without, probe.text, None, 1.0))
     return out
+
+
+def _decides_matched(e: Example, t: dict[str, float]) -> bool:
+    if t.get("exact", 0.0) and e.features.exact:
+        return True
+    f = e.features
+    return not f.same_name_tie and f.top >= t["accept"] and f.margin >= t["margin"]
+
+
+def combine(labels: Calibration, probes: Calibration, examples: Sequence[Example]) -> Calibration:
+    """Labels win where they can decide; elsewhere the probes' route, unless the labels
+    contradict it.
+
+    A route the labels leave closed for want of evidence takes the probes' rule when that
+    rule, applied to the labelled examples, is at least as precise as the target on those
+    it decides (or decides none of them); a route whose rule the labels show to be worse
+    stays closed. Both estimates come from :func:`estimate`.
+    """
+    t = dict(labels.thresholds)
+    matched, novel, exact = labels.matched, labels.novel, labels.exact
+    used_probes = False
+    if not labels.matched.open and probes.matched.open:
+        decided = [e for e in examples if _decides_matched(e, probes.thresholds)]
+        right = sum(e.top_is_right for e in decided)
+        if not decided or right / len(decided) >= labels.matched.target:
+            for key in ("accept", "margin", "exact"):
+                t[key] = probes.thresholds[key]
+            exact = probes.exact
+            matched = probes.matched.model_copy(
+                update={
+                    "reason": f"{probes.matched.reason}; the labels agree ({right} of "
+                    f"{len(decided)} they decide are right)"
+                }
+            )
+            used_probes = True
+    if not labels.novel.open and probes.novel.open:
+        cut = probes.thresholds["novel"]
+        decided = [e for e in examples if e.features.top < cut]
+        absent = sum(e.absent for e in decided)
+        if not decided or absent / len(decided) >= labels.novel.target:
+            t["novel"] = min(cut, t["accept"])
+            novel = probes.novel.model_copy(
+                update={
+                    "reason": f"{probes.novel.reason}; the labels agree ({absent} of "
+                    f"{len(decided)} they decide are absent)"
+                }
+            )
+            used_probes = True
+    return Calibration(
+        source="labels+probes" if used_probes else labels.source,
+        examples=labels.examples + (probes.examples if used_probes else 0),
+        thresholds=t,
+        exact=exact,
+        matched=matched,
+        novel=novel,
+    )
