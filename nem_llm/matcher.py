@@ -429,7 +429,21 @@ class Matcher:
             chosen = dataclasses.replace(
                 chosen, **{k: getattr(self.thresholds, k) for k in self._user_thresholds}
             )
-            calibration = calibration.model_copy(update={"thresholds": chosen.as_dict()})
+            update: dict[str, Any] = {"thresholds": chosen.as_dict()}
+            user = "set by the user (not estimated)"
+            if "accept" in self._user_thresholds:
+                update["matched"] = RouteEstimate(
+                    open=chosen.accept <= 1 or chosen.exact,
+                    target=self.target_precision,
+                    reason=f"accept threshold {user}",
+                )
+            if "novel" in self._user_thresholds:
+                update["novel"] = RouteEstimate(
+                    open=chosen.novel > 0,
+                    target=self.novel_target_precision,
+                    reason=f"novel threshold {user}",
+                )
+            calibration = calibration.model_copy(update=update)
         self.thresholds = chosen
         self.calibration = calibration
         for name, est in (("auto-match", calibration.matched), ("auto-novel", calibration.novel)):
