@@ -159,6 +159,14 @@ class Matcher:
             flushes pad less (512 concurrent calls: 0.88x one big encode at 256, 0.65x at
             64) at the price of a later first result within a burst.
         max_query_chars: longer queries are rejected with a clear error.
+        target_precision, novel_target_precision: what an auto route must be expected to
+            reach before ``fit`` opens it (0.99 matched, 0.95 novel); see ``fit_async``.
+        columns: a ``CatalogColumns`` mapping other column names onto id, name, aliases
+            and description (every other column becomes an attribute).
+        prompt_attributes: entity attributes shown to the LLM for each candidate, at most
+            ``prompt_attribute_chars`` characters per candidate.
+        rewrite: for a query the LLM found no match for, ask it once for the entity's
+            catalog name(s), retrieve again and adjudicate once more.
         index: ``"exact"`` search, ``"ann"`` (a faiss shortlist re-scored exactly; the
             ``[ann]`` extra), or ``"auto"``: ANN from ``ANN_MIN_FORMS`` surface forms.
     """
