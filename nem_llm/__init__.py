@@ -19,7 +19,19 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .matcher import Matcher
-from .models import Attempt, Candidate, Diagnosis, Entity, Explanation, MatchResult, RunStats, Usage
+from .catalog import CatalogColumns
+from .models import (
+    Attempt,
+    Calibration,
+    Candidate,
+    Diagnosis,
+    Entity,
+    Explanation,
+    MatchResult,
+    RouteEstimate,
+    RunStats,
+    Usage,
+)
 
 __version__ = "0.1.0"
 
@@ -27,7 +39,9 @@ __all__ = [
     "AdjudicationError",
     "Attempt",
     "BudgetExceededError",
+    "Calibration",
     "Candidate",
+    "CatalogColumns",
     "CatalogError",
     "ConfigError",
     "Diagnosis",
@@ -41,6 +55,7 @@ __all__ = [
     "NemLLMError",
     "NotReadyError",
     "QueryError",
+    "RouteEstimate",
     "RunStats",
     "Thresholds",
     "Usage",
