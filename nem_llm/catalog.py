@@ -123,7 +123,6 @@ class Catalog:
     forms: tuple[str, ...]
     form_entity: tuple[int, ...]
     by_id: Mapping[str, int]
-    include_description: bool = False
 
     def __len__(self) -> int:
         return len(self.entities)
@@ -179,7 +178,6 @@ class Catalog:
             forms=tuple(forms),
             form_entity=tuple(owner),
             by_id={e.id: i for i, e in enumerate(entities)},
-            include_description=include_description,
         )
 
 

@@ -207,17 +207,11 @@ class Matcher:
             raise ConfigError(f"top_k must be an int >= 1, got {top_k!r}")
         if not 0.0 <= lexical_weight <= 1.0:
             raise ConfigError(f"lexical_weight must be in [0, 1], got {lexical_weight!r}")
-        for name, value in (
-            ("target_precision", target_precision),
-            ("novel_target_precision", novel_target_precision),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-                raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+        self.target_precision = _precision("target_precision", target_precision)
+        self.novel_target_precision = _precision("novel_target_precision", novel_target_precision)
         self.catalog = load_catalog(
             entities, include_description=index_description, columns=columns
         )
-        # the catalog as given; self.catalog adds what fit learned (learned aliases)
-        self._base_catalog = self.catalog
         self.learned: LearnedLabels | None = None
         self._learned_ids: dict[str, str] = {}  # folded labelled mention -> entity id
         self.last_finetune: FinetuneResult | None = None
@@ -244,8 +238,6 @@ class Matcher:
             # an audit: every non-novel query goes to the LLM, exact hits included
             self.thresholds = dataclasses.replace(self.thresholds, exact=False)
             self._user_thresholds.add("exact")
-        self.target_precision = float(target_precision)
-        self.novel_target_precision = float(novel_target_precision)
         self.calibration: Calibration | None = None
         self.prompt_attributes = tuple(prompt_attributes or ())
         if self.prompt_attributes:
@@ -538,9 +530,7 @@ class Matcher:
         cut = int(len(order) * holdout)
         held = [labels[i] for i in sorted(order[:cut])]
         train = [labels[i] for i in sorted(order[cut:])]
-        learned, problems = learn_labels(
-            train, self._base_catalog, strict=bool(options.get("strict"))
-        )
+        learned, problems = learn_labels(train, self.catalog, strict=bool(options.get("strict")))
         for problem in problems[:20]:
             log.warning("nem_llm: %s", problem)
         if len(problems) > 20:
@@ -548,8 +538,8 @@ class Matcher:
         loop = asyncio.get_running_loop()
         if mode == "full":
             if self._own_embedder:
-                pairs = pairs_from_catalog(self._base_catalog) + pairs_from_labels(
-                    train, self._base_catalog, strict=False
+                pairs = pairs_from_catalog(self.catalog) + pairs_from_labels(
+                    train, self.catalog, strict=False
                 )
                 out = self._model_dir()
                 result = await loop.run_in_executor(

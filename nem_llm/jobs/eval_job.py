@@ -14,6 +14,7 @@ from ..config import Limits
 from ..errors import ConfigError, InputError
 from ..matcher import Matcher
 from ..models import Candidate, MatchResult
+from ..text import fold
 from .evaluation import RECALL_KS, EvalReport, evaluate
 from .io import read_queries
 
@@ -183,8 +184,6 @@ async def run_eval(
         )
     report.mode = mode or "auto"
     if training:
-        from ..text import fold
-
         seen = {fold(t) for t, _ in training}
         unseen = [i for i, t in enumerate(texts) if fold(t) not in seen]
         report.seen_in_training = len(texts) - len(unseen)

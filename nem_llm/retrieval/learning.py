@@ -33,7 +33,6 @@ from typing import Any, Literal
 
 from ..catalog import Catalog
 from ..errors import ConfigError, InputError
-from ..models import Entity
 from ..text import fold, normalize
 from .embedding import TUNED_MANIFEST, model_name_of
 
@@ -49,7 +48,6 @@ __all__ = [
     "pairs_from_catalog",
     "pairs_from_labels",
     "weights_fingerprint",
-    "with_learned_aliases",
 ]
 
 Pair = tuple[str, str]
@@ -586,12 +584,3 @@ def learn_labels(
         ),
         problems,
     )
-
-
-def with_learned_aliases(entities: Sequence[Entity], learned: LearnedLabels) -> list[Entity]:
-    """The entities with their learned mentions appended to their aliases."""
-    out = []
-    for e in entities:
-        extra = [a for a in learned.aliases.get(e.id, ()) if a not in e.aliases and a != e.name]
-        out.append(e.model_copy(update={"aliases": [*e.aliases, *extra]}) if extra else e)
-    return out
