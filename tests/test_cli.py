@@ -179,7 +179,7 @@ def poll(check: Callable[[], bool], what: str, deadline_s: float = 60.0) -> None
 
 def wait_idle(sim: SimServer) -> int:
     """Wait until the simulator has answered (or dropped) everything and its log has stopped
-    growing for a moment (a killed client's last bytes may still be in transit); return the
+    growing for half a second (a killed client's last bytes may still be in transit); return the
     log's size."""
     seen: list[tuple[float, int]] = []
 
@@ -189,7 +189,7 @@ def wait_idle(sim: SimServer) -> int:
             seen.clear()
         if not sim.in_flight:
             seen.append((now, size))
-        return bool(seen) and now - seen[0][0] >= 0.1
+        return bool(seen) and now - seen[0][0] >= 0.5
 
     poll(settled, "the simulator to go idle", 15.0)
     return len(sim.requests)

@@ -58,7 +58,7 @@ from .._sqlite import SQLiteStore, check_key
 from ..catalog import Catalog, load_catalog
 from ..config import Limits, price_for
 from ..errors import BudgetExceededError, ConfigError, InputError, LLMError
-from ..llm.adjudication import _clean, _usage_of, estimate_tokens
+from ..llm.adjudication import estimate_tokens, prompt_text, usage_from
 from ..llm.governor import Governor
 from ..llm.strategies import run_strategy
 from ..models import Usage
@@ -401,16 +401,16 @@ def render_proposal_messages(
     shown: Sequence[Mention], candidates: Sequence[tuple[str, str]], catalog: Catalog | None
 ) -> list[dict[str, str]]:
     """The chat messages of one proposal call: instructions, then delimited data."""
-    mention_lines = [f"[{i}] (x{m.count}) {_clean(m.text)}" for i, m in enumerate(shown, 1)]
+    mention_lines = [f"[{i}] (x{m.count}) {prompt_text(m.text)}" for i, m in enumerate(shown, 1)]
     lines = []
     for i, (cid, name) in enumerate(candidates, start=1):
-        parts = [f"[{i}] id: {_clean(cid)}", f"name: {_clean(name)}"]
+        parts = [f"[{i}] id: {prompt_text(cid)}", f"name: {prompt_text(name)}"]
         if catalog is not None and cid in catalog.by_id:
             entity = catalog.entities[catalog.by_id[cid]]
             if entity.aliases:
-                parts.append("aliases: " + "; ".join(_clean(a) for a in entity.aliases[:8]))
+                parts.append("aliases: " + "; ".join(prompt_text(a) for a in entity.aliases[:8]))
             if entity.description:
-                parts.append("description: " + _clean(entity.description, 300))
+                parts.append("description: " + prompt_text(entity.description, 300))
         lines.append(" | ".join(parts))
     user = USER_TEMPLATE.substitute(
         mentions="\n".join(mention_lines), candidates="\n".join(lines) or "(none)"
@@ -484,7 +484,7 @@ async def _propose(
         if cause is not None and type(cause).__module__.startswith(("openai", "httpx")):
             raise cause from None  # transport errors: the governor retries them
         err = LLMError(f"no valid proposal after {exc.n_attempts} answer(s)", cause="invalid")
-        err.usage = _usage_of(exc.total_usage, price_for(model))
+        err.usage = usage_from(exc.total_usage, price_for(model))
         raise err from None
     data: Any = answer
     existing = str(data.existing)
@@ -502,7 +502,7 @@ async def _propose(
         reason=str(data.reason),
     )
     total = getattr(answer, "_total_usage", None) or getattr(completion, "usage", None)
-    return _Answer(proposal, _usage_of(total, price_for(model)))
+    return _Answer(proposal, usage_from(total, price_for(model)))
 
 
 def _cache_key(model: str, messages: list[dict[str, str]]) -> str:

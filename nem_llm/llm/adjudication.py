@@ -44,7 +44,9 @@ __all__ = [
     "Decision",
     "choice_model",
     "estimate_tokens",
+    "prompt_text",
     "render_messages",
+    "usage_from",
 ]
 
 NONE = "none"
@@ -66,7 +68,7 @@ PROMPT_VERSION = hashlib.sha256(
 ).hexdigest()[:12]
 
 
-def _clean(text: str, limit: int | None = None) -> str:
+def prompt_text(text: str, limit: int | None = None) -> str:
     """Escape markup so data can never close the <query>/<candidates> blocks."""
     text = " ".join(text.split())
     if limit is not None and len(text) > limit:
@@ -88,7 +90,7 @@ def render_attributes(
 ) -> str | None:
     """``name=value; ...`` of the chosen attributes an entity has, at most ``limit`` chars."""
     parts = [f"{n}={_attribute_text(attributes[n])}" for n in names if n in attributes]
-    return _clean("; ".join(parts), limit) if parts else None
+    return prompt_text("; ".join(parts), limit) if parts else None
 
 
 def render_messages(
@@ -107,16 +109,16 @@ def render_messages(
     lines = []
     for i, cand in enumerate(candidates, start=1):
         entity = catalog.entities[catalog.by_id[cand.id]]
-        parts = [f"[{i}] id: {_clean(entity.id)}", f"name: {_clean(entity.name)}"]
+        parts = [f"[{i}] id: {prompt_text(entity.id)}", f"name: {prompt_text(entity.name)}"]
         if entity.aliases:
-            parts.append("aliases: " + "; ".join(_clean(a) for a in entity.aliases[:8]))
+            parts.append("aliases: " + "; ".join(prompt_text(a) for a in entity.aliases[:8]))
         if entity.description:
-            parts.append("description: " + _clean(entity.description, _DESCRIPTION_CHARS))
+            parts.append("description: " + prompt_text(entity.description, _DESCRIPTION_CHARS))
         shown = render_attributes(entity.attributes, attributes, attribute_chars)
         if shown:
             parts.append("attributes: " + shown)
         lines.append(" | ".join(parts))
-    user = USER_TEMPLATE.substitute(query=_clean(query), candidates="\n".join(lines))
+    user = USER_TEMPLATE.substitute(query=prompt_text(query), candidates="\n".join(lines))
     return [{"role": "system", "content": SYSTEM_TEMPLATE}, {"role": "user", "content": user}]
 
 
@@ -210,7 +212,7 @@ def render_rewrite_messages(query: str) -> list[dict[str, str]]:
     """The rewrite prompt: the query, delimited as data."""
     return [
         {"role": "system", "content": SYSTEM_REWRITE},
-        {"role": "user", "content": REWRITE_TEMPLATE.substitute(query=_clean(query))},
+        {"role": "user", "content": REWRITE_TEMPLATE.substitute(query=prompt_text(query))},
     ]
 
 
@@ -232,7 +234,8 @@ def _count_reask(*_args: Any, **_kwargs: Any) -> None:
         counter[0] += 1
 
 
-def _usage_of(raw: Any, prices: tuple[float, float]) -> Usage:
+def usage_from(raw: Any, prices: tuple[float, float]) -> Usage:
+    """Token counts and dollar cost of one response's ``usage`` (``Usage()`` when absent)."""
     if raw is None:
         return Usage()
     prompt = int(getattr(raw, "prompt_tokens", 0) or 0)
@@ -349,11 +352,11 @@ class Adjudicator:
             cause = exc.__cause__
             if cause is not None and not _is_validation_error(cause):
                 # a transport error inside instructor's loop: hand the original over
-                cause.nem_llm_usage = _usage_of(  # type: ignore[attr-defined]
+                cause.nem_llm_usage = usage_from(  # type: ignore[attr-defined]
                     exc.total_usage, self.prices
                 )
                 raise cause from None
-            usage = _usage_of(exc.total_usage, self.prices)
+            usage = usage_from(exc.total_usage, self.prices)
             err = AdjudicationError(
                 f"no valid choice after {exc.n_attempts} answer(s): {_short(str(exc))}",
                 cause="invalid_answer",
@@ -362,7 +365,7 @@ class Adjudicator:
             err.reasks = max(reasks[0] - 1, 0)
             raise err from None
         total = getattr(choice, "_total_usage", None) or getattr(completion, "usage", None)
-        return choice, _usage_of(total, self.prices), reasks[0]
+        return choice, usage_from(total, self.prices), reasks[0]
 
 
 def _is_validation_error(exc: BaseException) -> bool:

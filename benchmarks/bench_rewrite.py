@@ -1,0 +1,107 @@
+"""LLM query rewriting on ``languages``: what it recovers, at what oracle error, for how many calls.
+
+The simulator's oracle answers every call (adjudication and rewrite) from the gold labels,
+wrong at its error rate, so these figures measure the plumbing, never a model. Rows:
+
+- misses: evaluated queries with a gold entity that the first retrieval's top-k missed;
+- sent to rewrite: those misses that reached the rewrite (the others were decided before
+  it: an exact hit on another entity's name, or an LLM that picked a wrong candidate);
+- recovered: misses whose final answer is the gold entity (the issue's figure), and the
+  same share among the misses sent to rewrite;
+- bound: the recovery a pipeline that loses nothing reaches: a miss sent to rewrite (the
+  first adjudication said "none") still needs two more right answers (the rewrite names the
+  entity, the second adjudication picks it), each right with probability ``1 - error``, so
+  ``(1 - error)^2`` times the share sent;
+- LLM calls per query: successful LLM answers (adjudications and rewrites) per evaluated
+  query, with rewriting off and on.
+
+Usage: ``python benchmarks/bench_rewrite.py [--data ../shared/data] [--limit 1500]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+from nem_llm.jobs.eval_job import run_eval
+from nem_llm.models import MatchResult
+
+
+def _calls(results: list[tuple[MatchResult, str | None]]) -> int:
+    return sum(1 for r, _ in results for a in r.attempts if a.outcome == "ok")
+
+
+async def _run(
+    data: Path, index: Path, limit: int, error: float, rewrite: bool
+) -> list[tuple[MatchResult, str | None]]:
+    kept: list[tuple[MatchResult, str | None]] = []
+    await run_eval(
+        catalog=data / "languages_catalog.jsonl",
+        queries=data / "languages_queries.jsonl",
+        llm="sim",
+        oracle_error_rate=error,
+        rewrite=rewrite,
+        limit=limit,
+        index_path=index,
+        keep_results=kept,
+    )
+    return kept
+
+
+async def main(data: Path, limit: int, errors: list[float]) -> str:
+    """Run the rewrite eval at each oracle error rate and return the markdown table."""
+    rows = [
+        "| oracle error | queries | misses | sent to rewrite | recovered | recovered of sent "
+        "| bound (1-e)^2 x sent | LLM calls/query off | on | extra | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        index = Path(tmp) / "index"
+        for error in errors:
+            started = time.perf_counter()
+            off = await _run(data, index, limit, error, rewrite=False)
+            on = await _run(data, index, limit, error, rewrite=True)
+            wall = time.perf_counter() - started
+            top_k = 5
+            misses = [
+                i
+                for i, (r, gold) in enumerate(on)
+                if gold is not None and gold not in {c.id for c in off[i][0].candidates[:top_k]}
+            ]
+            sent = [i for i in misses if on[i][0].rewritten_as or _asked(on[i][0])]
+            recovered = [i for i in misses if on[i][0].entity_id == on[i][1]]
+            rec_sent = [i for i in sent if on[i][0].entity_id == on[i][1]]
+            n = len(on)
+            calls_off, calls_on = _calls(off) / n, _calls(on) / n
+            bound = (1 - error) ** 2 * len(sent) / max(len(misses), 1)
+            rows.append(
+                f"| {error:g} | {n} | {len(misses)} | {len(sent)} "
+                f"| {len(recovered) / max(len(misses), 1):.3f} "
+                f"| {len(rec_sent) / max(len(sent), 1):.3f} | {bound:.3f} "
+                f"| {calls_off:.3f} | {calls_on:.3f} | {calls_on - calls_off:+.3f} | {wall:.0f} |"
+            )
+    return "\n".join(rows)
+
+
+def _asked(result: MatchResult) -> bool:
+    """The rewrite was asked for (its reason says so even when it named nothing new)."""
+    return "rewrit" in (result.reason or "")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(__file__).parents[2] / "shared/data")
+    parser.add_argument("--limit", type=int, default=1500)
+    parser.add_argument("--errors", type=float, nargs="+", default=[0.0, 0.1])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    table = asyncio.run(main(args.data, args.limit, args.errors))
+    print(table)
+    if args.out is not None:
+        args.out.write_text(
+            f"languages, first {args.limit} queries, simulator oracle (plumbing, not a model)"
+            f"\n\n{table}\n"
+        )
