@@ -96,7 +96,9 @@ def _serve(args: argparse.Namespace) -> None:
             "novel_threshold": 0.0,
         }
     matcher = Matcher(catalog, embedder=_embedder(args.embedder), **kwargs)
-    app = create_app(matcher, limits=ServiceLimits(max_queries=10_000), close_matcher=True)
+    app = create_app(
+        matcher, limits=ServiceLimits(max_queries=10_000), close_matcher=True, freeze_gc=True
+    )
     config = server_config(app, port=args.serve, log_level="warning")
     config.backlog = 4096
     uvicorn.Server(config).run()

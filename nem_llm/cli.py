@@ -957,7 +957,9 @@ def serve(
         )
     except (NemLLMError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    service = create_app(matcher, api_key=token, limits=service_limits, close_matcher=True)
+    service = create_app(
+        matcher, api_key=token, limits=service_limits, close_matcher=True, freeze_gc=True
+    )
     config = server_config(service, host=host, port=port, log_level=log_level)
     uvicorn.Server(config).run()
 

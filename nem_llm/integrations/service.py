@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import importlib.metadata
 import inspect
@@ -52,10 +53,10 @@ from typing import Any, Literal, TypeVar
 
 import openai
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -65,7 +66,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ConfigError, InputError, NemLLMError, NotReadyError
@@ -331,10 +332,32 @@ class _Metrics:
             registry=r,
         )
         r.register(_GovernorCollector(matcher))
+        # labelled children, looked up once per label set (``labels()`` takes a lock and
+        # builds a tuple on every call: measurable at thousands of requests a second)
+        self._answered: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._decided: dict[tuple[str, str | None], Counter] = {}
+
+    def answered(self, method: str, path: str, status: int, seconds: float) -> None:
+        """Count one answered request and its latency."""
+        key = (method, path, status)
+        children = self._answered.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(method, path, str(status)),
+                self.request_seconds.labels(method, path),
+            )
+            self._answered[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe(self, results: Iterable[MatchResult]) -> None:
         for result in results:
-            self.results.labels(result.status, result.decided_by or "none").inc()
+            key = (result.status, result.decided_by)
+            counter = self._decided.get(key)
+            if counter is None:
+                counter = self.results.labels(result.status, result.decided_by or "none")
+                self._decided[key] = counter
+            counter.inc()
             self.result_seconds.observe(result.latency_s)
             for attempt in result.attempts:
                 self.llm_attempt_seconds.observe(attempt.latency_s)
@@ -422,21 +445,59 @@ class _State:
 
 def _error_json(status: int, type_: str, message: str, field: str | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(type=type_, message=message, field=field))
-    return JSONResponse(body.model_dump(), status_code=status)
+    response = JSONResponse(body.model_dump(), status_code=status)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    elif status == 503:
+        response.headers["Retry-After"] = "1"
+    return response
+
+
+def _route_path(scope: Scope) -> str:
+    """The request path inside the app (``root_path`` removed when mounted under a prefix)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+        return path[len(root) :] or "/"
+    return path
+
+
+def _bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """The token of ``Authorization: Bearer <token>`` (read as FastAPI's HTTPBearer), or b""."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" else b""
+    return b""
+
+
+def _guarded(path: str) -> bool:
+    """Paths behind the bearer token: the API and the metrics (not the probes nor the docs)."""
+    return path.startswith("/v1/") or path == "/metrics"
 
 
 class _Guard:
-    """Pure ASGI middleware: body-size limit, metrics, cancel on disconnect, drain tracking.
+    """Pure ASGI middleware: auth, body-size limit, metrics, cancel on disconnect, drain.
 
-    It reads the whole body first (answering 413 past the limit), hands it to the app,
-    and meanwhile listens for ``http.disconnect``: if the client goes away before the
-    response is complete, the app's task is cancelled, and with it the request's matching
-    and LLM calls.
+    It checks the bearer token (before reading anything), reads the whole body (answering
+    413 past the limit), and hands it to the app, or to a fast endpoint of ``fast`` (ASGI
+    apps by method and path, served without FastAPI's routing: ``POST /v1/match``).
+    Meanwhile one listener awaits ``http.disconnect``: if the client goes away before the
+    response is complete, the request's task is cancelled, and with it the request's
+    matching and LLM calls; the request then counts as 499.
     """
 
-    def __init__(self, app: ASGIApp, state: _State) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        state: _State,
+        api_key: str | None = None,
+        fast: dict[tuple[str, str], ASGIApp] | None = None,
+    ) -> None:
         self.app = app
         self.state = state
+        self.api_key = api_key.encode() if api_key is not None else None
+        self.fast = fast or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -444,26 +505,103 @@ class _Guard:
             return
         state = self.state
         metrics = state.metrics
-        method, path = scope["method"], _path_label(scope["path"])
+        method, path = scope["method"], _route_path(scope)
         status = 0
         started = time.perf_counter()
         metrics.in_flight.inc()
         task = asyncio.current_task()
-        if task is not None:
-            state.tasks.add(task)
+        assert task is not None
+        state.tasks.add(task)
         try:
-            status = await self._handle(scope, receive, send)
+            status = await self._handle(scope, receive, send, method, path, task)
         finally:
-            if task is not None:
-                state.tasks.discard(task)
+            state.tasks.discard(task)
             metrics.in_flight.dec()
-            metrics.requests.labels(method, path, str(status)).inc()
-            metrics.request_seconds.labels(method, path).observe(time.perf_counter() - started)
+            metrics.answered(method, _path_label(path), status, time.perf_counter() - started)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
+    async def _handle(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        method: str,
+        path: str,
+        task: asyncio.Task[Any],
+    ) -> int:
+        headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+        if self.api_key is not None and _guarded(path):
+            if not hmac.compare_digest(_bearer_token(headers), self.api_key):
+                message = "missing or wrong bearer token"
+                await _error_json(401, "unauthorized", message, "Authorization")(
+                    scope, receive, send
+                )
+                return 401
+        body = await self._body(scope, receive, send, headers)
+        if isinstance(body, int):
+            return body
+        app = self.fast.get((method, path), self.app)
+        delivered = False
+        disconnected: asyncio.Event | None = None
+        in_app = True
+        complete = False
+        hung_up = False
+        status = 0
+
+        async def replay() -> Message:
+            nonlocal delivered, disconnected
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            disconnected = disconnected or asyncio.Event()
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal status, complete
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
+            await send(message)
+
+        async def listen() -> None:
+            nonlocal hung_up
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if disconnected is not None:
+                disconnected.set()
+            if in_app and not complete:
+                hung_up = True
+                task.cancel()
+
+        # one listener task per request; the app runs in the request's own task
+        listener = asyncio.get_running_loop().create_task(listen())
+        try:
+            await app(scope, replay, tracked_send)
+        except asyncio.CancelledError:
+            if hung_up and task.uncancel() == 0:  # our own cancel, for a client that left
+                self.state.metrics.disconnects.inc()
+                return 499
+            # the server gave up on us (drain timeout): the work is stopped, say why, go
+            # on being cancelled
+            if status == 0:
+                with contextlib.suppress(Exception):
+                    await _error_json(503, "shutting_down", "the service shut down")(
+                        scope, receive, send
+                    )
+            raise
+        finally:
+            in_app = False
+            listener.cancel()
+        return status
+
+    async def _body(
+        self, scope: Scope, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]]
+    ) -> bytes | int:
+        """The whole request body, or the status answered instead (413, or 499 on hang-up)."""
         limit = self.state.limits.max_body_bytes
         too_large = f"request body exceeds {limit} bytes"
-        for name, value in scope.get("headers", []):
+        for name, value in headers:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await _error_json(413, "request_too_large", too_large, "body")(scope, receive, send)
                 return 413
@@ -481,61 +619,7 @@ class _Guard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        disconnected = asyncio.Event()
-        delivered = False
-        status = 0
-        complete = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await disconnected.wait()
-            return {"type": "http.disconnect"}
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal status, complete
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                complete = True
-            await send(message)
-
-        async def listen() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            disconnected.set()
-
-        app_task = asyncio.ensure_future(self.app(scope, replay, tracked_send))
-        listener = asyncio.ensure_future(listen())
-        try:
-            try:
-                await asyncio.wait({app_task, listener}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                # the server gave up on us (drain timeout): stop the work, say why, go on
-                # being cancelled
-                app_task.cancel()
-                await asyncio.gather(app_task, return_exceptions=True)
-                if status == 0:
-                    with contextlib.suppress(Exception):
-                        await _error_json(503, "shutting_down", "the service shut down")(
-                            scope, receive, send
-                        )
-                raise
-            if not app_task.done() and not complete:
-                self.state.metrics.disconnects.inc()
-                app_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await app_task
-                return 499
-            await app_task
-            return status
-        finally:
-            listener.cancel()
-            app_task.cancel()
-            await asyncio.gather(listener, app_task, return_exceptions=True)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 # -- the app -----------------------------------------------------------------------------
@@ -580,6 +664,29 @@ def _is_type_tag(part: str) -> bool:
     return part in {"str", "int", "float", "bool", "dict", "list"} or "[" in part
 
 
+def _invalid_json(errors: Sequence[Any]) -> JSONResponse:
+    """The 422 answer of a body that fails validation, naming its deepest field."""
+    # the deepest location names the field best (a union reports every branch)
+    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
+    message = str(first.get("msg", "invalid request"))
+    return _error_json(422, "invalid_request", message, _field_of(first.get("loc", ())))
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _parse_body(model: type[ModelT], scope: Scope, body: bytes) -> ModelT:
+    """Validate a JSON body as FastAPI reads it (a body of another media type is invalid).
+
+    Raises:
+        ValidationError: the body is not JSON or does not fit ``model``.
+    """
+    for name, value in scope.get("headers", []):
+        if name == b"content-type" and b"json" not in value.lower():
+            return model.model_validate(body)  # raises: bytes are not an object
+    return model.model_validate_json(body or b"null")
+
+
 def _check_queries(queries: list[str], name: str, limits: ServiceLimits) -> None:
     if len(queries) > limits.max_queries:
         raise _ApiError(
@@ -613,10 +720,13 @@ def create_app(
     close_matcher: bool = False,
     probe_interval: float = 15.0,
     probe_timeout: float = 3.0,
+    freeze_gc: bool = False,
 ) -> FastAPI:
     """Build the FastAPI app serving ``matcher`` (a fresh app each call; no globals).
 
     The index is built in the background at startup (``/readyz`` says when it is ready).
+    ``POST /v1/match`` is served by a lean endpoint beside FastAPI's routing (same models,
+    same errors; the FastAPI route documents it in the OpenAPI schema).
 
     Args:
         matcher: the one Matcher of this process; every request shares it.
@@ -625,6 +735,10 @@ def create_app(
         close_matcher: close the matcher on shutdown (``nem-llm serve`` owns its matcher).
         probe_interval: seconds ``/readyz`` caches the LLM reachability probe.
         probe_timeout: seconds the probe (``GET /models``) may take.
+        freeze_gc: once the index is built, ``gc.collect()`` then ``gc.freeze()``: the
+            catalog, the index and the imported libraries (~250k objects) leave the cyclic
+            collector's sight, so its passes walk only the requests' objects (on by
+            ``nem-llm serve``; process-wide, so off by default for an app in your stack).
     """
     limits = limits or ServiceLimits()
     client = matcher._client
@@ -641,6 +755,8 @@ def create_app(
         if not matcher.ready:
             state.fit_task = asyncio.create_task(matcher.fit_async(), name="nem-llm-fit")
             state.fit_task.add_done_callback(_fit_done)
+        elif freeze_gc:
+            _freeze_gc()
         try:
             yield
         finally:
@@ -661,6 +777,8 @@ def create_app(
         if exc is not None:
             state.fit_error = redactor.text(f"building the index failed: {exc}")
             log.error("%s", state.fit_error)
+        elif freeze_gc:
+            _freeze_gc()
 
     app = FastAPI(
         title="nem_llm",
@@ -673,27 +791,13 @@ def create_app(
             503: {"model": ErrorResponse, "description": "Not ready, or shutting down."},
         },
     )
-    app.add_middleware(_Guard, state=state)
+    fast: dict[tuple[str, str], ASGIApp] = {}
+    app.add_middleware(_Guard, state=state, api_key=api_key, fast=fast)
 
-    @app.exception_handler(_ApiError)
-    async def _api_error(_request: Request, exc: _ApiError) -> JSONResponse:
-        response = _error_json(exc.status, exc.type, redactor.text(exc.message), exc.field)
-        if exc.status == 401:
-            response.headers["WWW-Authenticate"] = "Bearer"
-        if exc.status == 503:
-            response.headers["Retry-After"] = "1"
-        return response
+    def api_error(exc: _ApiError) -> JSONResponse:
+        return _error_json(exc.status, exc.type, redactor.text(exc.message), exc.field)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        # the deepest location names the field best (a union reports every branch)
-        first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
-        message = str(first.get("msg", "invalid request"))
-        return _error_json(422, "invalid_request", message, _field_of(first.get("loc", ())))
-
-    @app.exception_handler(NemLLMError)
-    async def _nem_error(_request: Request, exc: NemLLMError) -> JSONResponse:
+    def nem_error(exc: NemLLMError) -> JSONResponse:
         message = redactor.text(str(exc))
         if isinstance(exc, NotReadyError):
             return _error_json(503, "not_ready", message)
@@ -705,17 +809,22 @@ def create_app(
         log.error("request failed: %s", message)
         return _error_json(500, type(exc).__name__, message)
 
+    @app.exception_handler(_ApiError)
+    async def _api_error(_request: Request, exc: _ApiError) -> JSONResponse:
+        return api_error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _invalid_json(exc.errors())
+
+    @app.exception_handler(NemLLMError)
+    async def _nem_error(_request: Request, exc: NemLLMError) -> JSONResponse:
+        return nem_error(exc)
+
+    # _Guard enforces the token (one check for every route, the fast one included); this
+    # dependency only declares the scheme in the OpenAPI schema
     bearer = HTTPBearer(auto_error=False, description="The key named by --api-key-env.")
-
-    async def authorize(
-        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
-    ) -> None:
-        assert api_key is not None
-        given = credentials.credentials.encode() if credentials is not None else b""
-        if not hmac.compare_digest(given, api_key.encode()):
-            raise _ApiError(401, "unauthorized", "missing or wrong bearer token", "Authorization")
-
-    guarded = [Depends(authorize)] if api_key is not None else []
+    guarded = [Security(bearer)] if api_key is not None else []
     v1 = APIRouter(prefix="/v1", dependencies=guarded)
 
     def json_bytes(payload: bytes) -> Response:
@@ -737,12 +846,8 @@ def create_app(
             )
             raise _ApiError(422, "invalid_option", message, field) from None
 
-    @v1.post(
-        "/match",
-        response_model=MatchResult | Explanation | list[MatchResult] | list[Explanation],
-        summary="Match one query or a list (input order).",
-    )
-    async def match(body: MatchRequest) -> Response:
+    async def matched(body: MatchRequest) -> Response:
+        """The answer of ``POST /v1/match`` (both endpoints below serve it)."""
         state.require_ready()
         many = isinstance(body.query, list)
         queries = body.query if isinstance(body.query, list) else [body.query]
@@ -775,6 +880,30 @@ def create_app(
         )
         state.metrics.observe(results)
         return json_bytes(_RESULTS.dump_json(results))
+
+    @v1.post(
+        "/match",
+        response_model=MatchResult | Explanation | list[MatchResult] | list[Explanation],
+        summary="Match one query or a list (input order).",
+    )
+    async def match(body: MatchRequest) -> Response:
+        # documents the endpoint; _Guard hands POST /v1/match to match_fast instead
+        return await matched(body)
+
+    async def match_fast(scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/match`` without FastAPI's routing, dependencies and wrappers."""
+        try:
+            body = _parse_body(MatchRequest, scope, (await receive())["body"])
+            response = await matched(body)
+        except ValidationError as exc:
+            response = _invalid_json(exc.errors(include_url=False))
+        except _ApiError as exc:
+            response = api_error(exc)
+        except NemLLMError as exc:
+            response = nem_error(exc)
+        await response(scope, receive, send)
+
+    fast["POST", "/v1/match"] = match_fast
 
     @v1.post(
         "/match:stream",
@@ -880,6 +1009,12 @@ def create_app(
 
     app.state.nem_llm = state
     return app
+
+
+def _freeze_gc() -> None:
+    """Move every object alive now (catalog, index, libraries) out of the collector's walks."""
+    gc.collect()
+    gc.freeze()
 
 
 def server_config(
