@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -29,10 +30,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 # the same torch threads in every process of the comparison (set before torch is imported)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -62,10 +65,36 @@ def _embedder(kind: str) -> Any:
     return None  # the Matcher's default: all-MiniLM-L6-v2
 
 
+def _batching(args: argparse.Namespace) -> dict[str, Any]:
+    """The micro-batcher settings of every Matcher of the run (the Matcher's when unset)."""
+    return {"max_batch_size": args.max_batch_size} if args.max_batch_size else {}
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _embed_counts(url: str) -> tuple[float, float]:
+    """The server's micro-batches and the texts in them so far (from ``/metrics``)."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as r:
+        text = await r.text()
+    found = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return found["nem_llm_embed_batches_total"], found["nem_llm_embed_texts_total"]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -95,11 +124,11 @@ def _serve(args: argparse.Namespace) -> None:
             "accept_threshold": 1.01,  # every query goes to the LLM
             "novel_threshold": 0.0,
         }
-    matcher = Matcher(catalog, embedder=_embedder(args.embedder), **kwargs)
+    matcher = Matcher(catalog, embedder=_embedder(args.embedder), **_batching(args), **kwargs)
     app = create_app(
         matcher, limits=ServiceLimits(max_queries=10_000), close_matcher=True, freeze_gc=True
     )
-    config = server_config(app, port=args.serve, log_level="warning")
+    config = server_config(app, port=args.serve, log_level=os.environ.get("SVC_LOG", "warning"))
     config.backlog = 4096
     uvicorn.Server(config).run()
 
@@ -111,6 +140,7 @@ class Server:
         self.port = _free_port()
         cmd = [sys.executable, __file__, "--serve", str(self.port), "--data", args.data]
         cmd += ["--embedder", args.embedder, "--sim-rpm", str(args.sim_rpm)]
+        cmd += ["--max-batch-size", str(args.max_batch_size)]
         if sim_url:
             cmd += ["--sim-url", sim_url]
         self.proc = subprocess.Popen(cmd)
@@ -139,11 +169,64 @@ class Server:
 # -- 1. throughput -----------------------------------------------------------------------
 
 
-async def _http_run(url: str, queries: list[str], clients: int, per_request: int) -> dict[str, Any]:
+class _KeepAlive(asyncio.Protocol):
+    """A minimal HTTP/1.1 keep-alive client connection: one request at a time.
+
+    The cheapest honest client: it writes pre-encoded requests and reads the status line,
+    the headers and a ``Content-Length`` body (what the service answers), nothing else.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a TCP transport (uvloop's too)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None:
+            return
+        head = bytes(self.buffer[:end]).lower()
+        at = head.find(b"content-length:")
+        if at < 0:
+            self._fail(ConnectionError("a response without Content-Length"))
+            return
+        length = int(head[at + 15 : head.find(b"\r\n", at) if b"\r\n" in head[at:] else None])
+        if len(self.buffer) < end + 4 + length:
+            return
+        body = bytes(self.buffer[end + 4 : end + 4 + length])
+        del self.buffer[: end + 4 + length]
+        waiter, self.waiter = self.waiter, None
+        waiter.set_result((int(head[9:12]), body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionError(f"connection lost: {exc}"))
+
+    def _fail(self, exc: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+        self.waiter = None
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return await self.waiter
+
+
+async def _http_run(
+    server: Server, queries: list[str], clients: int, per_request: int, kind: str = "raw"
+) -> dict[str, Any]:
+    """``clients`` concurrent keep-alive clients posting ``per_request`` queries a request."""
     import aiohttp
 
+    url = server.url
+    # bodies encoded up front: the client's CPU competes with the server's on 2 cores
     bodies = [
-        {"query": queries[i : i + per_request] if per_request > 1 else queries[i]}
+        json.dumps({"query": queries[i : i + per_request] if per_request > 1 else queries[i]})
         for i in range(0, len(queries), per_request)
     ]
     source = iter(bodies)
@@ -151,29 +234,65 @@ async def _http_run(url: str, queries: list[str], clients: int, per_request: int
     errors = 0
     answered = 0
 
-    async def client(session: aiohttp.ClientSession) -> None:
+    async def client(post: Callable[[str], Awaitable[tuple[int, bytes]]]) -> None:
         nonlocal errors, answered
         for body in source:
             t = time.perf_counter()
             try:
-                async with session.post(url + "/v1/match", json=body) as r:
-                    data = await r.json()
-                    if r.status != 200:
-                        errors += 1
-                        continue
-            except aiohttp.ClientError:
+                status, raw = await post(body)
+                data = json.loads(raw)
+            except (aiohttp.ClientError, ConnectionError, ValueError):
+                errors += 1
+                continue
+            if status != 200:
                 errors += 1
                 continue
             latencies.append(time.perf_counter() - t)
             answered += len(data) if isinstance(data, list) else 1
 
-    connector = aiohttp.TCPConnector(limit=clients)
-    timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    batches, texts = await _embed_counts(url)
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "aiohttp":
+            connector = aiohttp.TCPConnector(limit=clients)
+            timeout = aiohttp.ClientTimeout(total=300)
+            session = await stack.enter_async_context(
+                aiohttp.ClientSession(connector=connector, timeout=timeout)
+            )
+            headers = {"Content-Type": "application/json"}
+
+            async def post_aiohttp(body: str) -> tuple[int, bytes]:
+                async with session.post(url + "/v1/match", data=body, headers=headers) as r:
+                    return r.status, await r.read()
+
+            posts = [post_aiohttp] * clients
+        else:
+            loop = asyncio.get_running_loop()
+            posts = []
+            for _ in range(clients):
+                transport, conn = await loop.create_connection(_KeepAlive, "127.0.0.1", server.port)
+                stack.callback(transport.close)
+
+                async def post_raw(body: str, conn: _KeepAlive = conn) -> tuple[int, bytes]:
+                    data = body.encode()
+                    head = (
+                        "POST /v1/match HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+                    )
+                    return await conn.request(head.encode() + data)
+
+                posts.append(post_raw)
+        server_cpu, client_cpu = _cpu_seconds(server.proc.pid), time.process_time()
         started = time.perf_counter()
-        await asyncio.gather(*(client(session) for _ in range(clients)))
+        await asyncio.gather(*(client(post) for post in posts))
         wall = time.perf_counter() - started
+        server_cpu = _cpu_seconds(server.proc.pid) - server_cpu
+        client_cpu = time.process_time() - client_cpu
+    batches_after, texts_after = await _embed_counts(url)
     return {
+        "server_cpu_us": 1e6 * server_cpu / max(1, answered),
+        "client_cpu_us": 1e6 * client_cpu / max(1, answered),
+        "client_share": client_cpu / (client_cpu + server_cpu),
+        "batch": (texts_after - texts) / max(1.0, batches_after - batches),
         "queries": answered,
         "requests": len(bodies),
         "wall_s": wall,
@@ -188,29 +307,54 @@ async def _in_process(args: argparse.Namespace, queries: list[str]) -> dict[str,
     from nem_llm import Matcher
 
     catalog, _ = _load(Path(args.data))
-    async with Matcher(catalog, embedder=_embedder(args.embedder), llm=False) as m:
+    async with Matcher(
+        catalog, embedder=_embedder(args.embedder), llm=False, **_batching(args)
+    ) as m:
         await m.fit_async()
+        _freeze_gc()  # as the server does once its index is built
         await m.match_batch_async(queries[:200])  # warm-up, as the server's
-        started = time.perf_counter()
+        batcher = m._runtime.batcher if m._runtime is not None else None
+        before = (batcher.batches, batcher.items) if batcher is not None else (0, 0)
+        cpu, started = time.process_time(), time.perf_counter()
         results = await m.match_batch_async(queries)
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        after = (batcher.batches, batcher.items) if batcher is not None else (0, 0)
     errors = sum(r.status == "error" for r in results)
-    return {"queries": len(results), "wall_s": wall, "qps": len(results) / wall, "errors": errors}
+    return {
+        "queries": len(results),
+        "wall_s": wall,
+        "qps": len(results) / wall,
+        "errors": errors,
+        "server_cpu_us": 1e6 * cpu / len(results),
+        "batch": (after[1] - before[1]) / max(1, after[0] - before[0]),
+    }
+
+
+def _freeze_gc() -> None:
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 async def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """In-process runs before and after the HTTP runs (their mean is the baseline)."""
     _, base = _load(Path(args.data))
     queries = _cycle(base, args.n)
-    rows = [{"name": "in-process match_batch_async", **(await _in_process(args, queries))}]
+    name = "in-process match_batch_async"
+    rows = [{"name": f"{name} (before)", **(await _in_process(args, queries))}]
     server = Server(args)
     try:
         await server.ready()
-        await _http_run(server.url, queries[:400], 50, 1)  # warm-up
-        for per in (1, 10):
-            res = await _http_run(server.url, queries, args.clients, per)
-            rows.append({"name": f"HTTP, {args.clients} clients, {per}/request", **res})
+        await _http_run(server, queries[:400], 50, 1)  # warm-up
+        for kind in args.client.split(","):
+            for per in (1, 10) if kind == "raw" else (1,):
+                res = await _http_run(server, queries, args.clients, per, kind)
+                label = f"HTTP ({kind} client), {args.clients} clients, {per}/request"
+                rows.append({"name": label, **res})
     finally:
         server.stop()
+    rows.append({"name": f"{name} (after)", **(await _in_process(args, queries))})
     return rows
 
 
@@ -347,16 +491,21 @@ def render(report: dict[str, Any]) -> str:
     out = [f"load average at start: {report['load']}", ""]
     if "throughput" in report:
         rows = report["throughput"]
-        base = rows[0]["qps"]
+        local = [r["qps"] for r in rows if r["name"].startswith("in-process")]
+        base = sum(local) / len(local)
         out += [
-            "| run | queries | wall s | queries/s | vs in-process | p50 ms | p95 ms | errors |",
-            "|---|---|---|---|---|---|---|---|",
+            "| run | queries | wall s | queries/s | vs in-process | p50 ms | p95 ms | errors "
+            "| server CPU us/query | client CPU us/query | client CPU share | mean batch |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        nan = float("nan")
         for r in rows:
             out.append(
                 f"| {r['name']} | {r['queries']} | {r['wall_s']:.2f} | {r['qps']:.0f} | "
-                f"{r['qps'] / base:.2f}x | {r.get('p50_ms', float('nan')):.1f} | "
-                f"{r.get('p95_ms', float('nan')):.1f} | {r['errors']} |"
+                f"{r['qps'] / base:.2f}x | {r.get('p50_ms', nan):.1f} | "
+                f"{r.get('p95_ms', nan):.1f} | {r['errors']} | {r['server_cpu_us']:.0f} | "
+                f"{r.get('client_cpu_us', nan):.0f} | {r.get('client_share', nan):.0%} | "
+                f"{r['batch']:.1f} |"
             )
         out.append("")
     if "sim" in report:
@@ -385,6 +534,15 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _run(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` on uvloop when installed (the server's loop: the same on both sides)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(work)
+    return uvloop.run(work)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="throughput,sim,frame")
@@ -392,6 +550,14 @@ def main() -> None:
     parser.add_argument("--embedder", choices=["fake", "minilm"], default="fake")
     parser.add_argument("--n", type=int, default=4000, help="queries of the throughput runs")
     parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument(
+        "--client",
+        default="raw,aiohttp",
+        help="HTTP clients to run: raw (a minimal keep-alive client), aiohttp, or both",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=0, help="the Matcher's micro-batch cap (both sides)"
+    )
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--per-stream", type=int, default=10)
     parser.add_argument("--sim-rpm", type=float, default=1500.0)
@@ -411,9 +577,9 @@ def main() -> None:
     report: dict[str, Any] = {"load": " ".join(f"{x:.1f}" for x in os.getloadavg())}
     report["args"] = {k: v for k, v in vars(args).items() if k not in ("json",)}
     if "throughput" in parts:
-        report["throughput"] = asyncio.run(throughput(args))
+        report["throughput"] = _run(throughput(args))
     if "sim" in parts:
-        report["sim"] = asyncio.run(sim_part(args))
+        report["sim"] = _run(sim_part(args))
     if "frame" in parts:
         report["frame"] = frame_part(args)
     text = render(report)

@@ -136,9 +136,13 @@ class _Options(BaseModel):
     threshold: float | None = Field(
         default=None, description="Per-request threshold (passed to the Matcher when set)."
     )
-    where: dict[str, Any] | None = Field(
+    where: dict[str, Any] | list[dict[str, Any] | None] | None = Field(
         default=None,
-        description="Filter on entity attributes: a value (equality) or a list (membership).",
+        description=(
+            "Filter on entity attributes: a value (equality) or a list (membership). With a "
+            "list of queries, also a list of filters (or nulls), one per query: a filter that "
+            "fails makes its query an `error` result and leaves the others alone."
+        ),
     )
 
 
@@ -251,7 +255,8 @@ class _RedactingRecords:
 
 
 class _GovernorCollector:
-    """Reads the matcher's governor totals at scrape time (LLM calls, retries, tokens, cost)."""
+    """Reads the matcher's totals at scrape time: LLM calls, retries, tokens, cost (the
+    governor) and the micro-batches the embedder was given."""
 
     def __init__(self, matcher: Matcher) -> None:
         self.matcher = matcher
@@ -271,6 +276,15 @@ class _GovernorCollector:
         tokens = CounterMetricFamily("nem_llm_llm_tokens", "Tokens spent.", labels=["kind"])
         cost = CounterMetricFamily("nem_llm_llm_cost_usd", "Dollars spent (list prices).")
         in_flight = GaugeMetricFamily("nem_llm_llm_in_flight", "LLM calls in flight.")
+        runtime = getattr(self.matcher, "_runtime", None)
+        batcher = getattr(runtime, "batcher", None)
+        batches = CounterMetricFamily(
+            "nem_llm_embed_batches", "Micro-batches encoded (texts / batches: their mean size)."
+        )
+        batches.add_metric([], getattr(batcher, "batches", 0))
+        texts = CounterMetricFamily("nem_llm_embed_texts", "Queries encoded in micro-batches.")
+        texts.add_metric([], getattr(batcher, "items", 0))
+        yield from (batches, texts)
         if stats is None:
             for family in (calls, attempts, failures, limited, cost):
                 family.add_metric([], 0.0)
@@ -389,7 +403,8 @@ class _State:
         self.limits = limits
         self.redactor = redactor
         self.metrics = _Metrics(matcher)
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()  # the requests in flight
+        self.metrics.in_flight.set_function(lambda: len(self.tasks))
         self.draining = False
         self.fit_task: asyncio.Task[Matcher] | None = None
         self.fit_error: str | None = None
@@ -508,7 +523,6 @@ class _Guard:
         method, path = scope["method"], _route_path(scope)
         status = 0
         started = time.perf_counter()
-        metrics.in_flight.inc()
         task = asyncio.current_task()
         assert task is not None
         state.tasks.add(task)
@@ -516,7 +530,6 @@ class _Guard:
             status = await self._handle(scope, receive, send, method, path, task)
         finally:
             state.tasks.discard(task)
-            metrics.in_flight.dec()
             metrics.answered(method, _path_label(path), status, time.perf_counter() - started)
 
     async def _handle(
@@ -705,6 +718,20 @@ def _check_queries(queries: list[str], name: str, limits: ServiceLimits) -> None
             )
 
 
+def _check_where(where: object, queries: int, many: bool) -> None:
+    """A list of filters needs a list of queries, one filter per query."""
+    if not isinstance(where, list):
+        return
+    if not many:
+        raise _ApiError(
+            422, "invalid_option", "one query takes one filter (an object), not a list", "where"
+        )
+    if len(where) != queries:
+        raise _ApiError(
+            422, "invalid_option", f"{len(where)} filters for {queries} queries", "where"
+        )
+
+
 def _options_for(fn: Any, body: _Options) -> dict[str, Any]:
     try:
         return call_options(fn, top_k=body.top_k, threshold=body.threshold, where=body.where)
@@ -830,10 +857,16 @@ def create_app(
     def json_bytes(payload: bytes) -> Response:
         return Response(redactor.data(payload), media_type="application/json")
 
-    async def call(body: _Options, work: Awaitable[T]) -> T:
+    async def call(body: _Options, work: Awaitable[T], where: str = "where") -> T:
         """Await a Matcher call; a ConfigError names the request option it came from."""
-        try:
+        with options_named(body, where):
             return await work
+
+    @contextlib.contextmanager
+    def options_named(body: _Options, where: str = "where") -> Iterator[None]:
+        """A ConfigError raised inside becomes a 422 naming the request option it is about."""
+        try:
+            yield
         except ConfigError as exc:
             message = redactor.text(str(exc))
             field = next(
@@ -842,7 +875,7 @@ def create_app(
                     for f in ("threshold", "top_k")
                     if f in message and getattr(body, f) is not None
                 ),
-                "where" if body.where is not None else None,
+                where if body.where is not None else None,
             )
             raise _ApiError(422, "invalid_option", message, field) from None
 
@@ -852,15 +885,23 @@ def create_app(
         many = isinstance(body.query, list)
         queries = body.query if isinstance(body.query, list) else [body.query]
         _check_queries(queries, "query", limits)
+        _check_where(body.where, len(queries), many)
         if body.explain:
             opts = _options_for(matcher.explain_match_async, body)
             gate = asyncio.Semaphore(limits.max_explain_concurrency)
 
-            async def explain(q: str) -> Explanation:
+            async def explain(i: int, q: str) -> Explanation:
+                if not isinstance(body.where, list):
+                    async with gate:
+                        return await call(body, matcher.explain_match_async(q, **opts))
+                # one filter per query: a failing one is named by its index
+                own = {**opts, "where": body.where[i]}
                 async with gate:
-                    return await call(body, matcher.explain_match_async(q, **opts))
+                    return await call(body, matcher.explain_match_async(q, **own), f"where[{i}]")
 
-            explanations = list(await asyncio.gather(*(explain(q) for q in queries)))
+            explanations = list(
+                await asyncio.gather(*(explain(i, q) for i, q in enumerate(queries)))
+            )
             state.metrics.observe(e.result for e in explanations)
             if not many:
                 return json_bytes(explanations[0].model_dump_json().encode())
@@ -915,7 +956,13 @@ def create_app(
     async def match_stream(body: StreamRequest) -> Response:
         state.require_ready()
         _check_queries(body.queries, "queries", limits)
+        _check_where(body.where, len(body.queries), many=True)
         opts = _options_for(matcher.match_stream_async, body)
+        if isinstance(body.where, dict):
+            # checked before the 200 goes out: the Matcher checks a shared filter only once
+            # the stream is read, when an error can no longer change the status
+            with options_named(body):
+                matcher.catalog.where_mask(body.where)
         stream = matcher.match_stream_async(body.queries, strategy="as_completed", **opts)
 
         async def lines() -> AsyncGenerator[bytes, None]:
@@ -968,10 +1015,13 @@ def create_app(
         remove = _admin_method(matcher, "remove_entities_async")
         try:
             await remove([entity_id])
-        except (InputError, KeyError):  # the id is not in the catalog
-            raise _ApiError(
-                404, "not_found", f"no entity with id {entity_id!r}", "entity_id"
-            ) from None
+        except (InputError, KeyError) as exc:
+            if entity_id not in matcher.catalog.by_id:
+                raise _ApiError(
+                    404, "not_found", f"no entity with id {entity_id!r}", "entity_id"
+                ) from None
+            # the id is there, the change is refused (the last entity of the catalog)
+            raise _ApiError(422, "invalid_entities", str(exc), "entity_id") from None
         return EntitiesChanged(removed=1)
 
     app.include_router(v1)
