@@ -128,7 +128,13 @@ def _serve(args: argparse.Namespace) -> None:
     app = create_app(
         matcher, limits=ServiceLimits(max_queries=10_000), close_matcher=True, freeze_gc=True
     )
-    config = server_config(app, port=args.serve, log_level=os.environ.get("SVC_LOG", "warning"))
+    # nem-llm serve --no-access-log --log-level warning (--access-log: uvicorn's line per request)
+    config = server_config(
+        app,
+        port=args.serve,
+        log_level="info" if args.access_log else "warning",
+        access_log=args.access_log,
+    )
     config.backlog = 4096
     uvicorn.Server(config).run()
 
@@ -141,9 +147,11 @@ class Server:
         cmd = [sys.executable, __file__, "--serve", str(self.port), "--data", args.data]
         cmd += ["--embedder", args.embedder, "--sim-rpm", str(args.sim_rpm)]
         cmd += ["--max-batch-size", str(args.max_batch_size)]
+        cmd += ["--access-log"] if args.access_log else []
         if sim_url:
             cmd += ["--sim-url", sim_url]
-        self.proc = subprocess.Popen(cmd)
+        # access-log lines go to /dev/null (written all the same: their cost is measured)
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL if args.access_log else None)
         self.url = f"http://127.0.0.1:{self.port}"
 
     async def ready(self) -> None:
@@ -562,6 +570,9 @@ def main() -> None:
     parser.add_argument("--per-stream", type=int, default=10)
     parser.add_argument("--sim-rpm", type=float, default=1500.0)
     parser.add_argument("--frame-rows", type=int, default=100_000)
+    parser.add_argument(
+        "--access-log", action="store_true", help="the server logs a line per request"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sim-url", default=None, help=argparse.SUPPRESS)

@@ -804,8 +804,17 @@ def test_serve_command_serves_the_catalog_with_auth_and_stops_on_sigterm(
     # uvicorn shuts down cleanly, then re-raises the signal (exit status of a SIGTERM)
     assert code in (0, -signal.SIGTERM), text
     assert "Application shutdown complete" in text
+    assert '"POST /v1/match HTTP/1.1" 200' in text  # the access log is on by default
     assert TOKEN not in text
     assert OPENAI_KEY not in text
+
+
+def test_server_config_can_drop_the_access_log(matcher: Matcher) -> None:
+    app = app_for(matcher)
+    assert (server_config(app).access_log, server_config(app, access_log=False).access_log) == (
+        True,
+        False,
+    )
 
 
 UNSET = ("--api-key-env", "NEM_TEST_UNSET_TOKEN")

