@@ -13,13 +13,18 @@ Endpoints::
     GET    /docs                OpenAPI (the response models are nem_llm's public models)
 
 One Matcher serves every request, so concurrent requests share its micro-batcher and its
-governor (one RPM/TPM budget, one 429 cooldown). With ``api_key`` set, ``/v1/*`` and
-``/metrics`` need ``Authorization: Bearer <key>`` (compared in constant time); the probes
-and the docs stay open. Request limits answer 413 (body) or 422 (queries, query length)
-with ``{"error": {"type", "field", "message"}}``. A client that disconnects cancels its
-work (and so its LLM calls); on shutdown in-flight requests drain up to
-``ServiceLimits.drain_timeout`` and are cancelled after. Secrets (the LLM client's API key
-and the bearer token) are replaced by ``[redacted]`` in every response body and log line.
+governor (one RPM/TPM budget, one 429 cooldown): 200 clients of one query each become
+micro-batches of ~100 queries (``nem_llm_embed_texts / nem_llm_embed_batches`` in
+``/metrics``). ``POST /v1/match`` is served by a lean ASGI endpoint beside FastAPI's
+routing (the same models, errors and auth; the FastAPI route documents it): see
+``benchmarks/results/service.md`` for what each request costs. With ``api_key`` set,
+``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>`` (compared in constant
+time); the probes and the docs stay open. Request limits answer 413 (body) or 422
+(queries, query length) with ``{"error": {"type", "field", "message"}}``. A client that
+disconnects cancels its work (and so its LLM calls); on shutdown in-flight requests
+drain up to ``ServiceLimits.drain_timeout`` and are cancelled after. Secrets (the LLM
+client's API key and the bearer token) are replaced by ``[redacted]`` in every response
+body and log line.
 
 Example:
     >>> app = create_app(Matcher("entities.jsonl"), api_key="s3cret")  # doctest: +SKIP
@@ -276,15 +281,6 @@ class _GovernorCollector:
         tokens = CounterMetricFamily("nem_llm_llm_tokens", "Tokens spent.", labels=["kind"])
         cost = CounterMetricFamily("nem_llm_llm_cost_usd", "Dollars spent (list prices).")
         in_flight = GaugeMetricFamily("nem_llm_llm_in_flight", "LLM calls in flight.")
-        runtime = getattr(self.matcher, "_runtime", None)
-        batcher = getattr(runtime, "batcher", None)
-        batches = CounterMetricFamily(
-            "nem_llm_embed_batches", "Micro-batches encoded (texts / batches: their mean size)."
-        )
-        batches.add_metric([], getattr(batcher, "batches", 0))
-        texts = CounterMetricFamily("nem_llm_embed_texts", "Queries encoded in micro-batches.")
-        texts.add_metric([], getattr(batcher, "items", 0))
-        yield from (batches, texts)
         if stats is None:
             for family in (calls, attempts, failures, limited, cost):
                 family.add_metric([], 0.0)
@@ -303,6 +299,17 @@ class _GovernorCollector:
             cost.add_metric([], stats.usage.cost_usd)
             in_flight.add_metric([], stats.in_flight)
         yield from (calls, attempts, failures, retries, limited, tokens, cost, in_flight)
+
+        # the micro-batcher exists once a query was matched on this loop
+        runtime = getattr(self.matcher, "_runtime", None)
+        batcher = getattr(runtime, "batcher", None)
+        batches = CounterMetricFamily(
+            "nem_llm_embed_batches", "Micro-batches encoded (texts / batches: their mean size)."
+        )
+        batches.add_metric([], getattr(batcher, "batches", 0))
+        texts = CounterMetricFamily("nem_llm_embed_texts", "Queries encoded in micro-batches.")
+        texts.add_metric([], getattr(batcher, "items", 0))
+        yield from (batches, texts)
 
 
 class _Metrics:
