@@ -126,7 +126,7 @@ def _serve(args: argparse.Namespace) -> None:
         }
     matcher = Matcher(catalog, embedder=_embedder(args.embedder), **_batching(args), **kwargs)
     app = create_app(
-        matcher, limits=ServiceLimits(max_queries=10_000), close_matcher=True, freeze_gc=True
+        matcher, limits=ServiceLimits(max_queries=10_000), close_matcher=True, tune_gc=True
     )
     # nem-llm serve --no-access-log --log-level warning (--access-log: uvicorn's line per request)
     config = server_config(
@@ -316,13 +316,14 @@ async def _in_process(
 ) -> dict[str, Any]:
     """``match_batch_async`` on the queries (``batch_size`` 64: its default)."""
     from nem_llm import Matcher
+    from nem_llm.integrations.service import tune_gc
 
     catalog, _ = _load(Path(args.data))
     async with Matcher(
         catalog, embedder=_embedder(args.embedder), llm=False, **_batching(args)
     ) as m:
         await m.fit_async()
-        _freeze_gc()  # as the server does once its index is built
+        tune_gc()  # as the server does once its index is built
         await m.match_batch_async(queries[:200])  # warm-up, as the server's
         batcher = m._runtime.batcher if m._runtime is not None else None
         before = (batcher.batches, batcher.items) if batcher is not None else (0, 0)
@@ -339,13 +340,6 @@ async def _in_process(
         "server_cpu_us": 1e6 * cpu / len(results),
         "batch": (after[1] - before[1]) / max(1, after[0] - before[0]),
     }
-
-
-def _freeze_gc() -> None:
-    import gc
-
-    gc.collect()
-    gc.freeze()
 
 
 async def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:

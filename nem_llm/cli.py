@@ -961,7 +961,7 @@ def serve(
     except (NemLLMError, ValueError) as exc:
         raise _fail(str(exc)) from None
     service = create_app(
-        matcher, api_key=token, limits=service_limits, close_matcher=True, freeze_gc=True
+        matcher, api_key=token, limits=service_limits, close_matcher=True, tune_gc=True
     )
     config = server_config(
         service, host=host, port=port, log_level=log_level, access_log=access_log

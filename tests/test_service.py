@@ -830,3 +830,33 @@ def test_serve_command_fails_clearly_when_the_api_key_variable_is_unset() -> Non
     )
     assert run.returncode == 2
     assert "NEM_TEST_UNSET_TOKEN" in run.stderr
+
+
+_TUNED = """
+import asyncio, gc
+from nem_llm import Matcher
+from nem_llm.integrations.service import create_app
+from nem_llm.testing import FakeEmbedder
+
+async def main():
+    m = Matcher([{"id": "US", "name": "USA"}], embedder=FakeEmbedder(), llm=False)
+    app = create_app(m, tune_gc=True, close_matcher=True)
+    before = (gc.get_freeze_count(), gc.get_threshold()[0])
+    async with app.router.lifespan_context(app):
+        while gc.get_freeze_count() == 0:  # the index is built in the background
+            await asyncio.sleep(0.01)
+        print(*before, m.ready, gc.get_threshold()[0])
+
+asyncio.run(main())
+"""
+
+
+def test_tune_gc_freezes_the_built_index_and_raises_the_first_threshold() -> None:
+    # in a child process: the collector's settings are process-wide
+    run = subprocess.run(
+        [sys.executable, "-c", _TUNED], env=_serve_env(), capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    frozen_before, threshold_before, ready, threshold = run.stdout.split()
+    assert (frozen_before, ready) == ("0", "True")
+    assert int(threshold) == max(int(threshold_before), 10_000)

