@@ -27,6 +27,7 @@ import json
 import os
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -343,27 +344,49 @@ async def _in_process(
 
 
 async def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """In-process runs before and after the HTTP runs (their mean is the baseline)."""
+    """``--rounds`` rounds, each: the in-process baseline, then every HTTP run; one more
+    in-process run closes the last round. Each HTTP run is compared with the mean of the
+    in-process runs just before and after it (the machine is shared: its load moves)."""
     _, base = _load(Path(args.data))
     queries = _cycle(base, args.n)
-    name = "in-process match_batch_async"
-    rows = [{"name": f"{name} (before)", **(await _in_process(args, queries))}]
+    local = [await _in_process(args, queries)]
+    runs: dict[str, list[dict[str, Any]]] = {}
     server = Server(args)
     try:
         await server.ready()
         await _http_run(server, queries[:400], 50, 1)  # warm-up
-        for kind in args.client.split(","):
-            for per in (1, 10) if kind == "raw" else (1,):
-                res = await _http_run(server, queries, args.clients, per, kind)
-                label = f"HTTP ({kind} client), {args.clients} clients, {per}/request"
-                rows.append({"name": label, **res})
+        for _ in range(args.rounds):
+            for kind in args.client.split(","):
+                for per in (1, 10) if kind == "raw" else (1,):
+                    res = await _http_run(server, queries, args.clients, per, kind)
+                    label = f"HTTP ({kind} client), {args.clients} clients, {per}/request"
+                    runs.setdefault(label, []).append(res)
+            # the server idles meanwhile (its process waits on its socket)
+            local.append(await _in_process(args, queries))
     finally:
         server.stop()
-    rows.append({"name": f"{name} (after)", **(await _in_process(args, queries))})
+    rows = [_summary("in-process match_batch_async (the baseline)", local)]
+    for label, results in runs.items():
+        for i, res in enumerate(results):
+            res["ratio"] = res["qps"] / ((local[i]["qps"] + local[i + 1]["qps"]) / 2)
+        rows.append(_summary(label, results))
     # not in the baseline: as many queries in flight as the HTTP clients (bigger batches)
     wide = await _in_process(args, queries, batch_size=args.clients)
-    rows.append({"name": f"(in-process, batch_size={args.clients})", **wide})
+    rows.append(_summary(f"(in-process, batch_size={args.clients})", [wide]))
     return rows
+
+
+def _summary(name: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of the runs' figures; the ratios' median, minimum and maximum."""
+    out: dict[str, Any] = {"name": name, "runs": len(results)}
+    for key in results[0]:
+        if isinstance(results[0][key], int | float):
+            out[key] = statistics.median(r[key] for r in results)
+    if "ratio" in results[0]:
+        ratios = [r["ratio"] for r in results]
+        out["ratio_min"], out["ratio_max"] = min(ratios), max(ratios)
+    out["errors"] = sum(r["errors"] for r in results)
+    return out
 
 
 # -- 2. simulator behind the server ------------------------------------------------------
@@ -499,18 +522,21 @@ def render(report: dict[str, Any]) -> str:
     out = [f"load average at start: {report['load']}", ""]
     if "throughput" in report:
         rows = report["throughput"]
-        local = [r["qps"] for r in rows if r["name"].startswith("in-process")]  # the baseline
-        base = sum(local) / len(local)
+        base = rows[0]["qps"]
         out += [
-            "| run | queries | wall s | queries/s | vs in-process | p50 ms | p95 ms | errors "
-            "| server CPU us/query | client CPU us/query | client CPU share | mean batch |",
+            "| run | runs | queries | queries/s | vs in-process (min-max) | p50 ms | p95 ms "
+            "| errors | server CPU us/query | client CPU us/query | client CPU share "
+            "| mean batch |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         nan = float("nan")
         for r in rows:
+            ratio = f"{r.get('ratio', r['qps'] / base):.2f}x"
+            if "ratio_min" in r:
+                ratio += f" ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
             out.append(
-                f"| {r['name']} | {r['queries']} | {r['wall_s']:.2f} | {r['qps']:.0f} | "
-                f"{r['qps'] / base:.2f}x | {r.get('p50_ms', nan):.1f} | "
+                f"| {r['name']} | {r['runs']} | {r['queries']:.0f} | {r['qps']:.0f} | "
+                f"{ratio} | {r.get('p50_ms', nan):.1f} | "
                 f"{r.get('p95_ms', nan):.1f} | {r['errors']} | {r['server_cpu_us']:.0f} | "
                 f"{r.get('client_cpu_us', nan):.0f} | {r.get('client_share', nan):.0%} | "
                 f"{r['batch']:.1f} |"
@@ -558,6 +584,7 @@ def main() -> None:
     parser.add_argument("--embedder", choices=["fake", "minilm"], default="fake")
     parser.add_argument("--n", type=int, default=4000, help="queries of the throughput runs")
     parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the throughput runs")
     parser.add_argument(
         "--client",
         default="raw,aiohttp",
