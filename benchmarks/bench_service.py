@@ -2,9 +2,13 @@
 
 Three parts (``--parts``), each in its own processes so they do not share a GIL:
 
-1. throughput: the restaurants queries through a server subprocess, ``--clients``
-   concurrent HTTP clients (aiohttp), 1 and 10 queries per request, retrieval only (no
-   LLM), against the same queries through ``match_batch_async`` in-process.
+1. throughput: the restaurants queries through a server subprocess (as ``nem-llm serve
+   --no-access-log`` runs it), ``--clients`` concurrent keep-alive HTTP clients, 1 and 10
+   queries per request, retrieval only (no LLM), against the same queries through
+   ``match_batch_async`` in-process, in ``--rounds`` rounds. Clients (``--client``):
+   ``raw``, a minimal HTTP/1.1 client (pre-encoded requests; it reads the status, the
+   headers and the ``Content-Length`` body and parses the JSON), and a pooled ``aiohttp``
+   session; they run on the same cores as the server, so their CPU is reported beside.
 2. sim: the server with the simulator behind it (lognormal latency, p50 0.5 s; client and
    simulator RPM ``--sim-rpm``): ``--streams`` concurrent ``/v1/match:stream`` requests of
    ``--per-stream`` queries each, every query adjudicated. Checks: no 429, the simulator
