@@ -2,9 +2,13 @@
 
 Three parts (``--parts``), each in its own processes so they do not share a GIL:
 
-1. throughput: the restaurants queries through a server subprocess, ``--clients``
-   concurrent HTTP clients (aiohttp), 1 and 10 queries per request, retrieval only (no
-   LLM), against the same queries through ``match_batch_async`` in-process.
+1. throughput: the restaurants queries through a server subprocess (as ``nem-llm serve
+   --no-access-log`` runs it), ``--clients`` concurrent keep-alive HTTP clients, 1 and 10
+   queries per request, retrieval only (no LLM), against the same queries through
+   ``match_batch_async`` in-process, in ``--rounds`` rounds. Clients (``--client``):
+   ``raw``, a minimal HTTP/1.1 client (pre-encoded requests; it reads the status, the
+   headers and the ``Content-Length`` body and parses the JSON), and a pooled ``aiohttp``
+   session; they run on the same cores as the server, so their CPU is reported beside.
 2. sim: the server with the simulator behind it (lognormal latency, p50 0.5 s; client and
    simulator RPM ``--sim-rpm``): ``--streams`` concurrent ``/v1/match:stream`` requests of
    ``--per-stream`` queries each, every query adjudicated. Checks: no 429, the simulator
@@ -22,17 +26,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 # the same torch threads in every process of the comparison (set before torch is imported)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -62,10 +70,36 @@ def _embedder(kind: str) -> Any:
     return None  # the Matcher's default: all-MiniLM-L6-v2
 
 
+def _batching(args: argparse.Namespace) -> dict[str, Any]:
+    """The micro-batcher settings of every Matcher of the run (the Matcher's when unset)."""
+    return {"max_batch_size": args.max_batch_size} if args.max_batch_size else {}
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _embed_counts(url: str) -> tuple[float, float]:
+    """The server's micro-batches and the texts in them so far (from ``/metrics``)."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as r:
+        text = await r.text()
+    found = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return found["nem_llm_embed_batches_total"], found["nem_llm_embed_texts_total"]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -95,9 +129,17 @@ def _serve(args: argparse.Namespace) -> None:
             "accept_threshold": 1.01,  # every query goes to the LLM
             "novel_threshold": 0.0,
         }
-    matcher = Matcher(catalog, embedder=_embedder(args.embedder), **kwargs)
-    app = create_app(matcher, limits=ServiceLimits(max_queries=10_000), close_matcher=True)
-    config = server_config(app, port=args.serve, log_level="warning")
+    matcher = Matcher(catalog, embedder=_embedder(args.embedder), **_batching(args), **kwargs)
+    app = create_app(
+        matcher, limits=ServiceLimits(max_queries=10_000), close_matcher=True, tune_gc=True
+    )
+    # nem-llm serve --no-access-log --log-level warning (--access-log: uvicorn's line per request)
+    config = server_config(
+        app,
+        port=args.serve,
+        log_level="info" if args.access_log else "warning",
+        access_log=args.access_log,
+    )
     config.backlog = 4096
     uvicorn.Server(config).run()
 
@@ -109,9 +151,12 @@ class Server:
         self.port = _free_port()
         cmd = [sys.executable, __file__, "--serve", str(self.port), "--data", args.data]
         cmd += ["--embedder", args.embedder, "--sim-rpm", str(args.sim_rpm)]
+        cmd += ["--max-batch-size", str(args.max_batch_size)]
+        cmd += ["--access-log"] if args.access_log else []
         if sim_url:
             cmd += ["--sim-url", sim_url]
-        self.proc = subprocess.Popen(cmd)
+        # access-log lines go to /dev/null (written all the same: their cost is measured)
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL if args.access_log else None)
         self.url = f"http://127.0.0.1:{self.port}"
 
     async def ready(self) -> None:
@@ -137,11 +182,64 @@ class Server:
 # -- 1. throughput -----------------------------------------------------------------------
 
 
-async def _http_run(url: str, queries: list[str], clients: int, per_request: int) -> dict[str, Any]:
+class _KeepAlive(asyncio.Protocol):
+    """A minimal HTTP/1.1 keep-alive client connection: one request at a time.
+
+    The cheapest honest client: it writes pre-encoded requests and reads the status line,
+    the headers and a ``Content-Length`` body (what the service answers), nothing else.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a TCP transport (uvloop's too)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None:
+            return
+        head = bytes(self.buffer[:end]).lower()
+        at = head.find(b"content-length:")
+        if at < 0:
+            self._fail(ConnectionError("a response without Content-Length"))
+            return
+        length = int(head[at + 15 : head.find(b"\r\n", at) if b"\r\n" in head[at:] else None])
+        if len(self.buffer) < end + 4 + length:
+            return
+        body = bytes(self.buffer[end + 4 : end + 4 + length])
+        del self.buffer[: end + 4 + length]
+        waiter, self.waiter = self.waiter, None
+        waiter.set_result((int(head[9:12]), body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionError(f"connection lost: {exc}"))
+
+    def _fail(self, exc: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+        self.waiter = None
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return await self.waiter
+
+
+async def _http_run(
+    server: Server, queries: list[str], clients: int, per_request: int, kind: str = "raw"
+) -> dict[str, Any]:
+    """``clients`` concurrent keep-alive clients posting ``per_request`` queries a request."""
     import aiohttp
 
+    url = server.url
+    # bodies encoded up front: the client's CPU competes with the server's on 2 cores
     bodies = [
-        {"query": queries[i : i + per_request] if per_request > 1 else queries[i]}
+        json.dumps({"query": queries[i : i + per_request] if per_request > 1 else queries[i]})
         for i in range(0, len(queries), per_request)
     ]
     source = iter(bodies)
@@ -149,29 +247,65 @@ async def _http_run(url: str, queries: list[str], clients: int, per_request: int
     errors = 0
     answered = 0
 
-    async def client(session: aiohttp.ClientSession) -> None:
+    async def client(post: Callable[[str], Awaitable[tuple[int, bytes]]]) -> None:
         nonlocal errors, answered
         for body in source:
             t = time.perf_counter()
             try:
-                async with session.post(url + "/v1/match", json=body) as r:
-                    data = await r.json()
-                    if r.status != 200:
-                        errors += 1
-                        continue
-            except aiohttp.ClientError:
+                status, raw = await post(body)
+                data = json.loads(raw)
+            except (aiohttp.ClientError, ConnectionError, ValueError):
+                errors += 1
+                continue
+            if status != 200:
                 errors += 1
                 continue
             latencies.append(time.perf_counter() - t)
             answered += len(data) if isinstance(data, list) else 1
 
-    connector = aiohttp.TCPConnector(limit=clients)
-    timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    batches, texts = await _embed_counts(url)
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "aiohttp":
+            connector = aiohttp.TCPConnector(limit=clients)
+            timeout = aiohttp.ClientTimeout(total=300)
+            session = await stack.enter_async_context(
+                aiohttp.ClientSession(connector=connector, timeout=timeout)
+            )
+            headers = {"Content-Type": "application/json"}
+
+            async def post_aiohttp(body: str) -> tuple[int, bytes]:
+                async with session.post(url + "/v1/match", data=body, headers=headers) as r:
+                    return r.status, await r.read()
+
+            posts = [post_aiohttp] * clients
+        else:
+            loop = asyncio.get_running_loop()
+            posts = []
+            for _ in range(clients):
+                transport, conn = await loop.create_connection(_KeepAlive, "127.0.0.1", server.port)
+                stack.callback(transport.close)
+
+                async def post_raw(body: str, conn: _KeepAlive = conn) -> tuple[int, bytes]:
+                    data = body.encode()
+                    head = (
+                        "POST /v1/match HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+                    )
+                    return await conn.request(head.encode() + data)
+
+                posts.append(post_raw)
+        server_cpu, client_cpu = _cpu_seconds(server.proc.pid), time.process_time()
         started = time.perf_counter()
-        await asyncio.gather(*(client(session) for _ in range(clients)))
+        await asyncio.gather(*(client(post) for post in posts))
         wall = time.perf_counter() - started
+        server_cpu = _cpu_seconds(server.proc.pid) - server_cpu
+        client_cpu = time.process_time() - client_cpu
+    batches_after, texts_after = await _embed_counts(url)
     return {
+        "server_cpu_us": 1e6 * server_cpu / max(1, answered),
+        "client_cpu_us": 1e6 * client_cpu / max(1, answered),
+        "client_share": client_cpu / (client_cpu + server_cpu),
+        "batch": (texts_after - texts) / max(1.0, batches_after - batches),
         "queries": answered,
         "requests": len(bodies),
         "wall_s": wall,
@@ -182,34 +316,81 @@ async def _http_run(url: str, queries: list[str], clients: int, per_request: int
     }
 
 
-async def _in_process(args: argparse.Namespace, queries: list[str]) -> dict[str, Any]:
+async def _in_process(
+    args: argparse.Namespace, queries: list[str], batch_size: int = 64
+) -> dict[str, Any]:
+    """``match_batch_async`` on the queries (``batch_size`` 64: its default)."""
     from nem_llm import Matcher
+    from nem_llm.integrations.service import tune_gc
 
     catalog, _ = _load(Path(args.data))
-    async with Matcher(catalog, embedder=_embedder(args.embedder), llm=False) as m:
+    async with Matcher(
+        catalog, embedder=_embedder(args.embedder), llm=False, **_batching(args)
+    ) as m:
         await m.fit_async()
+        tune_gc()  # as the server does once its index is built
         await m.match_batch_async(queries[:200])  # warm-up, as the server's
-        started = time.perf_counter()
-        results = await m.match_batch_async(queries)
-        wall = time.perf_counter() - started
+        batcher = m._runtime.batcher if m._runtime is not None else None
+        before = (batcher.batches, batcher.items) if batcher is not None else (0, 0)
+        cpu, started = time.process_time(), time.perf_counter()
+        results = await m.match_batch_async(queries, batch_size=batch_size)
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        after = (batcher.batches, batcher.items) if batcher is not None else (0, 0)
     errors = sum(r.status == "error" for r in results)
-    return {"queries": len(results), "wall_s": wall, "qps": len(results) / wall, "errors": errors}
+    return {
+        "queries": len(results),
+        "wall_s": wall,
+        "qps": len(results) / wall,
+        "errors": errors,
+        "server_cpu_us": 1e6 * cpu / len(results),
+        "batch": (after[1] - before[1]) / max(1, after[0] - before[0]),
+    }
 
 
 async def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``--rounds`` rounds, each: the in-process baseline, then every HTTP run; one more
+    in-process run closes the last round. Each HTTP run is compared with the mean of the
+    in-process runs just before and after it (the machine is shared: its load moves)."""
     _, base = _load(Path(args.data))
     queries = _cycle(base, args.n)
-    rows = [{"name": "in-process match_batch_async", **(await _in_process(args, queries))}]
+    local = [await _in_process(args, queries)]
+    runs: dict[str, list[dict[str, Any]]] = {}
     server = Server(args)
     try:
         await server.ready()
-        await _http_run(server.url, queries[:400], 50, 1)  # warm-up
-        for per in (1, 10):
-            res = await _http_run(server.url, queries, args.clients, per)
-            rows.append({"name": f"HTTP, {args.clients} clients, {per}/request", **res})
+        await _http_run(server, queries[:400], 50, 1)  # warm-up
+        for _ in range(args.rounds):
+            for kind in args.client.split(","):
+                for per in (1, 10) if kind == "raw" else (1,):
+                    res = await _http_run(server, queries, args.clients, per, kind)
+                    label = f"HTTP ({kind} client), {args.clients} clients, {per}/request"
+                    runs.setdefault(label, []).append(res)
+            # the server idles meanwhile (its process waits on its socket)
+            local.append(await _in_process(args, queries))
     finally:
         server.stop()
+    rows = [_summary("in-process match_batch_async (the baseline)", local)]
+    for label, results in runs.items():
+        for i, res in enumerate(results):
+            res["ratio"] = res["qps"] / ((local[i]["qps"] + local[i + 1]["qps"]) / 2)
+        rows.append(_summary(label, results))
+    # not in the baseline: as many queries in flight as the HTTP clients (bigger batches)
+    wide = await _in_process(args, queries, batch_size=args.clients)
+    rows.append(_summary(f"(in-process, batch_size={args.clients})", [wide]))
     return rows
+
+
+def _summary(name: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of the runs' figures; the ratios' median, minimum and maximum."""
+    out: dict[str, Any] = {"name": name, "runs": len(results)}
+    for key in results[0]:
+        if isinstance(results[0][key], int | float):
+            out[key] = statistics.median(r[key] for r in results)
+    if "ratio" in results[0]:
+        ratios = [r["ratio"] for r in results]
+        out["ratio_min"], out["ratio_max"] = min(ratios), max(ratios)
+    out["errors"] = sum(r["errors"] for r in results)
+    return out
 
 
 # -- 2. simulator behind the server ------------------------------------------------------
@@ -347,14 +528,22 @@ def render(report: dict[str, Any]) -> str:
         rows = report["throughput"]
         base = rows[0]["qps"]
         out += [
-            "| run | queries | wall s | queries/s | vs in-process | p50 ms | p95 ms | errors |",
-            "|---|---|---|---|---|---|---|---|",
+            "| run | runs | queries | queries/s | vs in-process (min-max) | p50 ms | p95 ms "
+            "| errors | server CPU us/query | client CPU us/query | client CPU share "
+            "| mean batch |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        nan = float("nan")
         for r in rows:
+            ratio = f"{r.get('ratio', r['qps'] / base):.2f}x"
+            if "ratio_min" in r:
+                ratio += f" ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
             out.append(
-                f"| {r['name']} | {r['queries']} | {r['wall_s']:.2f} | {r['qps']:.0f} | "
-                f"{r['qps'] / base:.2f}x | {r.get('p50_ms', float('nan')):.1f} | "
-                f"{r.get('p95_ms', float('nan')):.1f} | {r['errors']} |"
+                f"| {r['name']} | {r['runs']} | {r['queries']:.0f} | {r['qps']:.0f} | "
+                f"{ratio} | {r.get('p50_ms', nan):.1f} | "
+                f"{r.get('p95_ms', nan):.1f} | {r['errors']} | {r['server_cpu_us']:.0f} | "
+                f"{r.get('client_cpu_us', nan):.0f} | {r.get('client_share', nan):.0%} | "
+                f"{r['batch']:.1f} |"
             )
         out.append("")
     if "sim" in report:
@@ -383,6 +572,15 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _run(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` on uvloop when installed (the server's loop: the same on both sides)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(work)
+    return uvloop.run(work)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="throughput,sim,frame")
@@ -390,10 +588,22 @@ def main() -> None:
     parser.add_argument("--embedder", choices=["fake", "minilm"], default="fake")
     parser.add_argument("--n", type=int, default=4000, help="queries of the throughput runs")
     parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the throughput runs")
+    parser.add_argument(
+        "--client",
+        default="raw,aiohttp",
+        help="HTTP clients to run: raw (a minimal keep-alive client), aiohttp, or both",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=0, help="the Matcher's micro-batch cap (both sides)"
+    )
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--per-stream", type=int, default=10)
     parser.add_argument("--sim-rpm", type=float, default=1500.0)
     parser.add_argument("--frame-rows", type=int, default=100_000)
+    parser.add_argument(
+        "--access-log", action="store_true", help="the server logs a line per request"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sim-url", default=None, help=argparse.SUPPRESS)
@@ -409,9 +619,9 @@ def main() -> None:
     report: dict[str, Any] = {"load": " ".join(f"{x:.1f}" for x in os.getloadavg())}
     report["args"] = {k: v for k, v in vars(args).items() if k not in ("json",)}
     if "throughput" in parts:
-        report["throughput"] = asyncio.run(throughput(args))
+        report["throughput"] = _run(throughput(args))
     if "sim" in parts:
-        report["sim"] = asyncio.run(sim_part(args))
+        report["sim"] = _run(sim_part(args))
     if "frame" in parts:
         report["frame"] = frame_part(args)
     text = render(report)

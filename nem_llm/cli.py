@@ -909,6 +909,9 @@ def serve(
         float, typer.Option(help="Seconds in-flight requests may finish after SIGTERM.")
     ] = 30.0,
     log_level: str = "info",
+    access_log: Annotated[
+        bool, typer.Option(help="Log a line per request (off: ~10% less CPU per request).")
+    ] = True,
 ) -> None:
     """Serve the catalog over HTTP (FastAPI + uvicorn; needs the `service` extra)."""
     try:
@@ -957,8 +960,12 @@ def serve(
         )
     except (NemLLMError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    service = create_app(matcher, api_key=token, limits=service_limits, close_matcher=True)
-    config = server_config(service, host=host, port=port, log_level=log_level)
+    service = create_app(
+        matcher, api_key=token, limits=service_limits, close_matcher=True, tune_gc=True
+    )
+    config = server_config(
+        service, host=host, port=port, log_level=log_level, access_log=access_log
+    )
     uvicorn.Server(config).run()
 
 

@@ -250,7 +250,7 @@ class Matcher:
                 )
         self.prompt_attribute_chars = prompt_attribute_chars
         self.rewrite = rewrite
-        self._masks: dict[str, Any] = {}
+        self._masks: dict[str, Any] = {}  # filter key -> (catalog, its mask, the filter)
         self.limits = limits or Limits()
         if not isinstance(self.limits, Limits):
             raise ConfigError(f"limits must be a nem_llm.Limits, got {type(limits).__name__}")
@@ -675,7 +675,7 @@ class Matcher:
             raise ConfigError(f"where must be a mapping, got {type(where).__name__}")
         key = json.dumps(dict(where), sort_keys=True, default=str)
         if key not in self._masks:
-            self._masks[key] = self.catalog.where_mask(where)
+            self._masks[key] = (self.catalog, self.catalog.where_mask(where), where)
         return key
 
     def _retrieve_batch(self, items: list[tuple[str, int, str | None]]) -> list[list[Candidate]]:
@@ -689,7 +689,7 @@ class Matcher:
             groups.setdefault(mask_key, []).append(i)
         for mask_key, rows in groups.items():
             k = max(items[i][1] for i in rows)
-            allowed = self._masks[mask_key] if mask_key is not None else None
+            allowed = self._allowed(index, mask_key) if mask_key is not None else None
             found = index.search(vectors[rows], [texts[i] for i in rows], k, allowed=allowed)
             for i, cands in zip(rows, found, strict=True):
                 out[i] = cands[: items[i][1]]
@@ -1640,6 +1640,21 @@ class Matcher:
     def update_entities(self, entities: EntitySource) -> None:
         """Sync twin of :meth:`update_entities_async`."""
         self._sync.run(self.update_entities_async(entities))
+
+    def _allowed(self, index: HybridIndex, key: str) -> Any:
+        """A filter's mask over the index's catalog now (entity changes outdate older masks).
+
+        Runs in the worker thread, as the changes do: a search never sees a mask of
+        another catalog.
+        """
+        catalog, mask, where = self._masks[key]
+        if catalog is not index.catalog:
+            try:
+                mask = index.catalog.where_mask(where)
+            except ConfigError:  # the last entity with the filter's attribute was removed
+                mask = np.zeros(len(index.catalog.entities), dtype=bool)
+            self._masks[key] = (index.catalog, mask, where)
+        return mask
 
 
 async def _maybe_await(value: Awaitable[None] | None) -> None:

@@ -173,3 +173,31 @@ def _raise(*args: Any, **kwargs: Any) -> None:
 def test_removing_every_entity_is_refused(matcher: Matcher) -> None:
     with pytest.raises(CatalogError, match="never empty"):
         matcher.remove_entities([e.id for e in matcher.catalog.entities])
+
+
+@pytest.fixture(params=["exact", "ann"])
+def places(request: pytest.FixtureRequest) -> Any:
+    entities = [
+        {"id": "PAR-FR", "name": "Paris", "attributes": {"country": "FR"}},
+        {"id": "PAR-US", "name": "Paris", "aliases": ["Paris TX"], "attributes": {"country": "US"}},
+    ]
+    with Matcher(entities, embedder=FakeEmbedder(), index=request.param) as m:
+        m.fit()
+        yield m
+
+
+def test_a_filter_used_before_an_addition_sees_the_added_entity(places: Matcher) -> None:
+    assert "LYO" not in ids_of(places.match("Lyon", where={"country": "FR"}))
+    places.add_entities([{"id": "LYO", "name": "Lyon", "attributes": {"country": "FR"}}])
+    assert ids_of(places.match("Lyon", where={"country": "FR"}))[0] == "LYO"
+
+
+def test_a_filter_used_before_an_update_follows_the_updated_attributes(places: Matcher) -> None:
+    assert ids_of(places.match("Paris", where={"country": "US"})) == ["PAR-US"]
+    places.update_entities([{"id": "PAR-US", "name": "Paris", "attributes": {"country": "FR"}}])
+    assert ids_of(places.match("Paris", where={"country": "US"})) == []
+    assert set(ids_of(places.match("Paris", where={"country": "FR"}))) == {"PAR-FR", "PAR-US"}
+
+
+def ids_of(result: Any) -> list[str]:
+    return [c.id for c in result.candidates]

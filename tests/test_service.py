@@ -16,8 +16,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,9 @@ pytest.importorskip("fastapi", reason="needs the service extra: pip install 'nem
 uvicorn = pytest.importorskip("uvicorn")
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
-from nem_llm import CatalogError, Matcher  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+
+from nem_llm import Matcher  # noqa: E402
 from nem_llm.integrations.service import (  # noqa: E402
     ServiceLimits,
     create_app,
@@ -248,60 +250,124 @@ def test_entities_are_501_without_an_incremental_index(server: Running) -> None:
     assert httpx.delete(server.url + "/v1/entities/US").status_code == 501
 
 
-class _AdminMatcher(Matcher):
-    """A Matcher with stand-in incremental methods (the routing is what is tested)."""
-
-    added: list[Any]
-    updated: list[Any]
-    removed: list[Any]
-
-    async def add_entities_async(self, entities: list[Any]) -> None:
-        if any(e.id == "US" for e in entities):
-            raise CatalogError("duplicate id 'US'", source="entities[0]")
-        self.added.append([e.id for e in entities])
-
-    async def update_entities_async(self, entities: list[Any]) -> None:
-        self.updated.append([e.id for e in entities])
-
-    async def remove_entities_async(self, ids: list[str]) -> None:
-        if "nope" in ids:
-            raise CatalogError("id 'nope' is not in the catalog")
-        self.removed.append(ids)
+PLACES = [
+    {"id": "PAR-FR", "name": "Paris", "attributes": {"country": "FR"}},
+    {"id": "PAR-US", "name": "Paris", "aliases": ["Paris TX"], "attributes": {"country": "US"}},
+]
 
 
 @pytest.fixture
-def admin(countries: list[dict[str, Any]]) -> Iterator[tuple[Running, _AdminMatcher]]:
-    m = _AdminMatcher(countries, embedder=FakeEmbedder(), llm=False)
-    m.added, m.updated, m.removed = [], [], []
-    with serve(app_for(m)) as running:
-        yield running, m
+def places() -> Iterator[Running]:
+    """A server over the real incremental index (Matcher.add/update/remove_entities_async)."""
+    with serve(app_for(Matcher(PLACES, embedder=FakeEmbedder(), llm=False))) as running:
+        yield running
 
 
-def test_entities_post_put_and_delete_reach_the_incremental_index(
-    admin: tuple[Running, _AdminMatcher],
-) -> None:
-    running, m = admin
-    added = post(running, "/v1/entities", {"entities": [{"id": "IT", "name": "Italy"}]})
-    updated = httpx.put(
-        running.url + "/v1/entities", json={"entities": [{"id": "DE", "name": "Germany"}]}
-    )
-    removed = httpx.delete(running.url + "/v1/entities/DE")
-    assert (added.status_code, added.json()["added"]) == (201, 1)
-    assert (updated.status_code, updated.json()["updated"]) == (200, 1)
-    assert (removed.status_code, removed.json()["removed"]) == (200, 1)
-    assert (m.added, m.updated, m.removed) == ([["IT"]], [["DE"]], [["DE"]])
+def candidate_ids(running: Running, query: str, **options: Any) -> list[str]:
+    r = post(running, "/v1/match", {"query": query, **options})
+    assert r.status_code == 200, r.text
+    return [c["id"] for c in r.json()["candidates"]]
 
 
-def test_deleting_an_unknown_entity_is_404(admin: tuple[Running, _AdminMatcher]) -> None:
-    r = httpx.delete(admin[0].url + "/v1/entities/nope")
+def test_an_entity_added_over_http_is_found_by_the_next_request(places: Running) -> None:
+    assert "LYO" not in candidate_ids(places, "Lyon", where={"country": "FR"})
+    lyon = {"id": "LYO", "name": "Lyon", "attributes": {"country": "FR"}}
+    r = post(places, "/v1/entities", {"entities": [lyon]})
+    assert (r.status_code, r.json()) == (201, {"added": 1, "updated": 0, "removed": 0})
+    assert candidate_ids(places, "Lyon", where={"country": "FR"})[0] == "LYO"
+
+
+def test_an_entity_updated_over_http_is_found_by_its_new_alias(places: Running) -> None:
+    paname = {"id": "PAR-FR", "name": "Paris", "aliases": ["Paname"], "attributes": {}}
+    r = httpx.put(places.url + "/v1/entities", json={"entities": [paname]})
+    assert (r.status_code, r.json()["updated"]) == (200, 1)
+    assert candidate_ids(places, "Paname")[0] == "PAR-FR"
+
+
+def test_an_entity_deleted_over_http_is_never_returned(places: Running) -> None:
+    assert "PAR-FR" in candidate_ids(places, "Paris")
+    r = httpx.delete(places.url + "/v1/entities/PAR-FR")
+    assert (r.status_code, r.json()["removed"]) == (200, 1)
+    assert candidate_ids(places, "Paris") == ["PAR-US"]
+
+
+def test_deleting_an_unknown_entity_is_404(places: Running) -> None:
+    r = httpx.delete(places.url + "/v1/entities/nope")
     assert (r.status_code, r.json()["error"]["field"]) == (404, "entity_id")
 
 
-def test_adding_a_duplicate_entity_is_422_naming_entities(
-    admin: tuple[Running, _AdminMatcher],
-) -> None:
-    r = post(admin[0], "/v1/entities", {"entities": [{"id": "US", "name": "USA"}]})
+def test_deleting_the_last_entity_is_422_and_keeps_it(places: Running) -> None:
+    assert httpx.delete(places.url + "/v1/entities/PAR-FR").status_code == 200
+    r = httpx.delete(places.url + "/v1/entities/PAR-US")
+    assert (r.status_code, r.json()["error"]["field"]) == (422, "entity_id")
+    assert candidate_ids(places, "Paris") == ["PAR-US"]
+
+
+def test_adding_a_present_id_is_422_naming_entities(places: Running) -> None:
+    r = post(places, "/v1/entities", {"entities": [{"id": "PAR-US", "name": "Paris, Texas"}]})
     assert (r.status_code, r.json()["error"]["field"]) == (422, "entities")
+
+
+def test_updating_an_unknown_id_is_422_naming_entities(places: Running) -> None:
+    r = httpx.put(places.url + "/v1/entities", json={"entities": [{"id": "X", "name": "X"}]})
+    assert (r.status_code, r.json()["error"]["field"]) == (422, "entities")
+
+
+# -- filters -------------------------------------------------------------------------------
+
+
+def test_a_list_takes_one_filter_per_query(places: Running) -> None:
+    body = {"query": ["Paris", "Paris"], "where": [{"country": "US"}, None]}
+    results = post(places, "/v1/match", body).json()
+    assert [c["id"] for c in results[0]["candidates"]] == ["PAR-US"]
+    assert {c["id"] for c in results[1]["candidates"]} == {"PAR-FR", "PAR-US"}
+
+
+def test_a_failing_filter_of_a_list_makes_only_its_query_an_error(places: Running) -> None:
+    body = {"query": ["Paris", "Paris"], "where": [{"country": "FR"}, {"no_such_attribute": 1}]}
+    r = post(places, "/v1/match", body)
+    assert r.status_code == 200
+    first, second = r.json()
+    assert (first["status"], [c["id"] for c in first["candidates"]]) == ("review", ["PAR-FR"])
+    assert (second["status"], second["error_type"]) == ("error", "ConfigError")
+    assert "no_such_attribute" in second["error"]
+
+
+def test_a_stream_takes_one_filter_per_query(places: Running) -> None:
+    body = {"queries": ["Paris", "Paris"], "where": [{"country": "US"}, {"no_such": 1}]}
+    r = post(places, "/v1/match:stream", body)
+    lines = sorted((json.loads(x) for x in r.text.splitlines()), key=lambda x: x["index"])
+    assert [c["id"] for c in lines[0]["candidates"]] == ["PAR-US"]
+    assert lines[1]["status"] == "error"
+
+
+def test_a_list_of_filters_of_another_length_is_422_naming_where(places: Running) -> None:
+    r = post(places, "/v1/match", {"query": ["Paris", "Lyon"], "where": [{"country": "FR"}]})
+    assert (r.status_code, r.json()["error"]["field"]) == (422, "where")
+
+
+def test_one_query_with_a_list_of_filters_is_422_naming_where(places: Running) -> None:
+    r = post(places, "/v1/match", {"query": "Paris", "where": [{"country": "FR"}]})
+    assert (r.status_code, r.json()["error"]["field"]) == (422, "where")
+
+
+def test_a_shared_filter_on_an_unknown_attribute_is_422_for_a_list(places: Running) -> None:
+    r = post(places, "/v1/match", {"query": ["Paris", "Lyon"], "where": {"no_such": 1}})
+    assert (r.status_code, r.json()["error"]["field"]) == (422, "where")
+
+
+def test_a_stream_with_a_filter_on_an_unknown_attribute_is_422_naming_where(
+    places: Running,
+) -> None:
+    r = post(places, "/v1/match:stream", {"queries": ["Paris"], "where": {"no_such": 1}})
+    assert (r.status_code, r.json()["error"]["field"]) == (422, "where")
+
+
+def test_explain_of_a_list_takes_one_filter_per_query(places: Running) -> None:
+    body = {"query": ["Paris", "Paris"], "where": [{"country": "US"}, None], "explain": True}
+    first, second = post(places, "/v1/match", body).json()
+    assert [c["id"] for c in first["candidates"]] == ["PAR-US"]
+    assert len(second["candidates"]) == 2
 
 
 # -- auth ----------------------------------------------------------------------------------
@@ -390,6 +456,47 @@ def test_a_query_of_the_wrong_type_is_422_naming_it(server: Running) -> None:
     assert r.json()["error"]["field"] == "query[1]"
 
 
+def test_a_body_that_is_not_json_is_422(server: Running) -> None:
+    headers = {"Content-Type": "application/json"}
+    r = httpx.post(server.url + "/v1/match", content=b'{"query": "US', headers=headers)
+    assert (r.status_code, r.json()["error"]["type"]) == (422, "invalid_request")
+
+
+def test_a_body_of_another_media_type_is_422(server: Running) -> None:
+    headers = {"Content-Type": "text/plain"}
+    r = httpx.post(server.url + "/v1/match", content=b'{"query": "USA"}', headers=headers)
+    assert (r.status_code, r.json()["error"]["type"]) == (422, "invalid_request")
+
+
+def test_a_body_without_a_media_type_is_read_as_json(server: Running) -> None:
+    r = httpx.post(server.url + "/v1/match", content=b'{"query": "USA"}')
+    assert (r.status_code, r.json()["entity_id"]) == (200, "US")
+
+
+def test_the_app_mounted_under_a_prefix_serves_and_guards_its_endpoints(
+    countries: list[dict[str, Any]],
+) -> None:
+    m = Matcher(countries, embedder=FakeEmbedder(), llm=False)
+    inner = app_for(m, api_key=TOKEN)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        async with inner.router.lifespan_context(inner):
+            yield
+
+    outer = FastAPI(lifespan=lifespan)
+    outer.mount("/nem", inner)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with serve(outer, wait_ready=False, drain_timeout=5.0) as running:
+        wait_for(lambda: m.ready)
+        refused = post(running, "/nem/v1/match", {"query": "USA"})
+        one = post(running, "/nem/v1/match", {"query": "USA"}, headers=auth)
+        many = post(running, "/nem/v1/match:stream", {"queries": ["USA"]}, headers=auth)
+    assert refused.status_code == 401
+    assert (one.status_code, one.json()["entity_id"]) == (200, "US")
+    assert (many.status_code, json.loads(many.text)["entity_id"]) == (200, "US")
+
+
 # -- metrics and OpenAPI -------------------------------------------------------------------
 
 
@@ -433,6 +540,19 @@ def test_metrics_list_requests_latency_in_flight_and_llm_totals(server: Running)
         if s.labels.get("path") == "/v1/match" and s.labels.get("status") == "200"
     ]
     assert ok[0].value == 1.0
+
+
+def test_metrics_count_the_micro_batches_the_embedder_was_given(server: Running) -> None:
+    def counted() -> tuple[float, float]:
+        families = _families(httpx.get(server.url + "/metrics").text)
+        batches = families["nem_llm_embed_batches"].samples[0].value
+        return batches, families["nem_llm_embed_texts"].samples[0].value
+
+    before = counted()
+    post(server, "/v1/match", {"query": ["USA", "Germany", "France"]})
+    after = counted()
+    assert after[1] - before[1] == 3.0
+    assert 1.0 <= after[0] - before[0] <= 3.0
 
 
 def test_metrics_count_llm_calls_and_tokens(countries: list[dict[str, Any]]) -> None:
@@ -684,8 +804,17 @@ def test_serve_command_serves_the_catalog_with_auth_and_stops_on_sigterm(
     # uvicorn shuts down cleanly, then re-raises the signal (exit status of a SIGTERM)
     assert code in (0, -signal.SIGTERM), text
     assert "Application shutdown complete" in text
+    assert '"POST /v1/match HTTP/1.1" 200' in text  # the access log is on by default
     assert TOKEN not in text
     assert OPENAI_KEY not in text
+
+
+def test_server_config_can_drop_the_access_log(matcher: Matcher) -> None:
+    app = app_for(matcher)
+    assert (server_config(app).access_log, server_config(app, access_log=False).access_log) == (
+        True,
+        False,
+    )
 
 
 UNSET = ("--api-key-env", "NEM_TEST_UNSET_TOKEN")
@@ -701,3 +830,33 @@ def test_serve_command_fails_clearly_when_the_api_key_variable_is_unset() -> Non
     )
     assert run.returncode == 2
     assert "NEM_TEST_UNSET_TOKEN" in run.stderr
+
+
+_TUNED = """
+import asyncio, gc
+from nem_llm import Matcher
+from nem_llm.integrations.service import create_app
+from nem_llm.testing import FakeEmbedder
+
+async def main():
+    m = Matcher([{"id": "US", "name": "USA"}], embedder=FakeEmbedder(), llm=False)
+    app = create_app(m, tune_gc=True, close_matcher=True)
+    before = (gc.get_freeze_count(), gc.get_threshold()[0])
+    async with app.router.lifespan_context(app):
+        while gc.get_freeze_count() == 0:  # the index is built in the background
+            await asyncio.sleep(0.01)
+        print(*before, m.ready, gc.get_threshold()[0])
+
+asyncio.run(main())
+"""
+
+
+def test_tune_gc_freezes_the_built_index_and_raises_the_first_threshold() -> None:
+    # in a child process: the collector's settings are process-wide
+    run = subprocess.run(
+        [sys.executable, "-c", _TUNED], env=_serve_env(), capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    frozen_before, threshold_before, ready, threshold = run.stdout.split()
+    assert (frozen_before, ready) == ("0", "True")
+    assert int(threshold) == max(int(threshold_before), 10_000)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import ConfigError
@@ -20,16 +21,21 @@ def call_options(fn: Callable[..., Any], **options: Any) -> dict[str, Any]:
     Raises:
         ConfigError: naming the option ``fn`` does not take.
     """
-    params = inspect.signature(fn).parameters
-    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    chosen: dict[str, Any] = {}
-    for name, value in options.items():
-        if value is None:
-            continue
+    chosen = {name: value for name, value in options.items() if value is not None}
+    if not chosen:  # the common case, and a hot path of the HTTP service: no signature
+        return chosen
+    params, open_kwargs = _parameters(getattr(fn, "__func__", fn))
+    for name in chosen:
         if name not in params and not open_kwargs:
             raise ConfigError(
                 f"{name}: not supported by {getattr(fn, '__qualname__', fn)} in this "
                 "version of nem_llm"
             )
-        chosen[name] = value
     return chosen
+
+
+@functools.lru_cache(maxsize=64)
+def _parameters(fn: Callable[..., Any]) -> tuple[Mapping[str, inspect.Parameter], bool]:
+    """``fn``'s parameters and whether it takes ``**kwargs`` (read once per function)."""
+    params = inspect.signature(fn).parameters
+    return params, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -13,13 +13,18 @@ Endpoints::
     GET    /docs                OpenAPI (the response models are nem_llm's public models)
 
 One Matcher serves every request, so concurrent requests share its micro-batcher and its
-governor (one RPM/TPM budget, one 429 cooldown). With ``api_key`` set, ``/v1/*`` and
-``/metrics`` need ``Authorization: Bearer <key>`` (compared in constant time); the probes
-and the docs stay open. Request limits answer 413 (body) or 422 (queries, query length)
-with ``{"error": {"type", "field", "message"}}``. A client that disconnects cancels its
-work (and so its LLM calls); on shutdown in-flight requests drain up to
-``ServiceLimits.drain_timeout`` and are cancelled after. Secrets (the LLM client's API key
-and the bearer token) are replaced by ``[redacted]`` in every response body and log line.
+governor (one RPM/TPM budget, one 429 cooldown): 200 clients of one query each become
+micro-batches of ~100 queries (``nem_llm_embed_texts / nem_llm_embed_batches`` in
+``/metrics``). ``POST /v1/match`` is served by a lean ASGI endpoint beside FastAPI's
+routing (the same models, errors and auth; the FastAPI route documents it): see
+``benchmarks/results/service.md`` for what each request costs. With ``api_key`` set,
+``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>`` (compared in constant
+time); the probes and the docs stay open. Request limits answer 413 (body) or 422
+(queries, query length) with ``{"error": {"type", "field", "message"}}``. A client that
+disconnects cancels its work (and so its LLM calls); on shutdown in-flight requests
+drain up to ``ServiceLimits.drain_timeout`` and are cancelled after. Secrets (the LLM
+client's API key and the bearer token) are replaced by ``[redacted]`` in every response
+body and log line.
 
 Example:
     >>> app = create_app(Matcher("entities.jsonl"), api_key="s3cret")  # doctest: +SKIP
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import importlib.metadata
 import inspect
@@ -52,10 +58,10 @@ from typing import Any, Literal, TypeVar
 
 import openai
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -65,7 +71,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ConfigError, InputError, NemLLMError, NotReadyError
@@ -82,6 +88,7 @@ __all__ = [
     "StreamRequest",
     "create_app",
     "server_config",
+    "tune_gc",
 ]
 
 log = logging.getLogger("nem_llm.service")
@@ -135,9 +142,13 @@ class _Options(BaseModel):
     threshold: float | None = Field(
         default=None, description="Per-request threshold (passed to the Matcher when set)."
     )
-    where: dict[str, Any] | None = Field(
+    where: dict[str, Any] | list[dict[str, Any] | None] | None = Field(
         default=None,
-        description="Filter on entity attributes: a value (equality) or a list (membership).",
+        description=(
+            "Filter on entity attributes: a value (equality) or a list (membership). With a "
+            "list of queries, also a list of filters (or nulls), one per query: a filter that "
+            "fails makes its query an `error` result and leaves the others alone."
+        ),
     )
 
 
@@ -250,7 +261,8 @@ class _RedactingRecords:
 
 
 class _GovernorCollector:
-    """Reads the matcher's governor totals at scrape time (LLM calls, retries, tokens, cost)."""
+    """Reads the matcher's totals at scrape time: LLM calls, retries, tokens, cost (the
+    governor) and the micro-batches the embedder was given."""
 
     def __init__(self, matcher: Matcher) -> None:
         self.matcher = matcher
@@ -288,6 +300,17 @@ class _GovernorCollector:
             cost.add_metric([], stats.usage.cost_usd)
             in_flight.add_metric([], stats.in_flight)
         yield from (calls, attempts, failures, retries, limited, tokens, cost, in_flight)
+
+        # the micro-batcher exists once a query was matched on this loop
+        runtime = getattr(self.matcher, "_runtime", None)
+        batcher = getattr(runtime, "batcher", None)
+        batches = CounterMetricFamily(
+            "nem_llm_embed_batches", "Micro-batches encoded (texts / batches: their mean size)."
+        )
+        batches.add_metric([], getattr(batcher, "batches", 0))
+        texts = CounterMetricFamily("nem_llm_embed_texts", "Queries encoded in micro-batches.")
+        texts.add_metric([], getattr(batcher, "items", 0))
+        yield from (batches, texts)
 
 
 class _Metrics:
@@ -331,10 +354,32 @@ class _Metrics:
             registry=r,
         )
         r.register(_GovernorCollector(matcher))
+        # labelled children, looked up once per label set (``labels()`` takes a lock and
+        # builds a tuple on every call: measurable at thousands of requests a second)
+        self._answered: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._decided: dict[tuple[str, str | None], Counter] = {}
+
+    def answered(self, method: str, path: str, status: int, seconds: float) -> None:
+        """Count one answered request and its latency."""
+        key = (method, path, status)
+        children = self._answered.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(method, path, str(status)),
+                self.request_seconds.labels(method, path),
+            )
+            self._answered[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe(self, results: Iterable[MatchResult]) -> None:
         for result in results:
-            self.results.labels(result.status, result.decided_by or "none").inc()
+            key = (result.status, result.decided_by)
+            counter = self._decided.get(key)
+            if counter is None:
+                counter = self.results.labels(result.status, result.decided_by or "none")
+                self._decided[key] = counter
+            counter.inc()
             self.result_seconds.observe(result.latency_s)
             for attempt in result.attempts:
                 self.llm_attempt_seconds.observe(attempt.latency_s)
@@ -366,7 +411,8 @@ class _State:
         self.limits = limits
         self.redactor = redactor
         self.metrics = _Metrics(matcher)
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()  # the requests in flight
+        self.metrics.in_flight.set_function(lambda: len(self.tasks))
         self.draining = False
         self.fit_task: asyncio.Task[Matcher] | None = None
         self.fit_error: str | None = None
@@ -422,21 +468,59 @@ class _State:
 
 def _error_json(status: int, type_: str, message: str, field: str | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(type=type_, message=message, field=field))
-    return JSONResponse(body.model_dump(), status_code=status)
+    response = JSONResponse(body.model_dump(), status_code=status)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    elif status == 503:
+        response.headers["Retry-After"] = "1"
+    return response
+
+
+def _route_path(scope: Scope) -> str:
+    """The request path inside the app (``root_path`` removed when mounted under a prefix)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+        return path[len(root) :] or "/"
+    return path
+
+
+def _bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """The token of ``Authorization: Bearer <token>`` (read as FastAPI's HTTPBearer), or b""."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" else b""
+    return b""
+
+
+def _guarded(path: str) -> bool:
+    """Paths behind the bearer token: the API and the metrics (not the probes nor the docs)."""
+    return path.startswith("/v1/") or path == "/metrics"
 
 
 class _Guard:
-    """Pure ASGI middleware: body-size limit, metrics, cancel on disconnect, drain tracking.
+    """Pure ASGI middleware: auth, body-size limit, metrics, cancel on disconnect, drain.
 
-    It reads the whole body first (answering 413 past the limit), hands it to the app,
-    and meanwhile listens for ``http.disconnect``: if the client goes away before the
-    response is complete, the app's task is cancelled, and with it the request's matching
-    and LLM calls.
+    It checks the bearer token (before reading anything), reads the whole body (answering
+    413 past the limit), and hands it to the app, or to a fast endpoint of ``fast`` (ASGI
+    apps by method and path, served without FastAPI's routing: ``POST /v1/match``).
+    Meanwhile one listener awaits ``http.disconnect``: if the client goes away before the
+    response is complete, the request's task is cancelled, and with it the request's
+    matching and LLM calls; the request then counts as 499.
     """
 
-    def __init__(self, app: ASGIApp, state: _State) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        state: _State,
+        api_key: str | None = None,
+        fast: dict[tuple[str, str], ASGIApp] | None = None,
+    ) -> None:
         self.app = app
         self.state = state
+        self.api_key = api_key.encode() if api_key is not None else None
+        self.fast = fast or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -444,26 +528,101 @@ class _Guard:
             return
         state = self.state
         metrics = state.metrics
-        method, path = scope["method"], _path_label(scope["path"])
+        method, path = scope["method"], _route_path(scope)
         status = 0
         started = time.perf_counter()
-        metrics.in_flight.inc()
         task = asyncio.current_task()
-        if task is not None:
-            state.tasks.add(task)
+        assert task is not None
+        state.tasks.add(task)
         try:
-            status = await self._handle(scope, receive, send)
+            status = await self._handle(scope, receive, send, method, path, task)
         finally:
-            if task is not None:
-                state.tasks.discard(task)
-            metrics.in_flight.dec()
-            metrics.requests.labels(method, path, str(status)).inc()
-            metrics.request_seconds.labels(method, path).observe(time.perf_counter() - started)
+            state.tasks.discard(task)
+            metrics.answered(method, _path_label(path), status, time.perf_counter() - started)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
+    async def _handle(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        method: str,
+        path: str,
+        task: asyncio.Task[Any],
+    ) -> int:
+        headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+        if self.api_key is not None and _guarded(path):
+            if not hmac.compare_digest(_bearer_token(headers), self.api_key):
+                message = "missing or wrong bearer token"
+                await _error_json(401, "unauthorized", message, "Authorization")(
+                    scope, receive, send
+                )
+                return 401
+        body = await self._body(scope, receive, send, headers)
+        if isinstance(body, int):
+            return body
+        app = self.fast.get((method, path), self.app)
+        delivered = False
+        disconnected: asyncio.Event | None = None
+        in_app = True
+        complete = False
+        hung_up = False
+        status = 0
+
+        async def replay() -> Message:
+            nonlocal delivered, disconnected
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            disconnected = disconnected or asyncio.Event()
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal status, complete
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
+            await send(message)
+
+        async def listen() -> None:
+            nonlocal hung_up
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if disconnected is not None:
+                disconnected.set()
+            if in_app and not complete:
+                hung_up = True
+                task.cancel()
+
+        # one listener task per request; the app runs in the request's own task
+        listener = asyncio.get_running_loop().create_task(listen())
+        try:
+            await app(scope, replay, tracked_send)
+        except asyncio.CancelledError:
+            if hung_up and task.uncancel() == 0:  # our own cancel, for a client that left
+                self.state.metrics.disconnects.inc()
+                return 499
+            # the server gave up on us (drain timeout): the work is stopped, say why, go
+            # on being cancelled
+            if status == 0:
+                with contextlib.suppress(Exception):
+                    await _error_json(503, "shutting_down", "the service shut down")(
+                        scope, receive, send
+                    )
+            raise
+        finally:
+            in_app = False
+            listener.cancel()
+        return status
+
+    async def _body(
+        self, scope: Scope, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]]
+    ) -> bytes | int:
+        """The whole request body, or the status answered instead (413, or 499 on hang-up)."""
         limit = self.state.limits.max_body_bytes
         too_large = f"request body exceeds {limit} bytes"
-        for name, value in scope.get("headers", []):
+        for name, value in headers:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await _error_json(413, "request_too_large", too_large, "body")(scope, receive, send)
                 return 413
@@ -481,61 +640,7 @@ class _Guard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        disconnected = asyncio.Event()
-        delivered = False
-        status = 0
-        complete = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await disconnected.wait()
-            return {"type": "http.disconnect"}
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal status, complete
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                complete = True
-            await send(message)
-
-        async def listen() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            disconnected.set()
-
-        app_task = asyncio.ensure_future(self.app(scope, replay, tracked_send))
-        listener = asyncio.ensure_future(listen())
-        try:
-            try:
-                await asyncio.wait({app_task, listener}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                # the server gave up on us (drain timeout): stop the work, say why, go on
-                # being cancelled
-                app_task.cancel()
-                await asyncio.gather(app_task, return_exceptions=True)
-                if status == 0:
-                    with contextlib.suppress(Exception):
-                        await _error_json(503, "shutting_down", "the service shut down")(
-                            scope, receive, send
-                        )
-                raise
-            if not app_task.done() and not complete:
-                self.state.metrics.disconnects.inc()
-                app_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await app_task
-                return 499
-            await app_task
-            return status
-        finally:
-            listener.cancel()
-            app_task.cancel()
-            await asyncio.gather(listener, app_task, return_exceptions=True)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 # -- the app -----------------------------------------------------------------------------
@@ -580,6 +685,29 @@ def _is_type_tag(part: str) -> bool:
     return part in {"str", "int", "float", "bool", "dict", "list"} or "[" in part
 
 
+def _invalid_json(errors: Sequence[Any]) -> JSONResponse:
+    """The 422 answer of a body that fails validation, naming its deepest field."""
+    # the deepest location names the field best (a union reports every branch)
+    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
+    message = str(first.get("msg", "invalid request"))
+    return _error_json(422, "invalid_request", message, _field_of(first.get("loc", ())))
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _parse_body(model: type[ModelT], scope: Scope, body: bytes) -> ModelT:
+    """Validate a JSON body as FastAPI reads it (a body of another media type is invalid).
+
+    Raises:
+        ValidationError: the body is not JSON or does not fit ``model``.
+    """
+    for name, value in scope.get("headers", []):
+        if name == b"content-type" and b"json" not in value.lower():
+            return model.model_validate(body)  # raises: bytes are not an object
+    return model.model_validate_json(body or b"null")
+
+
 def _check_queries(queries: list[str], name: str, limits: ServiceLimits) -> None:
     if len(queries) > limits.max_queries:
         raise _ApiError(
@@ -598,6 +726,20 @@ def _check_queries(queries: list[str], name: str, limits: ServiceLimits) -> None
             )
 
 
+def _check_where(where: object, queries: int, many: bool) -> None:
+    """A list of filters needs a list of queries, one filter per query."""
+    if not isinstance(where, list):
+        return
+    if not many:
+        raise _ApiError(
+            422, "invalid_option", "one query takes one filter (an object), not a list", "where"
+        )
+    if len(where) != queries:
+        raise _ApiError(
+            422, "invalid_option", f"{len(where)} filters for {queries} queries", "where"
+        )
+
+
 def _options_for(fn: Any, body: _Options) -> dict[str, Any]:
     try:
         return call_options(fn, top_k=body.top_k, threshold=body.threshold, where=body.where)
@@ -613,10 +755,13 @@ def create_app(
     close_matcher: bool = False,
     probe_interval: float = 15.0,
     probe_timeout: float = 3.0,
+    tune_gc: bool = False,
 ) -> FastAPI:
     """Build the FastAPI app serving ``matcher`` (a fresh app each call; no globals).
 
     The index is built in the background at startup (``/readyz`` says when it is ready).
+    ``POST /v1/match`` is served by a lean endpoint beside FastAPI's routing (same models,
+    same errors; the FastAPI route documents it in the OpenAPI schema).
 
     Args:
         matcher: the one Matcher of this process; every request shares it.
@@ -625,6 +770,8 @@ def create_app(
         close_matcher: close the matcher on shutdown (``nem-llm serve`` owns its matcher).
         probe_interval: seconds ``/readyz`` caches the LLM reachability probe.
         probe_timeout: seconds the probe (``GET /models``) may take.
+        tune_gc: once the index is built, :func:`tune_gc` (on by ``nem-llm serve``;
+            process-wide, so off by default for an app in your own stack).
     """
     limits = limits or ServiceLimits()
     client = matcher._client
@@ -641,6 +788,8 @@ def create_app(
         if not matcher.ready:
             state.fit_task = asyncio.create_task(matcher.fit_async(), name="nem-llm-fit")
             state.fit_task.add_done_callback(_fit_done)
+        elif tune_gc:
+            _tune_gc()
         try:
             yield
         finally:
@@ -661,6 +810,8 @@ def create_app(
         if exc is not None:
             state.fit_error = redactor.text(f"building the index failed: {exc}")
             log.error("%s", state.fit_error)
+        elif tune_gc:
+            _tune_gc()
 
     app = FastAPI(
         title="nem_llm",
@@ -673,27 +824,13 @@ def create_app(
             503: {"model": ErrorResponse, "description": "Not ready, or shutting down."},
         },
     )
-    app.add_middleware(_Guard, state=state)
+    fast: dict[tuple[str, str], ASGIApp] = {}
+    app.add_middleware(_Guard, state=state, api_key=api_key, fast=fast)
 
-    @app.exception_handler(_ApiError)
-    async def _api_error(_request: Request, exc: _ApiError) -> JSONResponse:
-        response = _error_json(exc.status, exc.type, redactor.text(exc.message), exc.field)
-        if exc.status == 401:
-            response.headers["WWW-Authenticate"] = "Bearer"
-        if exc.status == 503:
-            response.headers["Retry-After"] = "1"
-        return response
+    def api_error(exc: _ApiError) -> JSONResponse:
+        return _error_json(exc.status, exc.type, redactor.text(exc.message), exc.field)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        # the deepest location names the field best (a union reports every branch)
-        first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
-        message = str(first.get("msg", "invalid request"))
-        return _error_json(422, "invalid_request", message, _field_of(first.get("loc", ())))
-
-    @app.exception_handler(NemLLMError)
-    async def _nem_error(_request: Request, exc: NemLLMError) -> JSONResponse:
+    def nem_error(exc: NemLLMError) -> JSONResponse:
         message = redactor.text(str(exc))
         if isinstance(exc, NotReadyError):
             return _error_json(503, "not_ready", message)
@@ -705,26 +842,37 @@ def create_app(
         log.error("request failed: %s", message)
         return _error_json(500, type(exc).__name__, message)
 
+    @app.exception_handler(_ApiError)
+    async def _api_error(_request: Request, exc: _ApiError) -> JSONResponse:
+        return api_error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _invalid_json(exc.errors())
+
+    @app.exception_handler(NemLLMError)
+    async def _nem_error(_request: Request, exc: NemLLMError) -> JSONResponse:
+        return nem_error(exc)
+
+    # _Guard enforces the token (one check for every route, the fast one included); this
+    # dependency only declares the scheme in the OpenAPI schema
     bearer = HTTPBearer(auto_error=False, description="The key named by --api-key-env.")
-
-    async def authorize(
-        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
-    ) -> None:
-        assert api_key is not None
-        given = credentials.credentials.encode() if credentials is not None else b""
-        if not hmac.compare_digest(given, api_key.encode()):
-            raise _ApiError(401, "unauthorized", "missing or wrong bearer token", "Authorization")
-
-    guarded = [Depends(authorize)] if api_key is not None else []
+    guarded = [Security(bearer)] if api_key is not None else []
     v1 = APIRouter(prefix="/v1", dependencies=guarded)
 
     def json_bytes(payload: bytes) -> Response:
         return Response(redactor.data(payload), media_type="application/json")
 
-    async def call(body: _Options, work: Awaitable[T]) -> T:
+    async def call(body: _Options, work: Awaitable[T], where: str = "where") -> T:
         """Await a Matcher call; a ConfigError names the request option it came from."""
-        try:
+        with options_named(body, where):
             return await work
+
+    @contextlib.contextmanager
+    def options_named(body: _Options, where: str = "where") -> Iterator[None]:
+        """A ConfigError raised inside becomes a 422 naming the request option it is about."""
+        try:
+            yield
         except ConfigError as exc:
             message = redactor.text(str(exc))
             field = next(
@@ -733,29 +881,33 @@ def create_app(
                     for f in ("threshold", "top_k")
                     if f in message and getattr(body, f) is not None
                 ),
-                "where" if body.where is not None else None,
+                where if body.where is not None else None,
             )
             raise _ApiError(422, "invalid_option", message, field) from None
 
-    @v1.post(
-        "/match",
-        response_model=MatchResult | Explanation | list[MatchResult] | list[Explanation],
-        summary="Match one query or a list (input order).",
-    )
-    async def match(body: MatchRequest) -> Response:
+    async def matched(body: MatchRequest) -> Response:
+        """The answer of ``POST /v1/match`` (both endpoints below serve it)."""
         state.require_ready()
         many = isinstance(body.query, list)
         queries = body.query if isinstance(body.query, list) else [body.query]
         _check_queries(queries, "query", limits)
+        _check_where(body.where, len(queries), many)
         if body.explain:
             opts = _options_for(matcher.explain_match_async, body)
             gate = asyncio.Semaphore(limits.max_explain_concurrency)
 
-            async def explain(q: str) -> Explanation:
+            async def explain(i: int, q: str) -> Explanation:
+                if not isinstance(body.where, list):
+                    async with gate:
+                        return await call(body, matcher.explain_match_async(q, **opts))
+                # one filter per query: a failing one is named by its index
+                own = {**opts, "where": body.where[i]}
                 async with gate:
-                    return await call(body, matcher.explain_match_async(q, **opts))
+                    return await call(body, matcher.explain_match_async(q, **own), f"where[{i}]")
 
-            explanations = list(await asyncio.gather(*(explain(q) for q in queries)))
+            explanations = list(
+                await asyncio.gather(*(explain(i, q) for i, q in enumerate(queries)))
+            )
             state.metrics.observe(e.result for e in explanations)
             if not many:
                 return json_bytes(explanations[0].model_dump_json().encode())
@@ -777,6 +929,30 @@ def create_app(
         return json_bytes(_RESULTS.dump_json(results))
 
     @v1.post(
+        "/match",
+        response_model=MatchResult | Explanation | list[MatchResult] | list[Explanation],
+        summary="Match one query or a list (input order).",
+    )
+    async def match(body: MatchRequest) -> Response:
+        # documents the endpoint; _Guard hands POST /v1/match to match_fast instead
+        return await matched(body)
+
+    async def match_fast(scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/match`` without FastAPI's routing, dependencies and wrappers."""
+        try:
+            body = _parse_body(MatchRequest, scope, (await receive())["body"])
+            response = await matched(body)
+        except ValidationError as exc:
+            response = _invalid_json(exc.errors(include_url=False))
+        except _ApiError as exc:
+            response = api_error(exc)
+        except NemLLMError as exc:
+            response = nem_error(exc)
+        await response(scope, receive, send)
+
+    fast["POST", "/v1/match"] = match_fast
+
+    @v1.post(
         "/match:stream",
         summary="Match many queries; NDJSON, one MatchResult a line, as each finishes.",
         response_class=_NDJSONResponse,
@@ -786,7 +962,13 @@ def create_app(
     async def match_stream(body: StreamRequest) -> Response:
         state.require_ready()
         _check_queries(body.queries, "queries", limits)
+        _check_where(body.where, len(body.queries), many=True)
         opts = _options_for(matcher.match_stream_async, body)
+        if isinstance(body.where, dict):
+            # checked before the 200 goes out: the Matcher checks a shared filter only once
+            # the stream is read, when an error can no longer change the status
+            with options_named(body):
+                matcher.catalog.where_mask(body.where)
         stream = matcher.match_stream_async(body.queries, strategy="as_completed", **opts)
 
         async def lines() -> AsyncGenerator[bytes, None]:
@@ -839,10 +1021,13 @@ def create_app(
         remove = _admin_method(matcher, "remove_entities_async")
         try:
             await remove([entity_id])
-        except (InputError, KeyError):  # the id is not in the catalog
-            raise _ApiError(
-                404, "not_found", f"no entity with id {entity_id!r}", "entity_id"
-            ) from None
+        except (InputError, KeyError) as exc:
+            if entity_id not in matcher.catalog.by_id:
+                raise _ApiError(
+                    404, "not_found", f"no entity with id {entity_id!r}", "entity_id"
+                ) from None
+            # the id is there, the change is refused (the last entity of the catalog)
+            raise _ApiError(422, "invalid_entities", str(exc), "entity_id") from None
         return EntitiesChanged(removed=1)
 
     app.include_router(v1)
@@ -882,6 +1067,29 @@ def create_app(
     return app
 
 
+GC_GEN0_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Tune Python's cyclic garbage collector for serving (call once the index is built).
+
+    ``gc.collect()`` then ``gc.freeze()``: the catalog, the index and the imported
+    libraries (~250k objects) leave the collector's sight, so its passes walk only the
+    requests' objects; and a first-generation threshold of ``GC_GEN0_THRESHOLD``
+    allocations instead of 700, so fewer passes walk the objects of the requests in flight
+    (200 concurrent requests keep thousands alive). Measured with 200 concurrent
+    single-query requests: ~12% less CPU per request in-process (5% for
+    ``match_batch_async``); without the freeze a full pass stalls the loop for 100+ ms.
+    """
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, GC_GEN0_THRESHOLD), gen1, gen2)
+
+
+_tune_gc = tune_gc  # create_app's parameter of the same name hides it there
+
+
 def server_config(
     app: FastAPI,
     *,
@@ -889,12 +1097,15 @@ def server_config(
     port: int = 8000,
     drain_timeout: float | None = None,
     log_level: str = "info",
+    access_log: bool = True,
 ) -> uvicorn.Config:
     """The uvicorn configuration ``nem-llm serve`` runs ``app`` with.
 
     On SIGTERM/Ctrl-C uvicorn stops accepting connections and lets in-flight requests
     finish for up to ``drain_timeout`` seconds (default: the app's
-    ``ServiceLimits.drain_timeout``), then cancels them.
+    ``ServiceLimits.drain_timeout``), then cancels them. ``access_log=False`` drops
+    uvicorn's line per request (about a tenth of the server's CPU per single-query
+    request, measured: ``/metrics`` counts requests either way).
     """
     if drain_timeout is None:
         drain_timeout = app.state.nem_llm.limits.drain_timeout
@@ -904,6 +1115,7 @@ def server_config(
         port=port,
         lifespan="on",
         log_level=log_level,
+        access_log=access_log,
         timeout_graceful_shutdown=max(1, math.ceil(drain_timeout)),
         server_header=False,
     )

@@ -229,6 +229,7 @@ class MicroBatcher(Generic[In, R]):
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.batches = 0  # batches encoded so far (for tests and stats)
+        self.items = 0  # items in those batches (items / batches: the mean batch size)
 
     async def submit(self, item: In) -> R:
         """Return ``fn([item, ...])``'s answer for ``item``, batched with concurrent callers."""
@@ -288,6 +289,7 @@ class MicroBatcher(Generic[In, R]):
                         f.set_exception(wrong)
                 continue
             self.batches += 1
+            self.items += len(live)
             for row, (_, f) in enumerate(live):
                 if not f.done():
                     f.set_result(answers[row])
