@@ -7,7 +7,6 @@ poll with a deadline (the test's timeout bounds them); no assertion is on time.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -198,11 +197,6 @@ def test_stream_rejects_explain_naming_the_field(server: Running) -> None:
     assert (r.status_code, r.json()["error"]["field"]) == (422, "explain")
 
 
-def _takes(option: str) -> bool:
-    return option in inspect.signature(Matcher.match_async).parameters
-
-
-@pytest.mark.skipif(not _takes("where"), reason="Matcher.match_async has no where= yet")
 def test_match_where_filters_on_entity_attributes() -> None:
     entities = [
         {"id": "PAR-FR", "name": "Paris", "attributes": {"country": "FR"}},
@@ -215,13 +209,11 @@ def test_match_where_filters_on_entity_attributes() -> None:
     assert {c["id"] for c in r.json()["candidates"]} == {"PAR-US"}
 
 
-@pytest.mark.skipif(not _takes("where"), reason="Matcher.match_async has no where= yet")
 def test_match_where_on_an_unknown_attribute_is_422_naming_where(server: Running) -> None:
     r = post(server, "/v1/match", {"query": "USA", "where": {"no_such_attribute": 1}})
     assert (r.status_code, r.json()["error"]["field"]) == (422, "where")
 
 
-@pytest.mark.skipif(not _takes("threshold"), reason="Matcher.match_async has no threshold= yet")
 def test_match_threshold_overrides_the_accept_threshold(countries: list[dict[str, Any]]) -> None:
     m = Matcher(countries, embedder=FakeEmbedder(), llm=False, accept_threshold=0.92)
     with serve(app_for(m)) as running:
@@ -230,24 +222,7 @@ def test_match_threshold_overrides_the_accept_threshold(countries: list[dict[str
     assert (default["status"], strict["status"]) == ("matched", "review")
 
 
-@pytest.mark.skipif(_takes("where"), reason="the Matcher takes where=: see the tests above")
-def test_where_on_a_matcher_without_it_is_422_naming_where(server: Running) -> None:
-    r = post(server, "/v1/match", {"query": "USA", "where": {"country": "US"}})
-    assert r.status_code == 422
-    assert r.json()["error"]["field"] == "where"
-
-
 # -- entity administration -----------------------------------------------------------------
-
-
-@pytest.mark.skipif(
-    hasattr(Matcher, "add_entities_async"), reason="the Matcher has an incremental index"
-)
-def test_entities_are_501_without_an_incremental_index(server: Running) -> None:
-    r = post(server, "/v1/entities", {"entities": [{"id": "IT", "name": "Italy"}]})
-    assert r.status_code == 501
-    assert "add_entities_async" in r.json()["error"]["message"]
-    assert httpx.delete(server.url + "/v1/entities/US").status_code == 501
 
 
 PLACES = [

@@ -38,7 +38,6 @@ import contextlib
 import gc
 import hmac
 import importlib.metadata
-import inspect
 import logging
 import math
 import time
@@ -983,14 +982,13 @@ def create_app(
         "/entities",
         response_model=EntitiesChanged,
         status_code=201,
-        summary="Add entities (needs the Matcher's incremental index).",
-        responses={501: {"model": ErrorResponse}},
+        summary="Add entities to the live index (no rebuild).",
+        responses={422: {"model": ErrorResponse}},
     )
     async def add_entities(body: EntitiesRequest) -> EntitiesChanged:
         state.require_ready()
-        add = _admin_method(matcher, "add_entities_async")
         try:
-            await add(body.entities)
+            await matcher.add_entities_async(body.entities)
         except InputError as exc:  # a duplicate id, an invalid entity
             raise _ApiError(422, "invalid_entities", str(exc), "entities") from None
         return EntitiesChanged(added=len(body.entities))
@@ -998,14 +996,13 @@ def create_app(
     @v1.put(
         "/entities",
         response_model=EntitiesChanged,
-        summary="Replace entities by id (needs the Matcher's incremental index).",
-        responses={501: {"model": ErrorResponse}},
+        summary="Replace entities by id in the live index.",
+        responses={422: {"model": ErrorResponse}},
     )
     async def update_entities(body: EntitiesRequest) -> EntitiesChanged:
         state.require_ready()
-        update = _admin_method(matcher, "update_entities_async")
         try:
-            await update(body.entities)
+            await matcher.update_entities_async(body.entities)
         except InputError as exc:  # an unknown id, an invalid entity
             raise _ApiError(422, "invalid_entities", str(exc), "entities") from None
         return EntitiesChanged(updated=len(body.entities))
@@ -1013,14 +1010,13 @@ def create_app(
     @v1.delete(
         "/entities/{entity_id}",
         response_model=EntitiesChanged,
-        summary="Remove one entity (needs the Matcher's incremental index).",
-        responses={404: {"model": ErrorResponse}, 501: {"model": ErrorResponse}},
+        summary="Remove one entity from the live index.",
+        responses={404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
     )
     async def remove_entity(entity_id: str) -> EntitiesChanged:
         state.require_ready()
-        remove = _admin_method(matcher, "remove_entities_async")
         try:
-            await remove([entity_id])
+            await matcher.remove_entities_async([entity_id])
         except (InputError, KeyError) as exc:
             if entity_id not in matcher.catalog.by_id:
                 raise _ApiError(
@@ -1119,19 +1115,6 @@ def server_config(
         timeout_graceful_shutdown=max(1, math.ceil(drain_timeout)),
         server_header=False,
     )
-
-
-def _admin_method(matcher: Matcher, name: str) -> Any:
-    """The Matcher's async incremental-index method ``name``, or 501 if it has none."""
-    method = getattr(matcher, name, None)
-    if method is None or not inspect.iscoroutinefunction(method):
-        raise _ApiError(
-            501,
-            "not_implemented",
-            f"entity administration needs Matcher.{name} (the incremental index), which "
-            "this version of nem_llm does not have",
-        )
-    return method
 
 
 def _version() -> str:
