@@ -696,10 +696,12 @@ class Matcher:
         return out
 
     async def _candidates(
-        self, normalized: str, top_k: int, mask_key: str | None = None
+        self, normalized: str, top_k: int, mask_key: str | None = None, *, flush: bool = False
     ) -> list[Candidate]:
+        """Retrieve through the shared micro-batcher (``flush``: do not wait for company)."""
         self._require_index()
-        return await self._runtime_for_loop().batcher.submit((normalized, top_k, mask_key))
+        batcher = self._runtime_for_loop().batcher
+        return await batcher.submit((normalized, top_k, mask_key), flush=flush)
 
     # -- one query ---------------------------------------------------------------------
 
@@ -752,15 +754,20 @@ class Matcher:
         thresholds: Thresholds | None = None,
         where: Where | None = None,
         raise_input_errors: bool = False,
+        alone: bool = False,
     ) -> tuple[MatchResult, Route | None]:
-        """Match one query; every failure but cancellation becomes an error record."""
+        """Match one query; every failure but cancellation becomes an error record.
+
+        ``alone``: no other query of this call is in flight (the sequential strategy), so
+        retrieval does not wait the micro-batcher's ``max_wait`` for company.
+        """
         loop = asyncio.get_running_loop()
         started = loop.time()
         k = top_k or self.top_k
         text = query if isinstance(query, str) else repr(query)
         try:
             normalized = validate_query(query, index=index, max_chars=self.max_query_chars)
-            candidates = await self._candidates(normalized, k, self._mask_key(where))
+            candidates = await self._candidates(normalized, k, self._mask_key(where), flush=alone)
             decision, candidates = self._route(
                 candidates, thresholds or self.thresholds, normalized
             )
@@ -1119,8 +1126,13 @@ class Matcher:
         loop = asyncio.get_running_loop()
         started = loop.time()
 
+        alone = strategy == "sequential"
+
         async def worker(i: int, q: str) -> MatchResult:
-            return (await self._match_one(i, q, top_k, thresholds=thresholds, where=where_of(i)))[0]
+            one = self._match_one(
+                i, q, top_k, thresholds=thresholds, where=where_of(i), alone=alone
+            )
+            return (await one)[0]
 
         stream = run_strategy(
             strategy, queries, worker, workers=self._workers(strategy, batch_size)

@@ -102,6 +102,20 @@ async def test_a_partial_batch_flushes_after_max_wait(doubler: Doubler) -> None:
     assert doubler.batches == [[1, 2, 3]]
 
 
+@pytest.mark.looptime
+async def test_a_flush_submit_sends_its_batch_without_waiting(doubler: Doubler) -> None:
+    batcher = MicroBatcher(doubler, max_batch_size=16, max_wait=10.0)
+    loop = asyncio.get_running_loop()
+    try:
+        together = asyncio.gather(batcher.submit(1), batcher.submit(2, flush=True))
+        assert await together == [2, 4]
+        assert loop.time() < 10.0  # the flush item did not wait max_wait for company
+    finally:
+        await batcher.aclose()
+
+    assert doubler.batches == [[1, 2]]  # items already queued still ride along
+
+
 async def test_max_batch_size_one_processes_every_item_alone(doubler: Doubler) -> None:
     batcher = MicroBatcher(doubler, max_batch_size=1, max_wait=10.0)
     try:

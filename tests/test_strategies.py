@@ -486,3 +486,16 @@ async def test_last_run_stats_count_every_result_and_every_attempt() -> None:
     assert stats.llm_attempts == 10
     assert stats.retries_by_cause == {"http_503": 2}
     assert stats.usage.total_tokens == sum(r.usage.total_tokens for r in results) > 0
+
+
+@pytest.mark.looptime
+async def test_sequential_retrieval_does_not_wait_the_micro_batchers_max_wait() -> None:
+    """One query in flight: waiting ``max_wait`` for company would only add latency."""
+    loop = asyncio.get_running_loop()
+    async with Matcher(entities(), embedder=FakeEmbedder(), llm=False, max_wait=5.0) as m:
+        await m.fit_async(show_progress=False)
+        started = loop.time()
+        results = await m.match_batch_async(NAMES[:4], strategy="sequential")
+
+    assert [r.candidates[0].id for r in results] == [n[:2].upper() for n in NAMES[:4]]
+    assert loop.time() - started < 5.0  # four waits would take 20 s of loop time

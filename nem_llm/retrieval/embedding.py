@@ -198,7 +198,9 @@ class MicroBatcher(Generic[In, R]):
     """Collects concurrent single-item requests into batches for one batch function.
 
     A batch is flushed when it holds ``max_batch_size`` items or ``max_wait`` seconds after
-    its first item arrived, whichever comes first. The function runs in one worker thread;
+    its first item arrived, whichever comes first, or at once when an item was submitted
+    with ``flush=True`` (a caller that knows nobody else is coming, such as a sequential
+    loop, does not wait ``max_wait`` for company). The function runs in one worker thread;
     while it works on a batch, the next batch fills up. ``max_batch_size=1`` disables
     batching (every item is processed alone).
 
@@ -225,14 +227,17 @@ class MicroBatcher(Generic[In, R]):
         self.max_wait = max_wait
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="nem-llm-embed")
-        self._queue: asyncio.Queue[tuple[In, asyncio.Future[R]]] | None = None
+        self._queue: asyncio.Queue[tuple[In, asyncio.Future[R], bool]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.batches = 0  # batches encoded so far (for tests and stats)
         self.items = 0  # items in those batches (items / batches: the mean batch size)
 
-    async def submit(self, item: In) -> R:
-        """Return ``fn([item, ...])``'s answer for ``item``, batched with concurrent callers."""
+    async def submit(self, item: In, *, flush: bool = False) -> R:
+        """Return ``fn([item, ...])``'s answer for ``item``, batched with concurrent callers.
+
+        ``flush=True``: send the batch holding ``item`` without waiting for more items.
+        """
         if self._closed:
             raise RuntimeError("MicroBatcher is closed")
         loop = asyncio.get_running_loop()
@@ -240,7 +245,7 @@ class MicroBatcher(Generic[In, R]):
             self._queue = asyncio.Queue()
             self._task = loop.create_task(self._run(), name="nem-llm-microbatcher")
         fut: asyncio.Future[R] = loop.create_future()
-        self._queue.put_nowait((item, fut))
+        self._queue.put_nowait((item, fut, flush))
         return await fut
 
     async def _run(self) -> None:
@@ -257,6 +262,8 @@ class MicroBatcher(Generic[In, R]):
                         continue
                     except asyncio.QueueEmpty:
                         pass
+                    if any(flush for _, _, flush in batch):
+                        break
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
@@ -265,10 +272,10 @@ class MicroBatcher(Generic[In, R]):
                     except TimeoutError:
                         break
             except asyncio.CancelledError:  # closed while filling: these callers left the queue
-                for _, f in batch:
+                for _, f, _ in batch:
                     f.cancel()
                 raise
-            live = [(t, f) for t, f in batch if not f.done()]  # skip cancelled callers
+            live = [(t, f) for t, f, _ in batch if not f.done()]  # skip cancelled callers
             if not live:
                 continue
             try:
@@ -305,7 +312,7 @@ class MicroBatcher(Generic[In, R]):
             self._task = None
         if self._queue is not None:
             while not self._queue.empty():
-                _, fut = self._queue.get_nowait()
+                _, fut, _ = self._queue.get_nowait()
                 fut.cancel()
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
