@@ -130,7 +130,7 @@ def test_export_refuses_a_model_that_does_not_mean_pool(tmp_path: Path) -> None:
 
 
 def test_a_missing_model_directory_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nowhere.*local directory"):
+    with pytest.raises(ConfigError, match=r"nowhere.*local directory"):
         OnnxEmbedder(tmp_path / "nowhere")
 
 
@@ -156,7 +156,7 @@ def test_asking_for_onnx_without_onnxruntime_names_the_extra(
 
 
 def test_an_unknown_encoder_lists_the_choices() -> None:
-    with pytest.raises(ConfigError, match="'torch', 'onnx', 'onnx-int8', 'static'.*'gpu'"):
+    with pytest.raises(ConfigError, match=r"'torch', 'onnx', 'onnx-int8', 'static'.*'gpu'"):
         make_embedder("gpu")
 
 
