@@ -79,6 +79,9 @@ _MODEL_FILES = (
     "model.safetensors",
     "pytorch_model.bin",
 )
+#: Calls of at most this many texts (the matcher's query micro-batches) run on the
+#: ``query_threads`` session.
+_QUERY_CALL = 256
 _EXTRAS = {"onnx": "fast", "onnx-int8": "fast", "static": "static"}
 _PACKAGES = {"onnx": ("onnxruntime", "onnx"), "static": ("model2vec", "skeletoken")}
 
@@ -309,17 +312,25 @@ class OnnxEmbedder:
     run inside the graph. fp32 vectors match torch's to a cosine of >= 0.9999;
     ``quantize=True`` (int8 weights) trades ~1% of cosine for ~2x more speed.
 
+    int8 quantises activations dynamically with one scale per tensor, so a text's vector
+    would depend on the other texts in its batch (measured: cosine down to 0.97 between a
+    text encoded alone and in a batch of 64). The int8 encoder therefore runs one text per
+    forward pass by default: its vectors depend on the text alone (the same in a query
+    micro-batch, a catalog chunk or an incremental update), at ~30% less speed than
+    batches of 16 (benchmarks/results/encoders.md).
+
     Args:
         model: a local sentence-transformers directory (mean pooling), e.g. one written
             by ``retrieval.learning.finetune``.
         quantize: int8 dynamic quantisation (name suffix ``@onnx-int8``, else ``@onnx``).
         cache_dir: where exports are kept (default :func:`encoder_cache_dir`).
-        batch_size: texts per forward pass (sorted by length, as sentence-transformers does).
+        batch_size: texts per forward pass (sorted by length, as sentence-transformers
+            does); ``None``: 16 for fp32 (faster here than 64: less padding), 1 for int8.
         threads: ONNX Runtime intra-op threads for large calls (``None``: its default,
             one per physical core).
-        query_threads: threads for a call of at most ``batch_size`` texts (the matcher's
-            query micro-batches), run on a second, lazily made session; ``None``: the
-            same session as large calls.
+        query_threads: threads for a call of at most 256 texts (the matcher's query
+            micro-batches), run on a second, lazily made session; ``None``: the same
+            session as large calls.
     """
 
     def __init__(
@@ -328,7 +339,7 @@ class OnnxEmbedder:
         *,
         quantize: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         threads: int | None = None,
         query_threads: int | None = 1,
     ) -> None:
@@ -339,7 +350,7 @@ class OnnxEmbedder:
         base = model_name_of(None if model is None else os.fspath(model))
         self._name = f"{base}@{self.encoder}"
         self.cache_root = encoder_cache_dir(cache_dir)
-        self.batch_size = batch_size
+        self.batch_size = batch_size or (1 if quantize else 16)
         self.threads = threads
         self.query_threads = query_threads
         self._lock = threading.Lock()
@@ -406,7 +417,7 @@ class OnnxEmbedder:
         return tok
 
     def encode(self, texts: Sequence[str]) -> Vectors:
-        small = len(texts) <= self.batch_size and self.query_threads is not None
+        small = len(texts) <= _QUERY_CALL and self.query_threads is not None
         session = self._session(self.query_threads if small else self.threads)
         if not texts:
             dim = int(session.get_outputs()[0].shape[-1])
