@@ -206,3 +206,30 @@ def test_auto_refuses_an_index_whose_encoder_is_not_installed(
     with Matcher(countries, llm=False, index_path=tmp_path) as matcher:
         with pytest.raises(ConfigError, match="vectors of two embedders cannot be mixed"):
             matcher.fit()
+
+
+def test_static_distillation_is_cached_and_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("model2vec", reason="the [static] extra is not installed")
+    import model2vec.distill
+    from tokenizers import Tokenizer
+
+    from nem_llm.retrieval.embedding import default_model_path
+    from nem_llm.retrieval.encoders import StaticEmbedder
+
+    calls: list[str] = []
+
+    def fake_distill(model_name: str, pca_dims: int) -> Any:  # the real one takes minutes
+        calls.append(model_name)
+        tok = Tokenizer.from_file(str(Path(default_model_path()) / "tokenizer.json"))
+        vectors = np.random.default_rng(0).normal(size=(tok.get_vocab_size(), 8))
+        return model2vec.StaticModel(vectors.astype(np.float32), tok)
+
+    monkeypatch.setattr(model2vec.distill, "distill", fake_distill)
+    first = StaticEmbedder(cache_dir=tmp_path).encode(["Germany", "Deutschland"])
+    second = StaticEmbedder(cache_dir=tmp_path).encode(["Germany", "Deutschland"])
+    assert len(calls) == 1
+    assert np.allclose(first, second)
+    assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    assert StaticEmbedder(cache_dir=tmp_path).name == "all-MiniLM-L6-v2@static"
