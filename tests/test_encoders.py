@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_index_build import _cli  # the CLI in a subprocess, OPENAI_* unset
 
 from nem_llm import Matcher
 from nem_llm.catalog import load_catalog
@@ -28,7 +29,9 @@ from nem_llm.testing import FakeEmbedder
 
 pytest.importorskip("onnxruntime", reason="the [fast] extra is not installed")
 
-RESTAURANTS = Path(__file__).parent / "data" / "restaurants_catalog.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+RESTAURANTS = ROOT / "tests" / "data" / "restaurants_catalog.jsonl"
+CLI_CATALOG = ROOT / "tests" / "data" / "cli" / "catalog.jsonl"  # 25 countries
 
 
 def _strings() -> list[str]:
@@ -233,3 +236,23 @@ def test_static_distillation_is_cached_and_reused(
     assert np.allclose(first, second)
     assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
     assert StaticEmbedder(cache_dir=tmp_path).name == "all-MiniLM-L6-v2@static"
+
+
+@pytest.mark.timeout(300)
+def test_cli_index_build_records_the_encoder(tmp_path: Path, use_cache: Path) -> None:
+    built = _cli(
+        "index", "build", "--catalog", str(CLI_CATALOG), "--out", "idx", "--encoder", "onnx",
+        "-q", cwd=tmp_path,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert "encoder all-MiniLM-L6-v2@onnx" in built.stderr
+    assert HybridIndex.read_manifest(tmp_path / "idx")["embedder"] == "all-MiniLM-L6-v2@onnx"
+
+
+def test_cli_rejects_an_unknown_encoder(tmp_path: Path) -> None:
+    built = _cli(
+        "index", "build", "--catalog", str(CLI_CATALOG), "--out", "idx", "--encoder", "gpu",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert built.returncode == 2
+    assert "'gpu' is not one of" in built.stderr
