@@ -32,19 +32,22 @@ pytest.importorskip("onnxruntime", reason="the [fast] extra is not installed")
 ROOT = Path(__file__).resolve().parents[1]
 RESTAURANTS = ROOT / "tests" / "data" / "restaurants_catalog.jsonl"
 CLI_CATALOG = ROOT / "tests" / "data" / "cli" / "catalog.jsonl"  # 25 countries
+QUERIES = ROOT / "tests" / "data" / "restaurants_queries.jsonl"
 
 
 def _strings() -> list[str]:
-    """A few hundred texts: names, long records, other scripts, padding, a very long one."""
+    """A few hundred texts: names and their variants, long records, queries, other scripts,
+    padding, an empty one and one beyond the model's 256 tokens."""
     texts: list[str] = []
-    with RESTAURANTS.open(encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            texts.append(row["name"])
-            if len(texts) % 3 == 0 and row.get("description"):
-                texts.append(f"{row['name']}, {row['description']}")
-            if len(texts) >= 280:
-                break
+    for path, key in ((RESTAURANTS, "name"), (CLI_CATALOG, "name"), (QUERIES, "query")):
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                name = str(row[key])
+                texts += [name, name.lower(), name.upper(), name[:-1] + name[-1:] * 2]
+                texts += [str(a) for a in row.get("aliases") or []]
+                if row.get("description"):
+                    texts.append(f"{name}, {row['description']}")
     texts += ["Ελλάδα", "Москва", "日本", "  padded with spaces  ", "", "tall " * 600]
     return texts
 
