@@ -149,6 +149,20 @@ def _stats_table(title: str, stats: Any, extra: dict[str, str] | None = None) ->
 # -- match -------------------------------------------------------------------------------
 
 
+class EncoderOpt(StrEnum):
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
+    onnx_int8 = "onnx-int8"
+    static = "static"
+
+
+_ENCODER_HELP = (
+    "Catalog and query encoder: torch, onnx, onnx-int8 (the [fast] extra), static "
+    "(the [static] extra), or auto (the measured default; a saved index's own encoder)."
+)
+
+
 @app.command()
 def match(
     catalog: Annotated[Path, typer.Option(help="Entities: JSONL or CSV (id, name, ...).")],
@@ -226,6 +240,7 @@ def match(
     index: Annotated[
         Path | None, typer.Option(help="A saved index (nem-llm index build) to reuse.")
     ] = None,
+    encoder: Annotated[EncoderOpt | None, typer.Option(help=_ENCODER_HELP)] = None,
 ) -> None:
     """Match every row of a queries file against a catalog; resumable and cached."""
     from .catalog import CatalogColumns
@@ -278,6 +293,7 @@ def match(
         ),
         rewrite=rewrite,
         index=index,
+        encoder=encoder.value if encoder else None,
     )
     progress = Progress(
         TextColumn("[bold]matching"),
@@ -410,20 +426,6 @@ class IndexOpt(StrEnum):
     auto = "auto"
     exact = "exact"
     ann = "ann"
-
-
-class EncoderOpt(StrEnum):
-    auto = "auto"
-    torch = "torch"
-    onnx = "onnx"
-    onnx_int8 = "onnx-int8"
-    static = "static"
-
-
-_ENCODER_HELP = (
-    "Catalog and query encoder: torch, onnx, onnx-int8 (the [fast] extra), static "
-    "(the [static] extra), or auto (the measured default; a saved index's own encoder)."
-)
 
 
 @index_app.command("build")

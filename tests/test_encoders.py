@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESTAURANTS = ROOT / "tests" / "data" / "restaurants_catalog.jsonl"
 CLI_CATALOG = ROOT / "tests" / "data" / "cli" / "catalog.jsonl"  # 25 countries
 QUERIES = ROOT / "tests" / "data" / "restaurants_queries.jsonl"
+MENTIONS = ROOT / "tests" / "data" / "cli" / "mentions.csv"  # 17 rows
 
 
 def _strings() -> list[str]:
@@ -259,3 +260,15 @@ def test_cli_rejects_an_unknown_encoder(tmp_path: Path) -> None:
     )  # fmt: skip
     assert built.returncode == 2
     assert "'gpu' is not one of" in built.stderr
+
+
+@pytest.mark.timeout(300)
+def test_cli_match_encodes_with_the_chosen_encoder(tmp_path: Path, use_cache: Path) -> None:
+    matched = _cli(
+        "match", "--catalog", str(CLI_CATALOG), "--queries", str(MENTIONS), "--out", "out.jsonl",
+        "--encoder", "onnx", "-q", cwd=tmp_path,
+    )  # fmt: skip
+    assert matched.returncode == 0, matched.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 17
+    state_index = tmp_path / "out.jsonl.state" / "index"
+    assert HybridIndex.read_manifest(state_index)["embedder"] == "all-MiniLM-L6-v2@onnx"
