@@ -68,10 +68,11 @@ EncoderName = Literal["auto", "torch", "onnx", "onnx-int8", "static"]
 #: The encoders :func:`make_embedder` builds (``"auto"`` picks one of them).
 ENCODERS: tuple[str, ...] = tuple(a for a in get_args(EncoderName) if a != "auto")
 #: What ``"auto"`` tries, in order: the first whose packages are installed. Chosen by
-#: measurement (benchmarks/bench_encoders.py, benchmarks/results/encoders.md): int8 encoded
-#: 3.1x torch's forms/s with one thread each (5.6x with each library's default threads
-#: on the loaded 2-core machine) with R@10 equal or better on every development set;
-#: fp32 ONNX 1.9x / 4.7x, identical R@10; static 200x+ but languages R@10 -0.027.
+#: measurement (benchmarks/bench_encoders.py; results/encoders.md, encoders-loaded.md):
+#: int8 encoded 5.1x (3.1x under heavier load) torch's forms/s with one thread each, and
+#: 24x (5.6x) with each library's default threads, with R@10 equal or better on every
+#: development set; fp32 ONNX 2.3x (1.9x) per core with identical R@10; static 200x+ but
+#: languages R@10 -0.027.
 AUTO_ENCODERS: tuple[str, ...] = ("onnx-int8", "torch")
 #: Bump when the export recipe changes: cached exports of an older recipe are not reused.
 EXPORT_VERSION = 1
@@ -322,8 +323,8 @@ class OnnxEmbedder:
     would depend on the other texts in its batch (measured: cosine down to 0.97 between a
     text encoded alone and in a batch of 64). The int8 encoder therefore runs one text per
     forward pass by default: its vectors depend on the text alone (the same in a query
-    micro-batch, a catalog chunk or an incremental update), at ~30% less speed than
-    batches of 16 (benchmarks/results/encoders.md).
+    micro-batch, a catalog chunk or an incremental update), at 0-40% less speed than
+    batches of 16 (two runs of benchmarks/bench_encoders.py).
 
     Args:
         model: a local sentence-transformers directory (mean pooling), e.g. one written
