@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -115,8 +116,9 @@ def measure_speed(
         same_dim = vecs[e].shape == vecs["torch"].shape
         cos = (vecs[e] * vecs["torch"]).sum(1) if same_dim else None
         # the same text encoded alone vs in the batch (100 texts): 1.0 = batch-independent
-        alone = np.concatenate([embs[e].encode([f]) for f in forms[:: len(forms) // 100]])
-        self_cos = (alone * vecs[e][:: len(forms) // 100]).sum(1)
+        every = max(1, len(forms) // 100)
+        alone = np.concatenate([embs[e].encode([f]) for f in forms[::every]])
+        self_cos = (alone * vecs[e][::every]).sum(1)
         out[e] = {
             "alone_min": float(self_cos.min()),
             "forms_s": len(forms) / wall[e],
@@ -160,6 +162,14 @@ async def measure_recall(
 
 
 def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-encoders-"))
+    try:
+        run(tmp)
+    finally:  # the fresh export cache and the sampled query files
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(tmp: Path) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoders", nargs="*", default=["torch", "onnx", "onnx-int8", "static"])
     parser.add_argument("--sets", nargs="*", default=list(SETS))
@@ -169,7 +179,6 @@ def main() -> None:
     args = parser.parse_args()
     encoders = ["torch", *[e for e in args.encoders if e != "torch"]]
     rep = Report()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-encoders-"))
     os.environ["NEM_LLM_CACHE"] = str(tmp / "cache")  # a fresh cache: export timed below
     load0 = os.getloadavg()
     rep.out("# Catalog encoders: speed against torch MiniLM, recall on the development sets")
