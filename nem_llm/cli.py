@@ -149,6 +149,20 @@ def _stats_table(title: str, stats: Any, extra: dict[str, str] | None = None) ->
 # -- match -------------------------------------------------------------------------------
 
 
+class EncoderOpt(StrEnum):
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
+    onnx_int8 = "onnx-int8"
+    static = "static"
+
+
+_ENCODER_HELP = (
+    "Catalog and query encoder: torch, onnx, onnx-int8 (the [fast] extra), static "
+    "(the [static] extra), or auto (the measured default; a saved index's own encoder)."
+)
+
+
 @app.command()
 def match(
     catalog: Annotated[Path, typer.Option(help="Entities: JSONL or CSV (id, name, ...).")],
@@ -226,6 +240,7 @@ def match(
     index: Annotated[
         Path | None, typer.Option(help="A saved index (nem-llm index build) to reuse.")
     ] = None,
+    encoder: Annotated[EncoderOpt | None, typer.Option(help=_ENCODER_HELP)] = None,
 ) -> None:
     """Match every row of a queries file against a catalog; resumable and cached."""
     from .catalog import CatalogColumns
@@ -278,6 +293,7 @@ def match(
         ),
         rewrite=rewrite,
         index=index,
+        encoder=encoder.value if encoder else None,
     )
     progress = Progress(
         TextColumn("[bold]matching"),
@@ -423,15 +439,20 @@ def index_build(
     lexical_weight: float = 0.5,
     chunk_size: Annotated[int, typer.Option(help="Forms encoded per saved chunk.")] = 20_000,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
+    encoder: Annotated[EncoderOpt, typer.Option(help=_ENCODER_HELP)] = EncoderOpt.auto,
 ) -> None:
     """Encode a catalog (resumable in chunks; Ctrl-C safe) and save its index to --out."""
     from .catalog import load_catalog
     from .jobs.index_build import build_index
-    from .retrieval.embedding import SentenceTransformerEmbedder
+    from .retrieval.encoders import make_embedder
 
     if not catalog.is_file():
         raise _fail(f"{catalog}: catalog file not found")
     entities = load_catalog(catalog, include_description=index_description)
+    try:
+        embedder = make_embedder(encoder.value)
+    except NemLLMError as exc:
+        raise _fail(str(exc)) from None
     progress = Progress(
         TextColumn("[bold]encoding"),
         BarColumn(),
@@ -446,7 +467,7 @@ def index_build(
         with progress:
             built = build_index(
                 entities,
-                SentenceTransformerEmbedder(),
+                embedder,
                 out_dir,
                 index=index.value,
                 lexical_weight=lexical_weight,
@@ -459,7 +480,8 @@ def index_build(
     kind = "ann" if built.use_ann else "exact"
     err.print(
         f"index saved to {out_dir}: {len(entities):,} entities, {len(entities.forms):,} "
-        f"forms, {kind} search, {built.dense_nbytes_per_entity():,.0f} dense bytes/entity"
+        f"forms, {kind} search, {built.dense_nbytes_per_entity():,.0f} dense bytes/entity, "
+        f"encoder {embedder.name}"
     )
 
 
@@ -508,6 +530,7 @@ def eval_(
     index: Annotated[
         Path | None, typer.Option(help="Index directory: built once, reused by later runs.")
     ] = None,
+    encoder: Annotated[EncoderOpt | None, typer.Option(help=_ENCODER_HELP)] = None,
 ) -> None:
     """Measure retrieval recall, routing and end-to-end accuracy on labelled queries."""
     from .jobs.eval_job import run_eval
@@ -538,6 +561,7 @@ def eval_(
             progress=err,
             keep_results=kept,
             index_path=index,
+            encoder=encoder.value if encoder else None,
         )
     )
     from .jobs.evaluation import render_eval_table

@@ -78,9 +78,9 @@ from .retrieval.embedding import (
     TUNED_MANIFEST,
     Embedder,
     MicroBatcher,
-    SentenceTransformerEmbedder,
     default_model_path,
 )
+from .retrieval.encoders import EncoderName, encoder_of, make_embedder
 from .retrieval.index import HybridIndex, IndexMode, catalog_fingerprint
 from .retrieval.learning import (
     FIT_MODES,
@@ -168,6 +168,12 @@ class Matcher:
             catalog name(s), retrieve again and adjudicate once more.
         index: ``"exact"`` search, ``"ann"`` (a faiss shortlist re-scored exactly; the
             ``[ann]`` extra), or ``"auto"``: ANN from ``ANN_MIN_FORMS`` surface forms.
+        encoder: how the default model encodes catalog and queries (one encoder for
+            both): ``"torch"``, ``"onnx"`` / ``"onnx-int8"`` (ONNX Runtime, the ``[fast]``
+            extra), ``"static"`` (model2vec, the ``[static]`` extra), or ``"auto"`` (the
+            default: the measured default, see ``retrieval.encoders``; a saved index
+            built with another installed encoder is loaded with that one). Not with
+            ``embedder=``.
     """
 
     def __init__(
@@ -202,6 +208,7 @@ class Matcher:
         prompt_attribute_chars: int = 200,
         rewrite: bool = False,
         index: IndexMode = "auto",
+        encoder: EncoderName | None = None,
     ) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ConfigError(f"top_k must be an int >= 1, got {top_k!r}")
@@ -258,7 +265,10 @@ class Matcher:
         self.mode = mode
         self.top_k = top_k
         self.lexical_weight = lexical_weight
-        self.embedder: Embedder = embedder or SentenceTransformerEmbedder()
+        if embedder is not None and encoder is not None:
+            raise ConfigError("pass embedder= or encoder=, not both")
+        self.encoder: str = encoder or "auto"
+        self.embedder: Embedder = embedder or make_embedder(self.encoder)
         self.batching = batching
         self.max_batch_size = max_batch_size if batching else 1
         self.max_wait = max_wait
@@ -471,6 +481,7 @@ class Matcher:
     def _build_index(self) -> HybridIndex:
         self._restore_learned()
         if self.index_path is not None and (self.index_path / "manifest.json").exists():
+            self._adopt_saved_encoder(self.index_path)
             return HybridIndex.load(
                 self.index_path,
                 self.catalog,
@@ -556,13 +567,44 @@ class Matcher:
                         show_progress=show_progress,
                     ),
                 )
-                self.embedder = SentenceTransformerEmbedder(result.path)
+                self.embedder = make_embedder(self._tuned_encoder(), result.path)
                 self.last_finetune = result
             else:
                 log.warning("nem_llm: mode 'full' fine-tunes the default model only; "
                             "a custom embedder is kept (learning aliases)")  # fmt: skip
         self._learn(learned)
         return held
+
+    def _tuned_encoder(self) -> str:
+        """The encoder a tuned model runs on: the one in use (static is re-distilled)."""
+        return encoder_of(self.embedder.name) if self.encoder == "auto" else self.encoder
+
+    def _adopt_saved_encoder(self, path: Path) -> None:
+        """With ``encoder="auto"``, encode as the saved index's vectors were encoded.
+
+        Vectors from two encoders must never be mixed; an index built (say) with
+        ``"onnx-int8"`` is loaded with that encoder when it is installed, and refused by
+        ``HybridIndex.load`` otherwise (an explicit ``encoder=`` is never overridden).
+        """
+        if not self._own_embedder or self.encoder != "auto":
+            return
+        saved = str(HybridIndex.read_manifest(path).get("embedder", ""))
+        if not saved or saved == self.embedder.name:
+            return
+        base = self.embedder.name.rpartition("@")[0] or self.embedder.name
+        if (saved.rpartition("@")[0] or saved) != base:
+            return  # another model altogether: HybridIndex.load says so
+        try:
+            adopted = make_embedder(encoder_of(saved), self._tuned_model_ref())
+        except ConfigError as exc:
+            log.warning("nem_llm: the index at %s was built with %s: %s", path, saved, exc)
+            return
+        if adopted.name == saved:
+            self.embedder = adopted
+
+    def _tuned_model_ref(self) -> Path | None:
+        tuned = self.index_path / "model" if self.index_path is not None else None
+        return tuned if tuned is not None and (tuned / TUNED_MANIFEST).exists() else None
 
     def _model_dir(self) -> Path:
         if self.index_path is not None:
@@ -597,7 +639,7 @@ class Matcher:
             self._learn(LearnedLabels.from_json(saved.read_text(encoding="utf-8")))
         tuned = self.index_path / "model"
         if self._own_embedder and (tuned / TUNED_MANIFEST).exists():
-            self.embedder = SentenceTransformerEmbedder(tuned)
+            self.embedder = make_embedder(self._tuned_encoder(), tuned)
 
     async def _calibrate_on_labels(
         self, labels: Sequence[tuple[str, str | None]]

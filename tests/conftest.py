@@ -36,6 +36,15 @@ def _sync_test_event_loop(request: pytest.FixtureRequest) -> Iterator[None]:
         loop.close()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _encoder_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """ONNX exports (the default encoder with the [fast] extra) go to a temp dir, not ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("NEM_LLM_CACHE", str(tmp_path_factory.mktemp("nem-llm-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def countries() -> list[dict[str, Any]]:
     return [

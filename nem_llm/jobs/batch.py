@@ -69,6 +69,7 @@ class MatchJob:
     prompt_attributes: tuple[str, ...] = ()
     rewrite: bool = False
     index: Path | None = None  # a saved index to reuse (default: one under the state dir)
+    encoder: str | None = None  # the Matcher's encoder= (None: its default, "auto")
 
     @property
     def state_dir(self) -> Path:
@@ -112,6 +113,8 @@ def _run_meta(job: MatchJob) -> dict[str, object]:
         "columns": None if job.columns is None else repr(job.columns),
         "prompt_attributes": list(job.prompt_attributes),
         "rewrite": job.rewrite,
+        # only when set: runs started before the option existed keep their key
+        **({"encoder": job.encoder} if job.encoder else {}),
     }
 
 
@@ -210,6 +213,7 @@ async def run_match_job(
         index_path=job.index or state / "index",
         **({"prompt_attributes": job.prompt_attributes} if job.prompt_attributes else {}),
         **({"rewrite": True} if job.rewrite else {}),
+        **({"encoder": job.encoder} if job.encoder else {}),
     )
     collector = StatsCollector()
     started = loop.time()

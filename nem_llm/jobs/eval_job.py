@@ -14,6 +14,7 @@ from ..config import Limits
 from ..errors import ConfigError, InputError
 from ..matcher import Matcher
 from ..models import Candidate, MatchResult
+from ..retrieval.encoders import EncoderName
 from ..text import fold
 from .evaluation import RECALL_KS, EvalReport, evaluate
 from .io import read_queries
@@ -73,6 +74,7 @@ async def run_eval(
     progress: Any = None,
     keep_results: list[tuple[MatchResult, str | None]] | None = None,
     index_path: Path | None = None,
+    encoder: EncoderName | None = None,
 ) -> EvalReport:
     """Evaluate retrieval, routing and end-to-end decisions on labelled queries.
 
@@ -89,6 +91,8 @@ async def run_eval(
     the evaluated queries that appear verbatim among the labelled ones and reports R@10 on
     the others (a learned alias that memorises a repeated string is a real win, not a sign
     that the model generalises).
+
+    ``encoder``: the Matcher's ``encoder=`` (``None``: its default).
     """
     if not 0.0 <= calibrate_fraction < 1.0:
         raise ConfigError(f"calibrate_fraction must be in [0, 1), got {calibrate_fraction}")
@@ -133,6 +137,7 @@ async def run_eval(
             novel_threshold=novel_threshold,
             index_path=index_path,
             rewrite=rewrite,
+            encoder=encoder,
         )
         await stack.enter_async_context(matcher)
         await matcher.fit_async(

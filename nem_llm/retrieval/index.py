@@ -32,6 +32,8 @@ from ..catalog import Catalog
 from ..errors import CatalogError, ConfigError
 from ..models import Candidate, Entity
 from .ann import DenseANN, faiss_available
+from .embedding import DEFAULT_MODEL_NAME
+from .encoders import encoder_of
 from .lexical import fit_vectorizer, load_vectorizer, save_vectorizer, shortlist
 
 __all__ = ["ANN_MIN_FORMS", "HybridIndex", "IndexMode", "catalog_fingerprint"]
@@ -716,9 +718,13 @@ class HybridIndex:
         if manifest.get("fingerprint") != catalog_fingerprint(catalog):
             raise ConfigError(f"index at {d} was built for a different catalog (stale): rebuild it")
         if embedder_name is not None and manifest.get("embedder") != embedder_name:
+            saved_by = str(manifest.get("embedder"))
+            known = "@" in saved_by or saved_by.startswith(DEFAULT_MODEL_NAME)
+            which = f"encoder={encoder_of(saved_by)!r}" if known else repr(saved_by)
             raise ConfigError(
-                f"index at {d} was built with embedder {manifest.get('embedder')!r}, "
-                f"not {embedder_name!r}"
+                f"index at {d} was built with embedder {saved_by!r}, not {embedder_name!r}: "
+                f"vectors of two embedders cannot be mixed; load it with {which} "
+                f"or rebuild it (remove {d})"
             )
         saved_w = float(manifest.get("lexical_weight", 0.5))
         weight = lexical_weight if lexical_weight is not None else saved_w
