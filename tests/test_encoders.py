@@ -127,11 +127,18 @@ def test_a_directory_without_weights_is_not_a_model(tmp_path: Path) -> None:
         model_fingerprint(tmp_path)
 
 
-def test_export_refuses_a_model_that_does_not_mean_pool(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True},  # before ST 6
+        {"embedding_dimension": 384, "pooling_mode": "cls"},  # sentence-transformers 6
+    ],
+)
+def test_export_refuses_a_model_that_does_not_mean_pool(
+    tmp_path: Path, config: dict[str, object]
+) -> None:
     (tmp_path / "1_Pooling").mkdir()
-    (tmp_path / "1_Pooling" / "config.json").write_text(
-        json.dumps({"pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True})
-    )
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="mean pooling only"):
         export_onnx(tmp_path, tmp_path / "out", quantize=False)
 

@@ -210,9 +210,13 @@ def _check_mean_pooling(model_dir: Path) -> None:
     if not pooling.is_file():
         return
     cfg = _read_json(pooling)
-    if not cfg.get("pooling_mode_mean_tokens") or any(
-        cfg.get(k) for k in ("pooling_mode_cls_token", "pooling_mode_max_tokens")
-    ):
+    if "pooling_mode" in cfg:  # sentence-transformers >= 6 saves one mode by name
+        mean = cfg["pooling_mode"] == "mean"
+    else:  # older releases save one flag per mode
+        mean = bool(cfg.get("pooling_mode_mean_tokens")) and not any(
+            cfg.get(k) for k in ("pooling_mode_cls_token", "pooling_mode_max_tokens")
+        )
+    if not mean:
         raise ConfigError(f"{pooling}: the onnx encoder supports mean pooling only; use 'torch'")
 
 
