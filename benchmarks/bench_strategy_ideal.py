@@ -55,7 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--save", action="store_true", help="write results/strategies-vs-ideal.md")
     ap.add_argument("--out", type=Path, default=None, help="with --save: write here instead")
     ap.add_argument("--http-client", choices=("httpx", "aiohttp"), default="aiohttp")
-    ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before each scenario")
+    ap.add_argument(
+        "--no-gc-tuning",
+        dest="gc_freeze",
+        action="store_false",
+        help="measure an untuned collector (nem-llm match/serve/bench tune it by default)",
+    )
     args = ap.parse_args(argv)
     rep = Report()
     rep.out("# Strategies vs a zero-overhead client (same simulator latency draws)")
@@ -63,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     before = loadavg()
     rows = _rows(args)
     rep.out(
-        f"Transport {args.http_client}; gc.freeze {'on' if args.gc_freeze else 'off'}; "
+        f"Transport {args.http_client}; gc tuned {'on' if args.gc_freeze else 'off'}; "
         f"load average before {before}, after {loadavg()} (2 shared cores)."
     )
     rep.out()

@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nem_llm"
 
-BASE = {"models", "config", "errors", "text", "catalog", "_sqlite", "_sync"}
+BASE = {"models", "config", "errors", "text", "catalog", "_sqlite", "_sync", "_gc"}
 # layer of a module -> the layers it may import
 ALLOWED: dict[str, set[str]] = {
     "base": {"base"},

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .._gc import tuned_gc
 from ..catalog import CatalogColumns, load_catalog
 from ..config import Limits
 from ..errors import ConfigError
@@ -229,7 +230,8 @@ async def run_match_job(
         filters: dict[int, dict[str, str]] = {}
         finished = resumed
 
-        with AtomicLineWriter(job.out, append=True) as writer:
+        # the built index is long-lived: keep the collector's full passes off it
+        with tuned_gc(), AtomicLineWriter(job.out, append=True) as writer:
 
             async def emit(row: QueryRow, result: MatchResult) -> None:
                 nonlocal finished

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import heapq
 import json
 import logging
@@ -56,6 +55,7 @@ import httpx
 import openai
 from pydantic import BaseModel, Field
 
+from .._gc import tuned_gc
 from ..config import Limits
 from ..errors import ConfigError
 from ..llm.stats import percentile
@@ -477,9 +477,11 @@ class BenchConfig:
         catalog_size, top_k: the synthetic catalog and candidates per query.
         max_attempts, timeout: the governor's ``Limits``.
         seed: the simulator's seed (every scenario's server starts from it).
-        gc_freeze: ``gc.freeze()`` before each timed scenario (undone after it), so the
-            cyclic collector's full passes skip the ~270k objects of the imported libraries;
-            each such pass otherwise stalls the event loop for 100-350 ms on these machines.
+        gc_freeze: tune the collector for each timed scenario (``nem_llm._gc.tuned_gc``,
+            undone after it), as ``nem-llm match`` and ``nem-llm serve`` do once the index is
+            built, so the cyclic collector's full passes skip the ~270k objects of the index
+            and the imported libraries; each such pass otherwise stalls the event loop for
+            100-350 ms on these machines. ``False`` measures an untuned process.
     """
 
     n: int = 1000
@@ -500,7 +502,7 @@ class BenchConfig:
     max_attempts: int = 5
     timeout: float = 30.0
     seed: int = 0
-    gc_freeze: bool = False
+    gc_freeze: bool = True
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -785,13 +787,13 @@ async def _run_plan(
         novel_threshold=0.0,
         embedder=FakeEmbedder(),
     )
+    stack = contextlib.ExitStack()
     try:
         await matcher.fit_async()
         loop = asyncio.get_running_loop()
         times: list[float] = []
         if config.gc_freeze:
-            gc.collect()
-            gc.freeze()
+            stack.enter_context(tuned_gc())
         cpu0, sim0 = _self_cpu(), sim_cpu()
         started = loop.time()
 
@@ -825,8 +827,7 @@ async def _run_plan(
         cpu1, sim1 = _self_cpu(), sim_cpu()
         stats = matcher.last_run_stats or RunStats()
     finally:
-        if config.gc_freeze:
-            gc.unfreeze()
+        stack.close()  # the collector as it was
         await matcher.aclose()
         await client.close()
     row = BenchRow(
