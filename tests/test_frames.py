@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import httpx
@@ -134,11 +133,6 @@ async def test_match_frame_carries_the_llm_cost(countries: list[dict[str, Any]])
     assert row["cost"] > 0
 
 
-def _takes_where() -> bool:
-    return "where" in inspect.signature(Matcher.match_stream_async).parameters
-
-
-@pytest.mark.skipif(not _takes_where(), reason="Matcher.match_stream_async has no where= yet")
 @pytest.mark.parametrize("kind", KINDS)
 async def test_match_frame_where_columns_filter_each_row(kind: str) -> None:
     entities = [
@@ -151,10 +145,3 @@ async def test_match_frame_where_columns_filter_each_row(kind: str) -> None:
         out = await m.match_frame_async(frame, where_columns={"cc": "country"}, candidates=True)
     rows = to_rows(out)
     assert [[c["id"] for c in r["candidates"]] for r in rows] == [["PAR-US"], ["PAR-FR"]]
-
-
-@pytest.mark.skipif(_takes_where(), reason="the Matcher takes where=: see the test above")
-async def test_match_frame_where_columns_need_a_matcher_with_where(matcher: Matcher) -> None:
-    frame = pd.DataFrame({"name": ["Paris"], "cc": ["US"]})
-    with pytest.raises(ConfigError, match="where"):
-        await matcher.match_frame_async(frame, where_columns=["cc"])

@@ -171,7 +171,7 @@ async def match_frame_async(
         frame: a pandas or polars DataFrame, or a pyarrow Table (not modified).
         column: the column holding the queries (null or empty values become ``error`` rows).
         where_columns: columns whose values filter each row's candidates on entity
-            attributes (needs a Matcher that takes ``where=``).
+            attributes.
         top_k, threshold: passed to the Matcher when set.
         batch_size: queries in flight through embedding at once.
         candidates: also add a ``candidates`` column (a list of ``{id, name, score}``).
@@ -194,8 +194,6 @@ async def match_frame_async(
             f"the frame already has column(s) {clash}: pass prefix= (e.g. prefix='match_')"
         )
     base = call_options(matcher.match_stream_async, top_k=top_k, threshold=threshold)
-    if spec:
-        call_options(matcher.match_stream_async, where=spec)  # says clearly if unsupported
     queries = _values(frame, kind, column)
     n = len(queries)
     buffers = _Buffers(n, candidates)
