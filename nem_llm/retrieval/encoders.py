@@ -24,7 +24,6 @@ records it and vectors from two encoders are never mixed.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -47,6 +46,7 @@ from .embedding import (
     SentenceTransformerEmbedder,
     Vectors,
     default_model_path,
+    files_sha256,
     model_name_of,
 )
 
@@ -170,23 +170,13 @@ def make_embedder(
 def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
     """sha256 over a sentence-transformers directory's weights, configs and tokenizer."""
     root = Path(model_dir)
-    digest = hashlib.sha256()
-    found = False
-    for rel in _MODEL_FILES:
-        path = root / rel
-        if not path.is_file():
-            continue
-        found = found or rel.endswith((".safetensors", ".bin"))
-        digest.update(rel.encode() + b"\0")
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    if not found:
+    present = [rel for rel in _MODEL_FILES if (root / rel).is_file()]
+    if not any(rel.endswith((".safetensors", ".bin")) for rel in present):
         raise ConfigError(
             f"{root}: not a sentence-transformers model directory "
             "(no model.safetensors or pytorch_model.bin)"
         )
-    return digest.hexdigest()
+    return files_sha256(root, present)
 
 
 def _model_dir(model: str | os.PathLike[str] | None) -> Path:

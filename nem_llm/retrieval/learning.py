@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from typing import Any, Literal
 from ..catalog import Catalog
 from ..errors import ConfigError, InputError
 from ..text import fold, normalize
-from .embedding import TUNED_MANIFEST, model_name_of
+from .embedding import TUNED_MANIFEST, files_sha256, model_name_of
 
 __all__ = [
     "FIT_MODES",
@@ -224,18 +223,8 @@ def no_duplicate_batches(
 def weights_fingerprint(model_dir: str | os.PathLike[str]) -> str:
     """sha256 over a saved model directory's files (names and bytes), manifest excluded."""
     root = Path(model_dir)
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if rel == TUNED_MANIFEST:
-            continue
-        h.update(rel.encode("utf-8"))
-        h.update(b"\0")
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return files_sha256(root, [rel for rel in files if rel != TUNED_MANIFEST])
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
