@@ -85,6 +85,35 @@ def test_accept_threshold_above_one_never_matches_by_embedding() -> None:
     assert route(cands(1.0, 0.0), t).kind == "adjudicate"
 
 
+EXACT = Thresholds(accept=1.01, margin=0.0, novel=0.0, exact=True)
+
+
+def named(*names: str) -> list[Candidate]:
+    return [Candidate(id=f"e{i}", name=n, score=0.9 - i / 10) for i, n in enumerate(names)]
+
+
+def test_an_exact_hit_with_no_near_twin_is_matched() -> None:
+    r = route(named("Bubi", "Kubiana", "Ubangi"), EXACT, "bubi")
+    assert (r.kind, r.rule) == ("matched", "exact")
+
+
+@pytest.mark.parametrize(
+    "runner_up",
+    [
+        "Bube",  # one substitution
+        "Kwa'",  # one insertion ("Kwa")
+        "Bimoba",  # contains the query ("Moba")
+        "Chinook Jargon",  # contains it as words
+    ],
+)
+def test_an_exact_hit_with_a_near_twin_goes_to_the_llm(runner_up: str) -> None:
+    top = {"Bube": "Bubi", "Kwa'": "Kwa", "Bimoba": "Moba", "Chinook Jargon": "Chinook"}
+    query = top[runner_up]
+    r = route(named(query, "Unrelated", runner_up), EXACT, query)
+    assert r.kind == "adjudicate"
+    assert r.rule == "closed"
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -2,8 +2,9 @@
 
 Pure functions: a query, its candidates and thresholds in, a :class:`Route` out. The
 signal is the top score, its lead over the runner-up, whether the query is exactly (after
-folding case, accents and script) a name or alias of one candidate, and whether the
-runner-up carries the same name (same-named entities are never told apart by scores).
+folding case, accents and script) a name or alias of one candidate and of no near twin of
+it, and whether the runner-up carries the same name (same-named entities are never told
+apart by scores).
 Thresholds come from calibration (``calibration.py``).
 """
 
@@ -28,7 +29,7 @@ class RouteFeatures:
 
     top: float
     margin: float
-    exact: bool  # the query is a name or alias of the top candidate and of no other one
+    exact: bool  # the query is a name or alias of the top candidate and near no other one
     same_name_tie: bool  # the runner-up's matched name is the top candidate's name
 
 
@@ -40,19 +41,39 @@ def features(query: str, candidates: Sequence[Candidate]) -> RouteFeatures:
     runner_up = candidates[1] if len(candidates) > 1 else None
     top_form = fold(top.matched_form or top.name)
     q = fold(query)
-    # an exact hit is unique only if no other candidate's name equals or contains the query
-    # as whole words ("Chinook" vs "Chinook Jargon": the mention may mean either)
+    # an exact hit is unique only if no other candidate's name is a near twin of the query:
+    # one that contains it ("Chinook" vs "Chinook Jargon", "Moba" vs "Bimoba": the mention
+    # may mean either) or is one edit from it ("Bubi" vs "Bube", "Kwa" vs "Kwa'": a mention
+    # of one, spelt the way another language spells it, is exactly the other's name)
     exact = q == top_form and not any(
-        _contains_words(fold(c.matched_form or c.name), q) for c in candidates[1:]
+        _near_twin(q, fold(form)) for c in candidates[1:] for form in _forms(c)
     )
     same = runner_up is not None and fold(runner_up.matched_form or runner_up.name) == top_form
     margin = top.score - (runner_up.score if runner_up is not None else 0.0)
     return RouteFeatures(top.score, margin, exact, same)
 
 
-def _contains_words(text: str, words: str) -> bool:
-    """``words`` appears in ``text`` on word boundaries (or equals it)."""
-    return f" {words} " in f" {' '.join(text.replace(',', ' ').split())} "
+def _forms(candidate: Candidate) -> set[str]:
+    return {candidate.name, candidate.matched_form or candidate.name}
+
+
+def _near_twin(query: str, form: str) -> bool:
+    """``form`` contains ``query`` or is at most one edit (insert, delete, substitute) away."""
+    return query in form or _one_edit(query, form)
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Levenshtein distance of ``a`` and ``b`` <= 1, in one pass."""
+    if len(a) > len(b):
+        a, b = b, a
+    if len(b) - len(a) > 1:
+        return False
+    i = 0
+    while i < len(a) and a[i] == b[i]:
+        i += 1
+    if len(a) == len(b):
+        return a[i + 1 :] == b[i + 1 :]
+    return a[i:] == b[i + 1 :]
 
 
 @dataclass(frozen=True)
