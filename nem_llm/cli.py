@@ -233,8 +233,9 @@ def match(
     rewrite: Annotated[
         bool,
         typer.Option(
-            help="For a row the LLM found no match for, ask it once for the entity's catalog "
-            "name(s), retrieve again and adjudicate once more."
+            help="For a row the LLM found no match for (it gives the entity's catalog names "
+            "with its 'none') or that retrieval called novel, retrieve again with those names "
+            "and decide once more."
         ),
     ] = False,
     index: Annotated[

@@ -55,6 +55,7 @@ from .llm.stats import StatsCollector
 from .llm.strategies import Strategy, check_strategy, run_strategy
 from .llm.transport import make_async_client
 from .models import (
+    Attempt,
     Calibration,
     Candidate,
     Diagnosis,
@@ -164,8 +165,11 @@ class Matcher:
             and description (every other column becomes an attribute).
         prompt_attributes: entity attributes shown to the LLM for each candidate, at most
             ``prompt_attribute_chars`` characters per candidate.
-        rewrite: for a query the LLM found no match for, ask it once for the entity's
-            catalog name(s), retrieve again and adjudicate once more.
+        rewrite: for a query the LLM found no match for (it is asked for the entity's
+            catalog names with its "none", in the same call) or that retrieval called
+            novel (one rewrite call), retrieve again with those names; a name the LLM
+            gave with its "none" that routes to a match is taken, else the LLM
+            adjudicates once more.
         index: ``"exact"`` search, ``"ann"`` (a faiss shortlist re-scored exactly; the
             ``[ann]`` extra), or ``"auto"``: ANN from ``ANN_MIN_FORMS`` surface forms.
         encoder: how the default model encodes catalog and queries (one encoder for
@@ -748,12 +752,18 @@ class Matcher:
     # -- one query ---------------------------------------------------------------------
 
     def _cache_key(
-        self, normalized: str, messages: list[dict[str, str]], ids: tuple[str, ...]
+        self,
+        normalized: str,
+        messages: list[dict[str, str]],
+        ids: tuple[str, ...],
+        *,
+        names: bool = False,
     ) -> str:
         # the rendered prompt is in the key: editing a template or a candidate's text
-        # invalidates cached decisions
+        # invalidates cached decisions; so is the response model (asked for names or not)
         prompt_hash = hashlib.sha256(messages[-1]["content"].encode()).hexdigest()[:16]
-        return decision_key(normalized, ids, self.model, f"{PROMPT_VERSION}:{prompt_hash}")
+        version = f"{PROMPT_VERSION}:{prompt_hash}" + (":names" if names else "")
+        return decision_key(normalized, ids, self.model, version)
 
     def _route(
         self, candidates: list[Candidate], thresholds: Thresholds, normalized: str
@@ -813,9 +823,14 @@ class Matcher:
             decision, candidates = self._route(
                 candidates, thresholds or self.thresholds, normalized
             )
-            result = await self._decide(index, text, normalized, candidates, decision)
-            if self.rewrite and self._adjudicator is not None and result.status == "novel":
-                result = await self._rewritten(result, normalized, k, where, decision)
+            rewrite = self.rewrite and self._adjudicator is not None
+            result = await self._decide(
+                index, text, normalized, candidates, decision, ask_names=rewrite
+            )
+            if rewrite and result.status == "novel":
+                result = await self._rewritten(
+                    result, normalized, k, where, decision, thresholds or self.thresholds
+                )
         except asyncio.CancelledError:
             raise
         except NotReadyError:
@@ -851,51 +866,69 @@ class Matcher:
         k: int,
         where: Where | None,
         decision: Route,
+        thresholds: Thresholds,
     ) -> MatchResult:
         """One LLM rewrite of a query retrieval missed: retrieve again with the names the LLM
-        expects, adjudicate once more over the merged candidates (never twice per query)."""
+        expects, then adjudicate once more over the merged candidates (never two rewrites
+        per query).
+
+        The names come with the LLM's "none" (the adjudication asked for them: no extra
+        call; the LLM has judged that none of the candidates is the entity, so a name that
+        routes to a match, an exact hit say, is taken without a second call), or, for a
+        query retrieval alone called novel, from one rewrite call (whose names the LLM gave
+        without judging any candidate: always adjudicated again). Both are cached.
+        """
         if first.decided_by == "human" or decision.rule == "learned_novel":
             return first
-        governor = self._runtime_for_loop().governor
-        adjudicator = self._adjudicator
-        assert adjudicator is not None
-        key = decision_key(normalized, ("__rewrite__",), self.model, REWRITE_VERSION)
-        cached = await self._cache.aget(key) if self._cache is not None else None
+        judged = first.decided_by in ("llm", "cache")  # the names came with a "none"
+        fresh = first.decided_by == "llm"  # asked with the adjudication: no extra call
         attempts = list(first.attempts)
         usage = first.usage
-        if cached is not None:
-            names = list(json.loads(cached.reason))  # the cache keeps the names as JSON
-        else:
+        names: list[str] | None = list(first.rewritten_as)  # what _decide carried
+        first = first.model_copy(update={"rewritten_as": []})
+        if not fresh:
+            names = await self._cached_names(normalized, judged)
+        if names is None and judged:  # a cached "none" whose names were not kept
+            judged = False
+            names = await self._cached_names(normalized, judged)
+        cost = Usage()
+        if names is None:  # routed novel by retrieval alone: one rewrite call
             try:
-                governed = await governor.call(
-                    lambda: adjudicator.rewrite(
-                        normalized, request_timeout=self.limits.timeout, pace=governor.pace
-                    ),
-                    estimated_tokens=estimate_tokens(render_rewrite_messages(normalized), 40),
-                    usage_of=lambda r: r.usage,
-                )
+                names, more, cost = await self._rewrite_call(normalized)
             except (BudgetExceededError, LLMError) as exc:
                 why = f"{first.reason}; the rewrite failed: {exc}"
                 return first.model_copy(update={"reason": why})
-            names = governed.value.names
-            attempts += governed.attempts
-            usage = usage + governed.usage
-            if self._cache is not None:
-                await self._cache.aput(
-                    key,
-                    CachedDecision(
-                        entity_id=None,
-                        reason=json.dumps(names),
-                        usage=governed.usage,
-                        model=self.model,
-                    ),
-                )
+            attempts += more
+            usage = usage + cost
+            fresh = True
+        if fresh and self._cache is not None:
+            stored = CachedDecision(
+                entity_id=None, reason=json.dumps(names), usage=cost, model=self.model
+            )
+            await self._cache.aput(self._names_key(normalized, judged), stored)
         names = [n for n in names if fold(n) != fold(normalized)]
         if not names:
-            why = f"{first.reason}; the rewrite found no other name"
+            why = f"{first.reason}; the LLM gave no other name"
             return first.model_copy(update={"reason": why, "attempts": attempts, "usage": usage})
+        done: dict[str, Any] = {"rewritten_as": names, "attempts": attempts, "usage": usage}
         mask_key = self._mask_key(where)
         found = await asyncio.gather(*(self._candidates(n, k, mask_key) for n in names))
+        # the LLM judged the first candidates: a name of its that routes to a match is taken
+        for name, cands in zip(names, found, strict=True) if judged else ():
+            routed, cands = self._route(cands, thresholds, fold(name))
+            if routed.kind == "matched" and cands:
+                return MatchResult(
+                    query=first.query,
+                    index=first.index,
+                    candidates=cands,
+                    status="matched",
+                    entity_id=cands[0].id,
+                    entity_name=cands[0].name,
+                    score=cands[0].score,
+                    decided_by="llm",
+                    reason=f"rewritten as {names}: {routed.reason}",
+                    **done,
+                )
         best: dict[str, Candidate] = {c.id: c for c in first.candidates}
         for cands in found:
             for c in cands:
@@ -907,20 +940,43 @@ class Matcher:
             "cache",
         ):  # the LLM has already said none of these
             why = f"{first.reason}; rewritten as {names}: no new candidate"
-            return first.model_copy(
-                update={"reason": why, "attempts": attempts, "usage": usage, "rewritten_as": names}
-            )
-        top = merged[0].score if merged else None
-        again = Route("adjudicate", f"rewritten as {names}", top, None, "rewrite")
+            return first.model_copy(update={"reason": why, **done})
+        top_score = merged[0].score if merged else None
+        again = Route("adjudicate", f"rewritten as {names}", top_score, None, "rewrite")
         second = await self._decide(first.index, first.query, normalized, merged, again)
         return second.model_copy(
             update={
-                "rewritten_as": names,
+                **done,
                 "attempts": attempts + second.attempts,
                 "usage": usage + second.usage,
                 "reason": f"rewritten as {names}: {second.reason}",
             }
         )
+
+    def _names_key(self, normalized: str, judged: bool) -> str:
+        """Cache key of a query's rewritten names: given with a "none", or by a rewrite call."""
+        tag = "__names__" if judged else "__rewrite__"
+        return decision_key(normalized, (tag,), self.model, REWRITE_VERSION)
+
+    async def _cached_names(self, normalized: str, judged: bool) -> list[str] | None:
+        if self._cache is None:
+            return None
+        cached = await self._cache.aget(self._names_key(normalized, judged))
+        return None if cached is None else list(json.loads(cached.reason))  # names as JSON
+
+    async def _rewrite_call(self, normalized: str) -> tuple[list[str], list[Attempt], Usage]:
+        """The rewrite call through the governor: (names, its attempts, its usage)."""
+        governor = self._runtime_for_loop().governor
+        adjudicator = self._adjudicator
+        assert adjudicator is not None
+        governed = await governor.call(
+            lambda: adjudicator.rewrite(
+                normalized, request_timeout=self.limits.timeout, pace=governor.pace
+            ),
+            estimated_tokens=estimate_tokens(render_rewrite_messages(normalized), 40),
+            usage_of=lambda r: r.usage,
+        )
+        return list(governed.value.names), governed.attempts, governed.usage
 
     async def _decide(
         self,
@@ -929,7 +985,16 @@ class Matcher:
         normalized: str,
         candidates: list[Candidate],
         decision: Route,
+        *,
+        ask_names: bool = False,
     ) -> MatchResult:
+        """The result of one routed query: the route's decision, a person's label, the
+        cache's or the LLM's.
+
+        ``ask_names``: the LLM is also asked, should it answer "none", for the names the
+        entity has in the catalog; they come back in ``rewritten_as`` for
+        :meth:`_rewritten`, which replaces them with the names it actually used.
+        """
         top = candidates[0] if candidates else None
 
         def make(**fields: Any) -> MatchResult:
@@ -962,8 +1027,9 @@ class Matcher:
             )
         messages = self._messages(normalized, candidates)
         ids = tuple(c.id for c in candidates)
-        key = self._cache_key(normalized, messages, ids) if self._cache is not None else None
-        if self._cache is not None and key is not None:
+        key = None
+        if self._cache is not None:
+            key = self._cache_key(normalized, messages, ids, names=ask_names)
             cached = await self._cache.aget(key)
             if cached is not None:
                 return self._from_decision(make, candidates, cached, decided_by="cache")
@@ -972,7 +1038,11 @@ class Matcher:
         try:
             governed = await governor.call(
                 lambda: adjudicator.decide(
-                    messages, ids, request_timeout=self.limits.timeout, pace=governor.pace
+                    messages,
+                    ids,
+                    request_timeout=self.limits.timeout,
+                    pace=governor.pace,
+                    ask_names=ask_names,
                 ),
                 estimated_tokens=estimate_tokens(messages),
                 usage_of=lambda d: d.usage,
@@ -1010,6 +1080,7 @@ class Matcher:
                 ),
             )
         result = self._from_decision(make, candidates, d, decided_by="llm")
+        result.rewritten_as = list(d.names)
         governed.attempts[-1].reasks = d.reasks
         result.attempts = governed.attempts
         result.usage = governed.usage

@@ -55,32 +55,55 @@ async def client(sim: Any) -> Any:
 
 
 def _matcher(client: Any, cache: str | None = None, **extra: Any) -> Matcher:
+    options: dict[str, Any] = {"accept_threshold": 1.01, "novel_threshold": 0.0, **extra}
     return Matcher(
         ENTITIES,
         client=client,
         model="nem-llm-sim",
         embedder=FakeEmbedder(),
         top_k=2,  # so the gold entity is not among the first candidates
-        accept_threshold=1.01,
-        novel_threshold=0.0,
         rewrite=True,
         cache=cache,
-        **extra,
+        **options,
     )
 
 
 async def test_a_missed_mention_is_rewritten_retrieved_again_and_matched(
     sim: Any, client: Any
 ) -> None:
-    async with _matcher(client) as m:
+    async with _matcher(client) as m:  # an audit (accept > 1): the LLM sees every match
         await m.fit_async()
         first = await m.match_async("Bundesrepublik")
     assert first.status == "matched" and first.entity_id == "DE"
     assert first.rewritten_as == ["Germany"]
     assert first.reason.startswith("rewritten as ['Germany']")
-    # adjudicate (none of the 2 candidates), rewrite, adjudicate again
-    assert [r.kind for r in sim.requests] == ["ok", "ok", "ok"]
-    assert len(first.attempts) == 3 and first.usage.total_tokens > 0
+    # adjudicate (none of the 2 candidates; the names come with the "none"), adjudicate again
+    assert [r.kind for r in sim.requests] == ["ok", "ok"]
+    assert len(first.attempts) == 2 and first.usage.total_tokens > 0
+
+
+async def test_a_rewritten_name_that_routes_to_a_match_needs_no_second_call(
+    sim: Any, client: Any
+) -> None:
+    async with _matcher(client, accept_threshold=0.99) as m:  # exact hits are auto-matched
+        await m.fit_async()
+        result = await m.match_async("Bundesrepublik")
+    assert (result.status, result.entity_id, result.decided_by) == ("matched", "DE", "llm")
+    assert result.rewritten_as == ["Germany"]
+    assert result.reason.startswith("rewritten as ['Germany']: top score 1.000 >= accept")
+    assert len(sim.requests) == 1 and len(result.attempts) == 1
+
+
+async def test_a_query_routed_novel_without_the_llm_gets_one_rewrite_call(
+    sim: Any, client: Any
+) -> None:
+    async with _matcher(client, accept_threshold=0.99, novel_threshold=0.999) as m:
+        await m.fit_async()
+        result = await m.match_async("Bundesrepublik")
+    assert (result.status, result.entity_id, result.rewritten_as) == ("matched", "DE", ["Germany"])
+    # retrieval alone called it novel: the rewrite call, then an adjudication of its names
+    # (the LLM named them without judging any candidate)
+    assert len(sim.requests) == 2 and len(result.attempts) == 2
 
 
 async def test_an_absent_entity_stays_novel_after_at_most_one_rewrite(
@@ -91,7 +114,7 @@ async def test_an_absent_entity_stays_novel_after_at_most_one_rewrite(
         result = await m.match_async("Atlantis")
     assert result.status == "novel" and result.entity_id is None
     assert "no other name" in result.reason  # the oracle answers no names for absent gold
-    assert len(sim.requests) == 2  # the adjudication and one rewrite, never more
+    assert len(sim.requests) == 1  # the adjudication, whose "none" carried no name
 
 
 async def test_rewrites_are_cached(sim: Any, client: Any, tmp_path: Path) -> None:

@@ -71,6 +71,7 @@ async def _ask(
     model: type[BaseModel] = CatalogNames,
     mode: instructor.Mode = instructor.Mode.TOOLS,
     max_retries: int = 0,
+    messages: list[Any] | None = None,
 ) -> Any:
     raw = AsyncOpenAI(base_url=sim.base_url, api_key="sim", max_retries=0, timeout=10.0)
     try:
@@ -78,7 +79,7 @@ async def _ask(
         return await client.chat.completions.create(
             model="any",
             response_model=model,
-            messages=_messages(query),
+            messages=messages or _messages(query),
             max_retries=max_retries,
         )
     finally:
@@ -196,3 +197,38 @@ def test_a_bad_catalog_file_is_refused(tmp_path: Path, files: dict[str, str]) ->
 def test_catalog_path_must_be_a_string() -> None:
     with pytest.raises(ConfigError, match="catalog_path"):
         SimConfig(catalog_path=42)  # type: ignore[arg-type]
+
+
+class ChoiceOrNames(BaseModel):
+    entity_id: Literal["DE", "FR", "none"]
+    confidence: float = Field(ge=0, le=1)
+    reason: str
+    names: list[str] = []
+
+
+async def _adjudicate_with_names(sim: SimServer) -> Any:
+    messages = _messages("Vereinigte Staaten")  # gold US is not among the candidates
+    messages[1]["content"] += (
+        "\n<candidates>\n[1] id: DE | name: Germany\n[2] id: FR | name: France\n</candidates>"
+    )
+    return await _ask(sim, "Vereinigte Staaten", ChoiceOrNames, messages=messages)
+
+
+async def test_an_adjudication_asking_for_names_gets_them_with_its_none(
+    files: dict[str, str],
+) -> None:
+    async with SimServer(SimConfig(policy="oracle", **files)) as sim:
+        answer = await _adjudicate_with_names(sim)
+    assert answer.entity_id == "none"
+    assert answer.names and answer.names[0] in FORMS["US"]
+
+
+async def test_names_with_an_adjudication_share_its_one_error_draw(
+    files: dict[str, str],
+) -> None:
+    # every answer wrong: a wrong candidate (never a none with the right name)
+    config = SimConfig(policy="oracle", oracle_error_rate=1.0, seed=3, **files)
+    async with SimServer(config) as sim:
+        answers = [await _adjudicate_with_names(sim) for _ in range(10)]
+    assert {a.entity_id for a in answers} <= {"DE", "FR"}
+    assert all(a.names == [] for a in answers)

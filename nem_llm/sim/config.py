@@ -109,8 +109,9 @@ class SimConfig:
         oracle_error_rate: Probability that the oracle answers a wrong allowed value
             (in the rewrite call: a random other entity's name).
         catalog_path: Catalog file (JSONL/CSV, as ``load_catalog`` reads it) the oracle
-            takes names from to answer the rewrite call (tool ``CatalogNames``); without
-            it that call is answered ``{"names": []}``.
+            takes names from to answer the rewrite call (tool ``CatalogNames``) and the
+            ``names`` of an adjudication that asks for them with its "none" (one error draw
+            for both); without it those are answered ``[]``.
 
     Example:
         >>> SimConfig(seed=1, latency="lognormal", latency_p50=0.2, latency_p99=1.0, rpm=500)

@@ -70,11 +70,22 @@ class ParsedRequest:
     labels: Mapping[str, str] | None = None
     proposal: str | None = None  # the answer to a discovery (EntityProposal) request
     rewrite: bool = False  # the rewrite call (CatalogNames): answer {"names": [...]}
+    names_too: bool = False  # an adjudication whose schema also has ``names`` (for a none)
 
-    def answer_text(self, entity_id: str, confidence: float, reason: str) -> str:
-        """The answer JSON: ``entity_id`` as the schema wants it (an id, or its number)."""
+    def answer_text(
+        self, entity_id: str, confidence: float, reason: str, names: Sequence[str] = ()
+    ) -> str:
+        """The answer JSON: ``entity_id`` as the schema wants it (an id, or its number), and
+        ``names`` when the schema has them."""
         value = self.labels.get(entity_id, entity_id) if self.labels else entity_id
-        return json.dumps({self.answer_field: value, "confidence": confidence, "reason": reason})
+        answer: dict[str, Any] = {
+            self.answer_field: value,
+            "confidence": confidence,
+            "reason": reason,
+        }
+        if self.names_too:
+            answer["names"] = list(names)
+        return json.dumps(answer)
 
 
 def _text_of(content: Any) -> str:
@@ -239,6 +250,7 @@ def parse_request(body: Any) -> ParsedRequest:
 
     tool_name: str | None = None
     found: tuple[str, list[str] | None] | None = None
+    schema: Any = None  # the answer's JSON schema, wherever the request carries it
     tools = body.get("tools")
     if isinstance(tools, list) and tools:
         functions = [
@@ -255,17 +267,20 @@ def parse_request(body: Any) -> ParsedRequest:
             function = functions[0]
         if function is not None:
             tool_name = str(function.get("name") or "answer")
-            found = _answer_enum(function.get("parameters"))
+            schema = function.get("parameters")
+            found = _answer_enum(schema)
     else:
         fmt = body.get("response_format")
         if isinstance(fmt, Mapping) and isinstance(fmt.get("json_schema"), Mapping):
-            found = _answer_enum(fmt["json_schema"].get("schema"))
+            schema = fmt["json_schema"].get("schema")
+            found = _answer_enum(schema)
         if found is None:
             for message in messages:
                 if isinstance(message, Mapping) and message.get("role") == "system":
                     text = _text_of(message.get("content"))
                     if any(name in text for name in _ANSWER_FIELDS):
-                        found = _answer_enum(_schema_in_text(text))
+                        schema = _schema_in_text(text)
+                        found = _answer_enum(schema)
                         if found is not None:
                             break
 
@@ -307,6 +322,7 @@ def parse_request(body: Any) -> ParsedRequest:
         labels=labels,
         proposal=propose_entity(messages) if tool_name == PROPOSAL_TOOL else None,
         rewrite=_asks_for_names(body, messages, tool_name),
+        names_too=found is not None and _has_names(schema),
     )
 
 
@@ -354,16 +370,21 @@ def propose_entity(messages: Sequence[Any]) -> str:
     )
 
 
+def _properties(schema: Any) -> Mapping[str, Any]:
+    """The ``properties`` of a JSON schema (``{}`` if it has none)."""
+    props = _resolve(schema.get("properties"), schema) if isinstance(schema, Mapping) else None
+    return props if isinstance(props, Mapping) else {}
+
+
 def _names_schema(schema: Any) -> bool:
     """True if a JSON schema has a ``names`` property and none of the choice fields."""
-    if not isinstance(schema, Mapping):
-        return False
-    props = _resolve(schema.get("properties"), schema)
-    return (
-        isinstance(props, Mapping)
-        and "names" in props
-        and not any(name in props for name in _ANSWER_FIELDS)
-    )
+    props = _properties(schema)
+    return "names" in props and not any(name in props for name in _ANSWER_FIELDS)
+
+
+def _has_names(schema: Any) -> bool:
+    """True if a JSON schema has a ``names`` property."""
+    return "names" in _properties(schema)
 
 
 def _asks_for_names(

@@ -64,6 +64,7 @@ KINDS: tuple[str, ...] = (
 )
 
 WINDOW_SECONDS = 60.0
+_ERROR_REASON = "simulated: injected oracle error"
 _INVALID_ID = "not-a-candidate"
 
 
@@ -346,7 +347,8 @@ class SimServer:
         return "ok"
 
     def _choose(self, parsed: ParsedRequest) -> tuple[str, float, str]:
-        """Return (entity_id, confidence, reason) by the configured policy."""
+        """Return (entity_id, confidence, reason) by the configured policy (the reason of
+        an injected error is :data:`_ERROR_REASON`)."""
         allowed = parsed.allowed
         if self.config.policy == "top":
             first = next((a for a in allowed if a != NONE_ID), NONE_ID)
@@ -359,15 +361,16 @@ class SimServer:
             if NONE_ID not in allowed and right != NONE_ID:
                 wrong.append(NONE_ID)
             if wrong:
-                return self._rng.choice(wrong), 0.6, "simulated: injected oracle error"
+                return self._rng.choice(wrong), 0.6, _ERROR_REASON
         return right, 0.9, "simulated: gold label" if known else "simulated: unknown query"
 
-    def _names(self, parsed: ParsedRequest) -> list[str]:
+    def _names(self, parsed: ParsedRequest, wrong: bool | None = None) -> list[str]:
         """The rewrite call's answer: the gold entity's name or one of its aliases.
 
         ``[]`` when the gold is null, the query unknown, the policy ``"top"`` or there is no
         catalog; at the oracle's error rate (drawn for every known query, null gold too)
-        the name of a random other entity instead.
+        the name of a random other entity instead. ``wrong``: the error is already drawn
+        (the names that come with an adjudication's "none" share its one draw).
         """
         catalog = self._catalog
         if self.config.policy != "oracle" or catalog is None:
@@ -376,8 +379,10 @@ class SimServer:
         if not known:
             return []
         position = catalog.by_id.get(gold) if gold is not None else None
-        rate = self.config.oracle_error_rate
-        if rate > 0 and self._rng.random() < rate and len(catalog) > 1:
+        if wrong is None:
+            rate = self.config.oracle_error_rate
+            wrong = rate > 0 and self._rng.random() < rate
+        if wrong and len(catalog) > 1:
             other = self._rng.randrange(len(catalog) - (position is not None))
             if position is not None and other >= position:
                 other += 1
@@ -400,7 +405,10 @@ class SimServer:
             while entity_id in parsed.allowed:
                 entity_id += "-x"
             reason = "simulated: invalid id"
-        text = parsed.answer_text(entity_id, confidence, reason)
+        given: list[str] = []
+        if parsed.names_too and entity_id == NONE_ID:
+            given = self._names(parsed, wrong=reason == _ERROR_REASON)
+        text = parsed.answer_text(entity_id, confidence, reason, given)
         if parsed.proposal is not None:  # a discovery request: answered by its own rule
             text = parsed.proposal
         return self._completion(parsed, kind, n, text)
