@@ -53,7 +53,7 @@ from .llm.cache import CachedDecision, DecisionCache, ReviewedLabel, decision_ke
 from .llm.governor import Governor, GovernorStats
 from .llm.stats import StatsCollector
 from .llm.strategies import Strategy, check_strategy, run_strategy
-from .llm.transport import make_async_client
+from .llm.transport import make_async_client, skip_param_transform
 from .models import (
     Attempt,
     Calibration,
@@ -288,7 +288,7 @@ class Matcher:
         )
         self._adjudicator: Adjudicator | None = None
         if self._client is not None:
-            patched = instructor.from_openai(self._client, mode=mode)
+            patched = instructor.from_openai(skip_param_transform(self._client), mode=mode)
             self._adjudicator = Adjudicator(
                 patched, model, max_reasks=self.limits.max_reasks, temperature=temperature
             )

@@ -61,6 +61,7 @@ from ..errors import BudgetExceededError, ConfigError, InputError, LLMError
 from ..llm.adjudication import estimate_tokens, prompt_text, usage_from
 from ..llm.governor import Governor
 from ..llm.strategies import run_strategy
+from ..llm.transport import skip_param_transform
 from ..models import Usage
 from ..retrieval.embedding import Embedder, SentenceTransformerEmbedder
 from ..text import fold, normalize
@@ -572,7 +573,8 @@ async def discover_async(
     if client is None or not rows:
         return rows
     patched = instructor.from_openai(
-        client.with_options(max_retries=0, timeout=limits.timeout), mode=instructor.Mode.TOOLS
+        skip_param_transform(client.with_options(max_retries=0, timeout=limits.timeout)),
+        mode=instructor.Mode.TOOLS,
     )
     governor = Governor(limits, model=model)
     store = ProposalCache(cache) if cache is not None else None
