@@ -82,6 +82,8 @@ async def test_skipping_the_param_transform_sends_the_same_body() -> None:
             plain = skip_param_transform(client.with_options(timeout=5.0))
             await plain.chat.completions.create(**params)
             await client.chat.completions.create(**params)  # the original is untouched
+            assert client.chat.completions.create.__name__ == "create"
+            assert plain.chat.completions.create.__name__ == "create_plain"
         bodies = [json.loads(call.request.content) for call in route.calls]
     assert bodies[0] == bodies[1] == bodies[2]
     assert bodies[0]["seed"] == 7 and bodies[0]["messages"][1]["content"].endswith("</query>")
