@@ -915,7 +915,7 @@ class Matcher:
         found = await asyncio.gather(*(self._candidates(n, k, mask_key) for n in names))
         # the LLM judged the first candidates: a name of its that routes to a match is taken
         for name, cands in zip(names, found, strict=True) if judged else ():
-            routed, cands = self._route(cands, thresholds, fold(name))
+            routed, cands = self._route(cands, thresholds, name)
             if routed.kind == "matched" and cands:
                 return MatchResult(
                     query=first.query,

@@ -326,3 +326,28 @@ async def test_the_users_client_keeps_its_own_retry_setting(
 ) -> None:
     await make_matcher()
     assert client.max_retries == openai.DEFAULT_MAX_RETRIES
+
+
+async def test_with_rewrite_the_none_carries_at_most_three_bounded_names(
+    make_matcher: MakeMatcher, llm_mock: respx.MockRouter
+) -> None:
+    runaway = "X" * 5000
+    body = {
+        "choice": "none",
+        "confidence": 0.7,
+        "reason": "no",
+        "names": [runaway, " ", "b", "c", "d"],
+    }
+    llm = llm_mock.post("/chat/completions").mock(
+        return_value=httpx.Response(200, json=completion_json(body))
+    )
+    matcher = await make_matcher(rewrite=True)
+    result = await matcher.match_async("Atlantis")
+    assert result.rewritten_as == ["X" * 200, "b", "c"]
+    schemas = [
+        json.loads(call.request.content)["tools"][0]["function"]["parameters"]["properties"]
+        for call in llm.calls
+    ]
+    assert "names" in schemas[0]  # the adjudication asks for names with its "none"
+    assert all("names" not in s for s in schemas[1:])  # one after the rewrite would not
+    assert llm.call_count <= 2

@@ -54,6 +54,7 @@ NONE = "none"
 _PARSE_ERRORS = (ValidationError, json.JSONDecodeError, AsyncValidationError, ResponseParsingError)
 _DESCRIPTION_CHARS = 300
 _REASON_CHARS = 500
+_NAME_CHARS = 200
 
 
 def _template(name: str) -> str:
@@ -245,8 +246,10 @@ SYSTEM_REWRITE = (
 
 
 def _names(raw: Sequence[str]) -> list[str]:
-    """The first :data:`REWRITE_NAMES` non-blank names, whitespace collapsed."""
-    return [" ".join(n.split()) for n in raw if n.strip()][:REWRITE_NAMES]
+    """The first :data:`REWRITE_NAMES` non-blank names, whitespace collapsed, each cut to
+    ``_NAME_CHARS`` (a name is retrieved again: a runaway answer must not become a query
+    of any length)."""
+    return [" ".join(n.split())[:_NAME_CHARS] for n in raw if n.strip()][:REWRITE_NAMES]
 
 
 # re-asks of the current call: a contextvar, because one client-level hook serves every task
