@@ -880,17 +880,19 @@ class Matcher:
         """
         if first.decided_by == "human" or decision.rule == "learned_novel":
             return first
-        judged = first.decided_by in ("llm", "cache")  # the names came with a "none"
-        fresh = first.decided_by == "llm"  # asked with the adjudication: no extra call
+        said_none = first.decided_by in ("llm", "cache")  # the LLM saw these candidates
+        judged = said_none  # the names come with that "none"
         attempts = list(first.attempts)
         usage = first.usage
-        names: list[str] | None = list(first.rewritten_as)  # what _decide carried
+        names: list[str] | None
+        if first.decided_by == "llm":  # asked with the adjudication: no extra call
+            names, fresh = list(first.rewritten_as), True
+        else:
+            names, fresh = await self._cached_names(normalized, judged), False
+            if names is None and judged:  # a cached "none" whose names were not kept
+                judged = False
+                names = await self._cached_names(normalized, judged)
         first = first.model_copy(update={"rewritten_as": []})
-        if not fresh:
-            names = await self._cached_names(normalized, judged)
-        if names is None and judged:  # a cached "none" whose names were not kept
-            judged = False
-            names = await self._cached_names(normalized, judged)
         cost = Usage()
         if names is None:  # routed novel by retrieval alone: one rewrite call
             try:
@@ -935,10 +937,8 @@ class Matcher:
                 if c.id not in best or c.score > best[c.id].score:
                     best[c.id] = c
         merged = sorted(best.values(), key=lambda c: -c.score)[:k]
-        if {c.id for c in merged} == {c.id for c in first.candidates} and first.decided_by in (
-            "llm",
-            "cache",
-        ):  # the LLM has already said none of these
+        if said_none and {c.id for c in merged} == {c.id for c in first.candidates}:
+            # the LLM has already said none of these
             why = f"{first.reason}; rewritten as {names}: no new candidate"
             return first.model_copy(update={"reason": why, **done})
         top_score = merged[0].score if merged else None
