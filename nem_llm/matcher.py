@@ -74,6 +74,7 @@ from .retrieval.calibration import (
     labelled_examples,
     make_probes,
     probe_examples,
+    with_route_model,
 )
 from .retrieval.embedding import (
     TUNED_MANIFEST,
@@ -94,6 +95,7 @@ from .retrieval.learning import (
     pairs_from_catalog,
     pairs_from_labels,
 )
+from .retrieval.route_model import RouteModel
 from .retrieval.routing import Route, route
 from .text import DEFAULT_MAX_QUERY_CHARS, fold, validate_query
 
@@ -250,6 +252,9 @@ class Matcher:
             self.thresholds = dataclasses.replace(self.thresholds, exact=False)
             self._user_thresholds.add("exact")
         self.calibration: Calibration | None = None
+        # fit on labels (see retrieval/route_model.py): decides some of what the
+        # thresholds leave to the LLM
+        self.route_model: RouteModel | None = None
         self.prompt_attributes = tuple(prompt_attributes or ())
         if self.prompt_attributes:
             known = self.catalog.attribute_names()
@@ -427,6 +432,7 @@ class Matcher:
         if self.index is None:
             self.index = await loop.run_in_executor(self._executor, self._build_index)
         calibration = None
+        self.route_model = None
         if calibrate_on:
             calibration = await self._calibrate_on_labels(calibrate_on)
         if calibration is None and {"accept", "margin", "novel"} <= self._user_thresholds:
@@ -661,10 +667,14 @@ class Matcher:
         if cal.examples < 20:
             log.info("nem_llm: %d labels are too few to calibrate on; using probes", cal.examples)
             return None
-        if cal.matched.open and cal.novel.open:
-            return cal
-        # a route the labels cannot open: the probes' rule, unless the labels contradict it
-        return combine(cal, await self._calibrate_on_probes(), examples)
+        if not (cal.matched.open and cal.novel.open):
+            # a route the labels cannot open: the probes' rule, unless the labels say no
+            cal = combine(cal, await self._calibrate_on_probes(), examples)
+        loop = asyncio.get_running_loop()
+        cal, self.route_model = await loop.run_in_executor(
+            self._executor, lambda: with_route_model(cal, examples)
+        )
+        return cal
 
     def _probe_key(self) -> str:
         """What a label-free calibration depends on: reused from the index dir if equal."""
@@ -787,7 +797,9 @@ class Matcher:
                 rest = [c for c in candidates if c.id != eid]
                 why = f"a labelled example says this mention is {eid!r}"
                 return Route("matched", why, first.score, None, "learned"), [first, *rest]
-        return route(candidates, thresholds, normalized), candidates
+        # a per-call threshold= routes by the thresholds alone
+        model = self.route_model if thresholds is self.thresholds else None
+        return route(candidates, thresholds, normalized, model), candidates
 
     def _thresholds_for(self, threshold: float | None) -> Thresholds:
         """The thresholds of one call: ``threshold`` overrides the accept threshold."""
@@ -1406,6 +1418,8 @@ class Matcher:
             for name, est in (("auto-match", cal.matched), ("auto-novel", cal.novel)):
                 if not est.open:
                     hints.append(f"the {name} route is closed: {est.reason}")
+            if cal.routing_model:
+                hints.append(cal.routing_model)
             if cal.source == "probes":
                 hints.append(
                     "thresholds were estimated from probes of the catalog; labelled examples "

@@ -215,3 +215,6 @@ class Calibration(BaseModel):
     exact: bool = True
     matched: RouteEstimate
     novel: RouteEstimate
+    #: with labels: what the routing model decides beside the thresholds, or why none was
+    #: fit (``None``: no labels, no model)
+    routing_model: str | None = None

@@ -35,6 +35,8 @@ from ..catalog import Catalog
 from ..config import CLOSED_ACCEPT, CLOSED_NOVEL, Thresholds
 from ..models import Calibration, Candidate, RouteEstimate
 from ..text import fold
+from .bounds import lower_bound, widest_cut
+from .route_model import RouteModel, fit_route_model
 from .routing import RouteFeatures, features
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "exact_rule_from_catalog",
     "make_probes",
     "probe_examples",
+    "with_route_model",
 ]
 
 #: Bumped whenever probes or the estimator change: a saved label-free calibration of an
@@ -70,12 +73,13 @@ class Example:
     top_is_right: bool  # the top candidate is the entity meant
     absent: bool  # the entity meant is not in the catalog
     weight: float = 1.0
+    mention: str = ""  # the query, folded (copies of one mention are one piece of evidence)
 
 
 def _example(cands: Sequence[Candidate], query: str, gold: str | None, weight: float) -> Example:
     f = features(query, cands)
     right = bool(cands) and gold is not None and cands[0].id == gold
-    return Example(f, right, gold is None, weight)
+    return Example(f, right, gold is None, weight, fold(query))
 
 
 def labelled_examples(
@@ -86,22 +90,6 @@ def labelled_examples(
 
 
 # -- the estimator ----------------------------------------------------------------------
-
-
-#: z of the one-sided 90% Wilson lower bound every estimated precision is taken at.
-Z = 1.2816
-
-
-def lower_bound(correct: Any, taken: Any, unit: float) -> Any:
-    """Wilson lower bound of the precision ``correct / taken`` (weights; ``unit`` is one
-    example's weight, so ``taken / unit`` examples were counted). Works on arrays."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        n = np.asarray(taken, dtype=np.float64) / unit
-        p = np.asarray(correct, dtype=np.float64) / np.asarray(taken, dtype=np.float64)
-        z2 = Z * Z
-        centre = p + z2 / (2 * n)
-        spread = Z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-        return (centre - spread) / (1 + z2 / n)
 
 
 def _best_accept(
@@ -119,18 +107,9 @@ def _best_accept(
         sel = eligible & (gap >= m)
         if not sel.any():
             continue
-        t, c, w = top[sel], right[sel], weight[sel]
-        order = np.argsort(-t, kind="stable")
-        t, c, w = t[order], c[order], w[order]
-        # accepting "score >= t[i]" takes every example up to the last one tied with t[i]
-        last = np.searchsorted(-t, -t, side="right") - 1
-        taken = np.cumsum(w)[last]
-        precision = lower_bound(np.cumsum(c * w)[last], taken, prior)
-        good = np.flatnonzero(precision >= target)
-        if good.size:
-            i = good[np.argmax(taken[good])]
-            if best is None or taken[i] > best[3] + 1e-12:
-                best = (float(t[i]), m, float(precision[i]), float(taken[i]))
+        cut = widest_cut(top[sel], right[sel], weight[sel], target, prior)
+        if cut is not None and (best is None or cut[2] > best[3] + 1e-12):
+            best = (cut[0], m, cut[1], cut[2])
     return best
 
 
@@ -530,3 +509,53 @@ def combine(labels: Calibration, probes: Calibration, examples: Sequence[Example
         matched=matched,
         novel=novel,
     )
+
+
+def with_route_model(
+    cal: Calibration, examples: Sequence[Example], *, seed: int = 0
+) -> tuple[Calibration, RouteModel | None]:
+    """``cal`` plus, where labels show it safe, a routing model beside its thresholds.
+
+    The model decides only queries the thresholds leave to the LLM; each route's expected
+    precision and coverage become those of rule and model together, measured out of fold
+    (see ``route_model.py``). Without enough labels, or when the model adds nothing at the
+    targets, ``cal`` comes back with the reason in ``routing_model``.
+    """
+    t = cal.thresholds
+    by_rule_m = [_decides_matched(e, t) for e in examples]
+    by_rule_n = [
+        not m and e.features.top < t["novel"] for e, m in zip(examples, by_rule_m, strict=True)
+    ]
+    fit = fit_route_model(
+        [e.features for e in examples],
+        [e.top_is_right for e in examples],
+        [e.absent for e in examples],
+        by_rule_m,
+        by_rule_n,
+        matched_target=cal.matched.target,
+        novel_target=cal.novel.target,
+        mentions=[e.mention for e in examples] if all(e.mention for e in examples) else None,
+        seed=seed,
+    )
+    update: dict[str, Any] = {"routing_model": fit.reason}
+    n = len(examples)
+    for name, counts, what in (
+        ("matched", fit.matched, "P(right)"),
+        ("novel", fit.novel, "P(absent)"),
+    ):
+        if counts is None or fit.model is None:
+            continue
+        before: RouteEstimate = getattr(cal, name)
+        cut = fit.model.matched_cut if name == "matched" else fit.model.novel_cut
+        decided, right = counts
+        said = f"the routing model's {what} >= {cut:.3f} ({right} of {decided} right out of fold)"
+        update[name] = RouteEstimate(
+            open=True,
+            target=before.target,
+            expected_precision=round(float(lower_bound(right, decided, 1.0)), 4),
+            expected_coverage=round(decided / n, 4),
+            reason=f"{before.reason}; or {said}"
+            if before.open
+            else f"{said} (the thresholds alone: {before.reason})",
+        )
+    return cal.model_copy(update=update), fit.model

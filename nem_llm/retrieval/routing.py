@@ -5,18 +5,22 @@ signal is the top score, its lead over the runner-up, whether the query is exact
 folding case, accents and script) a name or alias of one candidate and of no near twin of
 it, and whether the runner-up carries the same name (same-named entities are never told
 apart by scores).
-Thresholds come from calibration (``calibration.py``).
+Thresholds come from calibration (``calibration.py``); with labels, a routing model
+(``route_model.py``) may decide some of what the thresholds leave to the LLM, and says so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ..config import Thresholds
 from ..models import Candidate
 from ..text import fold
+
+if TYPE_CHECKING:
+    from .route_model import RouteModel
 
 __all__ = ["Route", "RouteFeatures", "RouteKind", "features", "route"]
 
@@ -31,6 +35,13 @@ class RouteFeatures:
     margin: float
     exact: bool  # the query is a name or alias of the top candidate and near no other one
     same_name_tie: bool  # the runner-up's matched name is the top candidate's name
+    # what the routing model (route_model.py) reads besides the above
+    dense: float = 0.0  # the top candidate's dense (embedding) score
+    lexical: float = 0.0  # its lexical (character n-gram) score
+    agree: bool = False  # it is also first by the dense score alone and by the lexical alone
+    near_ties: int = 0  # other candidates within NEAR_TIE of its score
+    cross_script: bool = False  # the query and its matched form are in different scripts
+    query_tokens: int = 0  # words in the query
 
 
 def features(query: str, candidates: Sequence[Candidate]) -> RouteFeatures:
@@ -50,7 +61,29 @@ def features(query: str, candidates: Sequence[Candidate]) -> RouteFeatures:
     )
     same = runner_up is not None and fold(runner_up.matched_form or runner_up.name) == top_form
     margin = top.score - (runner_up.score if runner_up is not None else 0.0)
-    return RouteFeatures(top.score, margin, exact, same)
+    dense = [c.score if c.dense_score is None else c.dense_score for c in candidates]
+    lexical = [0.0 if c.lexical_score is None else c.lexical_score for c in candidates]
+    return RouteFeatures(
+        top.score,
+        margin,
+        exact,
+        same,
+        dense=dense[0],
+        lexical=lexical[0],
+        agree=dense[0] >= max(dense) and lexical[0] >= max(lexical),
+        near_ties=sum(1 for c in candidates[1:] if top.score - c.score <= NEAR_TIE),
+        cross_script=_non_latin(query) != _non_latin(top.matched_form or top.name),
+        query_tokens=len(query.split()),
+    )
+
+
+#: Candidates this close to the top score count as near ties of it.
+NEAR_TIE = 0.02
+
+
+def _non_latin(text: str) -> bool:
+    """Whether ``text`` has a letter outside the Latin blocks (Greek, Cyrillic, Han, ...)."""
+    return any(ch.isalpha() and ord(ch) > 0x24F for ch in text)
 
 
 def _forms(candidate: Candidate) -> set[str]:
@@ -88,11 +121,16 @@ class Route:
 
 
 def route(
-    candidates: Sequence[Candidate], thresholds: Thresholds, query: str | None = None
+    candidates: Sequence[Candidate],
+    thresholds: Thresholds,
+    query: str | None = None,
+    model: RouteModel | None = None,
 ) -> Route:
     """Decide from the candidates whether to accept, call novel, or ask the LLM.
 
-    Without ``query`` the exact-hit rule is not applied.
+    Without ``query`` the exact-hit rule is not applied. ``model`` (fit on labels, see
+    ``route_model.py``) decides, where it is sure enough, what the thresholds leave to the
+    LLM; it never overrides a threshold rule.
     """
     if not candidates:
         return Route("novel", "no candidates were retrieved", None, None, "empty")
@@ -129,6 +167,21 @@ def route(
             margin,
             "threshold",
         )
+    if model is not None:
+        decided = model.decide(f)
+        if decided is not None:
+            kind, p = decided
+            if kind == "matched":
+                why = (
+                    f"the routing model puts the chance that {candidates[0].id!r} is the "
+                    f"entity at {p:.3f} (>= {model.matched_cut:.3f})"
+                )
+            else:
+                why = (
+                    "the routing model puts the chance that the entity is not in the "
+                    f"catalog at {p:.3f} (>= {model.novel_cut:.3f})"
+                )
+            return Route(kind, why, top, margin, "model")
     if thresholds.accept > 1:
         why = "the auto-match route is closed (accept_threshold > 1)"
         if thresholds.novel <= 0:
