@@ -56,7 +56,8 @@ def test_the_model_learns_what_no_threshold_can_and_holds_on_new_labels() -> Non
 
     fresh = [_interaction(rng) for _ in range(2000)]
     taken = [(f, r) for f, r, _ in fresh if (d := fit.model.decide(f)) and d[0] == "matched"]
-    assert len(taken) > 300
+    region = sum(f.exact and f.cross_script for f, _, _ in fresh)  # ~400
+    assert len(taken) > region / 2
     assert sum(r for _, r in taken) / len(taken) >= 0.99
     # what it takes is the interaction (a few others fit inside the 1% it may spend)
     assert sum(f.exact and f.cross_script for f, _ in taken) / len(taken) >= 0.95
