@@ -131,9 +131,10 @@ def _classifier(seed: int) -> Any:
 def _out_of_fold(
     x: npt.NDArray[np.float64], y: npt.NDArray[np.int64], groups: npt.NDArray[np.int64], seed: int
 ) -> Any:
-    """Each example's probability from a model fit on the other folds. Examples with the
-    same features (a mention labelled many times) share a fold: a model that has seen one
-    copy would score the others as if it knew them, and the cut would be too loose."""
+    """Each example's probability from a model fit on the other folds. Examples of one
+    group (a mention labelled many times, see :func:`fit_route_model`'s ``mentions``) share
+    a fold: a model that has seen one copy would score the others as if it knew them, and
+    the cut would be too loose."""
     from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 
     folds = StratifiedGroupKFold(FOLDS, shuffle=True, random_state=seed)

@@ -44,8 +44,12 @@ class RouteFeatures:
     query_tokens: int = 0  # words in the query
 
 
-def features(query: str, candidates: Sequence[Candidate]) -> RouteFeatures:
-    """Routing features of ``query`` (normalized) given its candidates, best first."""
+def features(query: str, candidates: Sequence[Candidate], *, detail: bool = True) -> RouteFeatures:
+    """Routing features of ``query`` (normalized) given its candidates, best first.
+
+    ``detail=False`` leaves out what only the routing model reads (the fields after
+    ``same_name_tie`` keep their defaults): the thresholds route without it, per query.
+    """
     if not candidates:
         return RouteFeatures(0.0, 0.0, False, False)
     top = candidates[0]
@@ -61,6 +65,8 @@ def features(query: str, candidates: Sequence[Candidate]) -> RouteFeatures:
     )
     same = runner_up is not None and fold(runner_up.matched_form or runner_up.name) == top_form
     margin = top.score - (runner_up.score if runner_up is not None else 0.0)
+    if not detail:
+        return RouteFeatures(top.score, margin, exact, same)
     dense = [c.score if c.dense_score is None else c.dense_score for c in candidates]
     lexical = [0.0 if c.lexical_score is None else c.lexical_score for c in candidates]
     return RouteFeatures(
@@ -134,7 +140,7 @@ def route(
     """
     if not candidates:
         return Route("novel", "no candidates were retrieved", None, None, "empty")
-    f = features(query if query is not None else "\x00", candidates)
+    f = features(query if query is not None else "\x00", candidates, detail=model is not None)
     top, margin = f.top, f.margin
     if thresholds.exact and f.exact:
         return Route(
