@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_common import Report  # noqa: E402
 
+from nem_llm import MatcherSettings  # noqa: E402
 from nem_llm.catalog import load_catalog  # noqa: E402
 from nem_llm.config import Thresholds  # noqa: E402
 from nem_llm.jobs.eval_job import run_eval  # noqa: E402
@@ -142,13 +143,15 @@ async def measure_recall(
             report = await run_eval(
                 catalog=DATA / f"{name}_catalog.jsonl",
                 queries=queries,
+                settings=MatcherSettings(
+                    index_description=SETS[name],
+                    accept_threshold=t.accept,
+                    margin=t.margin,
+                    novel_threshold=t.novel,
+                    encoder=e,  # type: ignore[arg-type]
+                ),
                 llm="off",
-                index_description=SETS[name],
-                accept_threshold=t.accept,
-                margin=t.margin,
-                novel_threshold=t.novel,
                 name=name,
-                encoder=e,  # type: ignore[arg-type]
             )
             seconds = time.perf_counter() - started
             out[(name, e)] = {

@@ -70,7 +70,7 @@ def _rank(
         top = np.argsort(-scores, axis=1, kind="stable")[:, : max(KS)]
         dense.extend([ids[j] for j in row] for row in top)
     index = HybridIndex(catalog, forms, lexical_weight=0.5, embedder_name=embedder.name)
-    hybrid = [[c.id for c in cands] for cands in index.search(qv, queries, max(KS))]
+    hybrid = [[c.entity_id for c in cands] for cands in index.search(qv, queries, max(KS))]
     return {"dense": dense, "hybrid": hybrid}
 
 

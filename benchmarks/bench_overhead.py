@@ -77,7 +77,7 @@ async def _prepare(catalog: list, queries: list[str], warm: int = 0) -> Prepared
     msgs, ids, raw = [], [], []
     for q, r in zip(queries, results, strict=True):
         m = render_messages(validate_query(q), r.candidates, matcher.catalog)
-        t = tuple(c.id for c in r.candidates)
+        t = tuple(c.entity_id for c in r.candidates)
         _, kw = handle_response_model(
             response_model_for(t),
             mode=instructor.Mode.TOOLS,
@@ -245,11 +245,11 @@ async def _overhead_case(
 
             # as the matcher calls it: re-asks paced by the governor where supported
             paced = "pace" in inspect.signature(adj.decide).parameters
-            extra: dict[str, Any] = {"pace": gov.pace} if paced else {}
+            extra: dict[str, Any] = {"pace": gov.pace_async} if paced else {}
 
             async def one(i: int) -> Any:
                 m = prep.messages[i]
-                return await gov.call(
+                return await gov.call_async(
                     lambda: adj.decide(m, prep.ids[i], request_timeout=120.0, **extra),
                     estimated_tokens=estimate_tokens(m),
                     usage_of=lambda d: d.usage,

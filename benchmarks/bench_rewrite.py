@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from nem_llm import MatcherSettings
 from nem_llm.jobs.eval_job import run_eval
 from nem_llm.models import MatchResult
 
@@ -43,11 +44,10 @@ async def _run(
     await run_eval(
         catalog=data / "languages_catalog.jsonl",
         queries=data / "languages_queries.jsonl",
+        settings=MatcherSettings(rewrite=rewrite, index_dir=index),
         llm="sim",
         oracle_error_rate=error,
-        rewrite=rewrite,
         limit=limit,
-        index_path=index,
         keep_results=kept,
     )
     return kept
@@ -72,7 +72,8 @@ async def main(data: Path, limit: int, errors: list[float]) -> str:
             misses = [
                 i
                 for i, (r, gold) in enumerate(on)
-                if gold is not None and gold not in {c.id for c in off[i][0].candidates[:top_k]}
+                if gold is not None
+                and gold not in {c.entity_id for c in off[i][0].candidates[:top_k]}
             ]
             reachable = [i for i in misses if off[i][0].decided_by != "embedding"
                          or off[i][0].status != "matched"]  # fmt: skip

@@ -151,9 +151,9 @@ def agreement(got: list[list[Any]], want: list[list[Any]], *, tol: float = 0.0) 
     within ``tol`` of the exact k-th score also agrees (a tie resolved the other way)."""
     shares = []
     for a, e in zip(got, want, strict=True):
-        ids = {c.id for c in e}
+        ids = {c.entity_id for c in e}
         floor = min((c.score for c in e), default=1.0) - tol
-        hits = sum(c.id in ids or (tol > 0 and c.score >= floor) for c in a)
+        hits = sum(c.entity_id in ids or (tol > 0 and c.score >= floor) for c in a)
         shares.append(min(hits, len(e)) / max(1, len(e)))
     return float(np.mean(shares))
 
@@ -204,12 +204,12 @@ def part_million(n: int, work: Path) -> None:
         [bool(a) and bool(e) and a[0].id == e[0].id for a, e in zip(got, want, strict=True)]
     )
     report("top-1 agreement", f"{top1:.4f}")
-    exact_ids = {(i, c.id): c.score for i, found in enumerate(want) for c in found}
+    exact_ids = {(i, c.entity_id): c.score for i, found in enumerate(want) for c in found}
     diffs = [
-        abs(c.score - exact_ids[(i, c.id)])
+        abs(c.score - exact_ids[(i, c.entity_id)])
         for i, found in enumerate(got)
         for c in found
-        if (i, c.id) in exact_ids
+        if (i, c.entity_id) in exact_ids
     ]
     report("max |ANN score - exact score| (float16 vectors)", f"{max(diffs):.5f}")
 
@@ -257,7 +257,7 @@ def part_million(n: int, work: Path) -> None:
     _, t_up = timed(update)
     report("update 1,000 entities [< 5 s]", f"{t_up:.2f} s")
     [found] = ann.search(embedder.encode(["Renamed 7"]), ["Renamed 7"], 1)
-    report("updated entity found by its new name", str(found[0].id == "N7"))
+    report("updated entity found by its new name", str(found[0].entity_id == "N7"))
 
     _, t_save = timed(lambda: ann.save(work / "idx"))
     size = sum(p.stat().st_size for p in (work / "idx").rglob("*") if p.is_file())
@@ -287,7 +287,7 @@ def dev_vectors(name: str) -> tuple[Catalog, list[str], list[str | None], Any, A
 
 
 def recall_at(found: list[list[Any]], golds: list[str | None], k: int) -> float:
-    hits = [g in {c.id for c in f[:k]} for f, g in zip(found, golds, strict=True) if g]
+    hits = [g in {c.entity_id for c in f[:k]} for f, g in zip(found, golds, strict=True) if g]
     return float(np.mean(hits)) if hits else float("nan")
 
 

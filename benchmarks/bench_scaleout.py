@@ -59,14 +59,15 @@ RUNNER = """
 import asyncio, json, sys
 from functools import partial
 from pathlib import Path
-from nem_llm import Matcher
+from nem_llm import Matcher, MatcherSettings
 from nem_llm.jobs.batch import MatchJob
 from nem_llm.jobs.batch_api import BatchApiOptions, run_batch_api_job
 from nem_llm.testing import FakeEmbedder
 
 catalog, queries, out, base_url, poll = sys.argv[1:6]
-job = MatchJob(catalog=Path(catalog), queries=Path(queries), out=Path(out), base_url=base_url,
-               accept_threshold=1.5, novel_threshold=0.0)
+job = MatchJob(catalog=Path(catalog), queries=Path(queries), out=Path(out),
+               settings=MatcherSettings(base_url=base_url,
+               accept_threshold=1.5, novel_threshold=0.0))
 summary = asyncio.run(run_batch_api_job(
     job, options=BatchApiOptions(poll_interval=float(poll)),
     matcher_factory=partial(Matcher, embedder=FakeEmbedder())))
@@ -129,7 +130,7 @@ def bench_batch(n: int) -> list[tuple[str, str]]:
     # live mode on the same input, the same fault mix on the chat endpoint
     from functools import partial
 
-    from nem_llm import Matcher
+    from nem_llm import Matcher, MatcherSettings
     from nem_llm.config import Limits
     from nem_llm.jobs.batch import MatchJob, run_match_job
     from nem_llm.testing import FakeEmbedder
@@ -140,10 +141,12 @@ def bench_batch(n: int) -> list[tuple[str, str]]:
             catalog=catalog,
             queries=queries,
             out=tmp / "live.jsonl",
-            base_url=sim.base_url,
-            accept_threshold=1.5,
-            novel_threshold=0.0,
-            limits=Limits(concurrency=32, backoff_initial=0.01, backoff_max=0.05),
+            settings=MatcherSettings(
+                base_url=sim.base_url,
+                accept_threshold=1.5,
+                novel_threshold=0.0,
+                limits=Limits(concurrency=32, backoff_initial=0.01, backoff_max=0.05),
+            ),
         )
         started = time.monotonic()
         live = asyncio.run(
@@ -185,6 +188,7 @@ def bench_ray(n: int) -> list[tuple[str, str]]:
 
     import ray
 
+    from nem_llm import MatcherSettings
     from nem_llm.integrations.ray import prepare_index, run_ray_job
     from nem_llm.jobs.batch import MatchJob, run_match_job
 
@@ -195,14 +199,20 @@ def bench_ray(n: int) -> list[tuple[str, str]]:
         queries.write_text("".join(line for _, line in zip(range(n), src, strict=False)))
     index = tmp / "index"
     started = time.monotonic()
-    prepare_index(catalog, index)  # the real MiniLM embedder, once
+    prepare_index(catalog, MatcherSettings(index_dir=index))  # the real MiniLM, once
     index_s = time.monotonic() - started
 
     def job(name: str, url: str) -> MatchJob:
         out = tmp / f"{name}.jsonl"
         state = tmp / f"{name}.state"
         shutil.copytree(index, state / "index")  # every engine loads the same saved index
-        return MatchJob(catalog=catalog, queries=queries, out=out, base_url=url, state=state)
+        return MatchJob(
+            catalog=catalog,
+            queries=queries,
+            out=out,
+            settings=MatcherSettings(base_url=url),
+            state=state,
+        )
 
     walls: dict[str, float] = {}
     outs: dict[str, list[dict[str, Any]]] = {}

@@ -497,7 +497,9 @@ def _frame_child(args: argparse.Namespace) -> None:
             before = _rss_mb()
             t = time.perf_counter()
             if frame is not None:
-                out = await m.match_frame_async(frame)
+                from nem_llm.integrations.frames import match_frame_async
+
+                out = await match_frame_async(m, frame)
                 n = len(out)
             else:
                 results = await m.match_batch_async(queries)

@@ -44,6 +44,7 @@ from nem_llm.jobs.bench import (
 )
 from nem_llm.llm.adjudication import choice_model
 from nem_llm.matcher import Matcher
+from nem_llm.matching.decision import Pending
 from nem_llm.testing import FakeEmbedder
 
 
@@ -65,9 +66,9 @@ async def _raw_row(n: int, c: int, http_client: str) -> BenchRow:
         await matcher.fit_async()
         bodies = []
         for i, query in enumerate(make_queries(n + 1, config.catalog_size)):
-            _, planned = await matcher.plan_async(i, query)
-            assert planned is not None
-            bodies.append((planned.body, len(planned.candidate_ids)))
+            planned = await matcher.prepare_async(i, query)
+            assert isinstance(planned, Pending)
+            bodies.append((matcher.decider.request_body(planned), len(planned.ids)))
         await matcher.aclose()
 
         async def one(body: dict, k: int) -> None:

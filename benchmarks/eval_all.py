@@ -15,6 +15,7 @@ import asyncio
 import time
 from pathlib import Path
 
+from nem_llm import MatcherSettings
 from nem_llm.jobs.eval_job import run_eval
 from nem_llm.jobs.evaluation import EvalReport, render_eval_table
 
@@ -50,9 +51,9 @@ async def main() -> None:
             report = await run_eval(
                 catalog=args.data / f"{name}_catalog.jsonl",
                 queries=args.data / f"{name}_queries.jsonl",
+                settings=MatcherSettings(index_description=SETS[name]),
                 llm=llm,
                 oracle_error_rate=0.1,
-                index_description=SETS[name],
                 calibrate_fraction=frac,
                 mode=mode,
                 seed=0,

@@ -84,7 +84,7 @@ async def main() -> None:
         table.add_column(col)
     for r in results:
         entity = f"{r.entity_id} ({r.entity_name})" if r.entity_id else "-"
-        top = ", ".join(f"{c.id} {c.score:.2f}" for c in r.candidates[:3])
+        top = ", ".join(f"{c.entity_id} {c.score:.2f}" for c in r.candidates[:3])
         decided = r.decided_by or "-"
         if small_model and r.decided_by == "llm":
             decided = "llm (small model)"

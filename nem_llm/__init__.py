@@ -16,6 +16,7 @@ from .errors import (
     NotReadyError,
     QueryError,
 )
+from .settings import MatcherSettings
 
 if TYPE_CHECKING:
     from .matcher import Matcher
@@ -52,6 +53,7 @@ __all__ = [
     "Limits",
     "MatchResult",
     "Matcher",
+    "MatcherSettings",
     "NemLLMError",
     "NotReadyError",
     "QueryError",

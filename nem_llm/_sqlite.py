@@ -5,11 +5,11 @@ Stores may share a file; each creates only its own tables next to ``schema_versi
 
 Threading model: every store owns a ``ThreadPoolExecutor(max_workers=1)``, and its SQLite
 connection is created, used and closed only on that one worker thread. Sync methods submit
-to the worker and wait; the async twins (``aget``, ``arecord``, ...) await the same
+to the worker and wait; the async twins (``get_async``, ``record_async``, ...) await the same
 submission, so the event loop never blocks on disk I/O. We prefer this to
 ``check_same_thread=False`` plus a lock because the connection then never crosses threads
 at all (no lock to forget, no lock held across an ``await``), calls run in submission order
-(an ``aput`` followed by an ``aget`` sees the write), and every method is safe to call from
+(a ``put_async`` followed by a ``get_async`` sees the write), and every method is safe to call from
 any thread. The price is one thread hop per call (tens of microseconds), small next to a
 commit.
 
@@ -123,7 +123,7 @@ class SQLiteStore:
     def close(self) -> None:
         """Close the connection and stop the worker thread; later calls raise StoreError.
 
-        Calls already submitted (pending ``aput``/``arecord``) finish first. Idempotent.
+        Calls already submitted (pending ``put_async``/``record_async``) finish first. Idempotent.
         """
         with self._close_lock:
             if self._closed:

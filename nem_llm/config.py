@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLOSED_ACCEPT",
     "CLOSED_NOVEL",
+    "LIMITS_HELP",
     "PRICES_USD_PER_MTOK",
     "Limits",
     "Thresholds",
@@ -115,6 +116,23 @@ class Limits:
             value = getattr(self, name)
             if value is not None and (not math.isfinite(value) or value < 0):
                 raise ConfigError(f"{name} must be >= 0, got {value!r}")
+
+
+#: One line per ``Limits`` field (the CLI's help; the docstring above says more).
+LIMITS_HELP: dict[str, str] = {
+    "concurrency": "LLM calls in flight at once.",
+    "rpm": "Requests per minute cap (none: no cap).",
+    "tpm": "Tokens per minute cap (none: no cap).",
+    "timeout": "Seconds for one LLM attempt.",
+    "max_attempts": "Attempts per LLM call (transient errors are retried).",
+    "max_reasks": "Re-asks after an invalid answer.",
+    "backoff_initial": "First retry backoff, seconds (full jitter).",
+    "backoff_max": "Longest retry backoff, seconds.",
+    "budget_tokens": "Stop new LLM calls once this many tokens are spent.",
+    "budget_usd": "Stop new LLM calls once this many dollars are spent.",
+    "input_usd_per_mtok": "Input price, USD per million tokens (default: list price).",
+    "output_usd_per_mtok": "Output price, USD per million tokens (default: list price).",
+}
 
 
 @dataclass(frozen=True, kw_only=True)

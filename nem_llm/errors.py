@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .models import Attempt, Usage
 
 __all__ = [
+    "ERROR_TYPES",
     "AdjudicationError",
     "BudgetExceededError",
     "CatalogError",
@@ -34,7 +35,52 @@ __all__ = [
     "NemLLMError",
     "NotReadyError",
     "QueryError",
+    "error_code",
+    "http_error_code",
 ]
+
+#: The closed set of ``MatchResult.error_type`` / ``Attempt.error_type`` codes, each with
+#: what it means. Nothing else is ever written there.
+ERROR_TYPES: dict[str, str] = {
+    "input": "the query or its input row is invalid (empty, not text, too long, unreadable)",
+    "config": "an option is invalid for this item (a filter on an unknown attribute, ...)",
+    "not_ready": "the matcher was used before its index was built",
+    "timeout": "the LLM endpoint did not answer within the attempt's timeout",
+    "connection": "the LLM endpoint could not be reached (refused, reset, DNS, TLS)",
+    "rate_limit": "the LLM endpoint answered 429 Too Many Requests",
+    "server": "the LLM endpoint answered 5xx",
+    "auth": "the LLM endpoint refused the credentials (401, 403)",
+    "bad_request": "the LLM endpoint refused the request (another 4xx)",
+    "invalid_answer": "the model gave no valid choice after the allowed re-asks",
+    "budget": "the run's token or dollar budget is spent (the item is 'review')",
+    "deadline": "the request's overall deadline passed before a decision",
+    "batch_api": "the provider's Batch API failed the line or the batch",
+    "internal": "an unexpected error inside nem_llm (a bug: please report it)",
+}
+
+
+def http_error_code(status: int) -> str:
+    """The :data:`ERROR_TYPES` code of an HTTP error status from the LLM endpoint."""
+    if status == 429:
+        return "rate_limit"
+    if status == 408:
+        return "timeout"
+    if status in (401, 403):
+        return "auth"
+    return "server" if status >= 500 else "bad_request"
+
+
+def error_code(exc: BaseException) -> str:
+    """The :data:`ERROR_TYPES` code of an exception (``"internal"`` for anything unknown)."""
+    if isinstance(exc, LLMError):
+        return exc.cause if exc.cause in ERROR_TYPES else "internal"
+    if isinstance(exc, InputError):
+        return "input"
+    if isinstance(exc, ConfigError):
+        return "config"
+    if isinstance(exc, NotReadyError):
+        return "not_ready"
+    return "internal"
 
 
 class NemLLMError(Exception):
@@ -80,8 +126,8 @@ class LLMError(NemLLMError):
     """An LLM call failed for good.
 
     Attributes:
-        cause: a short machine-readable cause ("rate_limit", "http_400", "timeout",
-            "invalid_answer", "budget", ...).
+        cause: one of the :data:`ERROR_TYPES` codes ("rate_limit", "server", "timeout",
+            "connection", "invalid_answer", "budget", ...).
         attempts: the governor's per-attempt log (set by the governor).
         usage: tokens spent by the failed call, failed attempts included.
         reasks: validation re-asks instructor made.
@@ -89,7 +135,7 @@ class LLMError(NemLLMError):
 
     def __init__(self, message: str, *, cause: str | None = None) -> None:
         super().__init__(message)
-        self.cause = cause or type(self).__name__
+        self.cause = cause if cause in ERROR_TYPES else "internal"
         self.attempts: list[Attempt] = []
         self.usage: Usage | None = None
         self.reasks = 0

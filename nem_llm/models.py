@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "Attempt",
@@ -73,16 +74,38 @@ class Entity(BaseModel):
 
 
 class Candidate(BaseModel):
-    """A catalog entity retrieved for a query, with its similarity score in [0, 1]."""
+    """A catalog entity retrieved for a query, with its similarity score in [0, 1].
+
+    ``entity_id`` names the entity as ``MatchResult.entity_id`` does; ``id`` is a
+    deprecated alias kept for one release (reading it, or passing ``id=``, warns).
+    """
 
     model_config = ConfigDict(frozen=True)
 
-    id: str
+    entity_id: str
     name: str
     score: float
     dense_score: float | None = None
     lexical_score: float | None = None
     matched_form: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "id" in data and "entity_id" not in data:
+            warnings.warn(
+                "Candidate(id=...) is deprecated: use entity_id=", DeprecationWarning, stacklevel=2
+            )
+            data = {("entity_id" if k == "id" else k): v for k, v in data.items()}
+        return data
+
+    @property
+    def id(self) -> str:
+        """Deprecated alias of :attr:`entity_id`."""
+        warnings.warn(
+            "Candidate.id is deprecated: use Candidate.entity_id", DeprecationWarning, stacklevel=2
+        )
+        return self.entity_id
 
 
 class Usage(BaseModel):

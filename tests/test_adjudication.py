@@ -50,7 +50,7 @@ def catalog(countries: list[dict[str, Any]]) -> Catalog:
 
 
 def top(*ids: str) -> list[Candidate]:
-    return [Candidate(id=i, name=i, score=0.5) for i in ids]
+    return [Candidate(entity_id=i, name=i, score=0.5) for i in ids]
 
 
 def test_prompt_puts_the_query_in_a_query_block(catalog: Catalog) -> None:
@@ -260,7 +260,7 @@ async def test_an_injected_answer_is_reasked_until_a_candidate_is_chosen(
     matcher = await make_matcher(novel_threshold=0.0)
     result = await matcher.match_async(INJECTION)
     assert (result.status, result.entity_id) == ("matched", "US")
-    assert result.entity_id in [c.id for c in result.candidates]
+    assert result.entity_id in [c.entity_id for c in result.candidates]
 
 
 async def test_the_query_is_sent_delimited_and_a_closing_tag_in_it_is_escaped(
@@ -290,7 +290,7 @@ async def test_a_server_error_is_retried_by_the_governor_max_attempts_times_in_t
     matcher = await make_matcher(limits=Limits(max_attempts=max_attempts, backoff_initial=0.01))
     result = await matcher.match_async("USA")
     assert llm.call_count == max_attempts
-    assert (result.status, result.error_type) == ("error", "http_500")
+    assert (result.status, result.error_type) == ("error", "server")
     assert [a.outcome for a in result.attempts] == ["retry"] * (max_attempts - 1) + ["failed"]
     assert all(a.status_code == 500 for a in result.attempts)
 
@@ -316,7 +316,7 @@ async def test_a_client_error_is_not_retried(
     )
     matcher = await make_matcher()
     result = await matcher.match_async("USA")
-    assert (result.status, result.error_type) == ("error", "http_400")
+    assert (result.status, result.error_type) == ("error", "bad_request")
     assert result.error is not None and "bad model" in result.error
     assert llm.call_count == 1
 

@@ -95,10 +95,10 @@ def test_ann_scores_equal_exact_scores_of_the_same_candidates(
     qv = embedder.encode(queries[:10])
     everything = exact.search(qv, queries[:10], len(exact.catalog))
     for got, full in zip(ann.search(qv, queries[:10], 10), everything, strict=True):
-        by_id = {c.id: c for c in full}
+        by_id = {c.entity_id: c for c in full}
         for c in got:
-            assert c.score == pytest.approx(by_id[c.id].score, abs=2e-6)
-            assert c.matched_form == by_id[c.id].matched_form
+            assert c.score == pytest.approx(by_id[c.entity_id].score, abs=2e-6)
+            assert c.matched_form == by_id[c.entity_id].matched_form
 
 
 def test_ann_filter_returns_only_allowed_entities(
@@ -108,7 +108,7 @@ def test_ann_filter_returns_only_allowed_entities(
     for found in ann.search(embedder.encode(queries), queries, 10, allowed=allowed):
         assert len(found) == 10
         assert all(
-            ann.catalog.entities[ann.catalog.by_id[c.id]].attributes["region"] == "R3"
+            ann.catalog.entities[ann.catalog.by_id[c.entity_id]].attributes["region"] == "R3"
             for c in found
         )
 
@@ -119,7 +119,7 @@ def test_ann_filter_of_far_entities_still_returns_them(
     allowed = np.zeros(len(ann.catalog), dtype=bool)
     allowed[[5, 77]] = True
     [found] = ann.search(embedder.encode(["zzzz qqqq"]), ["zzzz qqqq"], 10, allowed=allowed)
-    assert sorted(c.id for c in found) == ["E5", "E77"]
+    assert sorted(c.entity_id for c in found) == ["E5", "E77"]
 
 
 def test_ann_filter_allowing_nothing_returns_empty_lists(
@@ -168,7 +168,7 @@ def test_matcher_index_option_reaches_the_index(
 ) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    with Matcher(catalog, embedder=FakeEmbedder(dim=64), index="ann") as matcher:
+    with Matcher(catalog, embedder=FakeEmbedder(dim=64), search="ann") as matcher:
         matcher.fit()
         assert matcher.index is not None and matcher.index.use_ann
         assert matcher.match("Kalo").candidates

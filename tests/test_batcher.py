@@ -67,7 +67,7 @@ async def entered(fn: Doubler) -> None:
 
 
 async def submit_all(batcher: MicroBatcher[int, int], items: Sequence[int]) -> list[int]:
-    return list(await asyncio.gather(*(batcher.submit(item) for item in items)))
+    return list(await asyncio.gather(*(batcher.submit_async(item) for item in items)))
 
 
 # -- batching --------------------------------------------------------------------------
@@ -78,7 +78,7 @@ async def test_concurrent_submits_are_grouped_into_full_batches(doubler: Doubler
     try:
         answers = await submit_all(batcher, range(64))
     finally:
-        await batcher.aclose()
+        await batcher.close_async()
 
     assert answers == [2 * i for i in range(64)]
     assert doubler.batches == [list(range(s, s + 16)) for s in range(0, 64, 16)]
@@ -90,14 +90,14 @@ async def test_a_partial_batch_flushes_after_max_wait(doubler: Doubler) -> None:
     batcher = MicroBatcher(doubler, max_batch_size=16, max_wait=0.05)
     loop = asyncio.get_running_loop()
     try:
-        pending = asyncio.gather(*(batcher.submit(item) for item in (1, 2, 3)))
+        pending = asyncio.gather(*(batcher.submit_async(item) for item in (1, 2, 3)))
         await asyncio.sleep(0.049)
         assert doubler.batches == []  # still waiting for more items
 
         assert await pending == [2, 4, 6]
         assert loop.time() >= 0.05
     finally:
-        await batcher.aclose()
+        await batcher.close_async()
 
     assert doubler.batches == [[1, 2, 3]]
 
@@ -107,11 +107,11 @@ async def test_a_flush_submit_sends_its_batch_without_waiting(doubler: Doubler) 
     batcher = MicroBatcher(doubler, max_batch_size=16, max_wait=10.0)
     loop = asyncio.get_running_loop()
     try:
-        together = asyncio.gather(batcher.submit(1), batcher.submit(2, flush=True))
+        together = asyncio.gather(batcher.submit_async(1), batcher.submit_async(2, flush=True))
         assert await together == [2, 4]
         assert loop.time() < 10.0  # the flush item did not wait max_wait for company
     finally:
-        await batcher.aclose()
+        await batcher.close_async()
 
     assert doubler.batches == [[1, 2]]  # items already queued still ride along
 
@@ -121,7 +121,7 @@ async def test_max_batch_size_one_processes_every_item_alone(doubler: Doubler) -
     try:
         answers = await submit_all(batcher, [5, 6, 7, 8])
     finally:
-        await batcher.aclose()
+        await batcher.close_async()
 
     assert answers == [10, 12, 14, 16]
     assert doubler.batches == [[5], [6], [7], [8]]
@@ -130,14 +130,14 @@ async def test_max_batch_size_one_processes_every_item_alone(doubler: Doubler) -
 async def test_items_arriving_while_a_batch_runs_form_the_next_batch(held: Doubler) -> None:
     batcher = MicroBatcher(held, max_batch_size=8, max_wait=0.0)
     try:
-        first = asyncio.gather(*(batcher.submit(item) for item in (1, 2)))
+        first = asyncio.gather(*(batcher.submit_async(item) for item in (1, 2)))
         await entered(held)
-        second = asyncio.gather(*(batcher.submit(item) for item in (3, 4, 5)))
+        second = asyncio.gather(*(batcher.submit_async(item) for item in (3, 4, 5)))
         await asyncio.sleep(0)
         held.release()
         assert (await first, await second) == ([2, 4], [6, 8, 10])
     finally:
-        await batcher.aclose()
+        await batcher.close_async()
 
     assert held.batches == [[1, 2], [3, 4, 5]]
 
@@ -147,7 +147,7 @@ async def test_the_function_runs_off_the_event_loop_thread(doubler: Doubler) -> 
     try:
         await submit_all(batcher, range(12))
     finally:
-        await batcher.aclose()
+        await batcher.close_async()
 
     assert doubler.threads
     assert threading.get_ident() not in doubler.threads
@@ -169,11 +169,11 @@ async def test_an_exception_reaches_every_caller_in_its_batch_and_the_batcher_re
     batcher = MicroBatcher(doubler, max_batch_size=3, max_wait=10.0)
     try:
         outcomes = await asyncio.gather(
-            *(batcher.submit(item) for item in (1, -1, 2)), return_exceptions=True
+            *(batcher.submit_async(item) for item in (1, -1, 2)), return_exceptions=True
         )
         after = await submit_all(batcher, [4, 5, 6])
     finally:
-        await batcher.aclose()
+        await batcher.close_async()
 
     assert [type(o) for o in outcomes] == [ValueError, ValueError, ValueError]
     assert after == [8, 10, 12]
@@ -193,11 +193,11 @@ async def test_a_function_returning_the_wrong_number_of_rows_fails_its_batch_onl
     try:
         async with asyncio.timeout(5):  # virtual: a dead batcher fails fast, not hangs
             outcomes = await asyncio.gather(
-                batcher.submit(1), batcher.submit(2), return_exceptions=True
+                batcher.submit_async(1), batcher.submit_async(2), return_exceptions=True
             )
             after = await submit_all(batcher, [3, 4])
     finally:
-        await batcher.aclose()
+        await batcher.close_async()
 
     assert [type(o) for o in outcomes] == [ValueError, ValueError]
     assert after == [3, 4]
@@ -207,7 +207,7 @@ async def test_a_function_returning_the_wrong_number_of_rows_fails_its_batch_onl
 async def test_a_caller_cancelled_before_the_flush_is_left_out(doubler: Doubler) -> None:
     batcher = MicroBatcher(doubler, max_batch_size=16, max_wait=1.0)
     try:
-        tasks = [asyncio.create_task(batcher.submit(item)) for item in (1, 2, 3)]
+        tasks = [asyncio.create_task(batcher.submit_async(item)) for item in (1, 2, 3)]
         await asyncio.sleep(0.5)
         tasks[1].cancel()
 
@@ -216,7 +216,7 @@ async def test_a_caller_cancelled_before_the_flush_is_left_out(doubler: Doubler)
         with pytest.raises(asyncio.CancelledError):
             await tasks[1]
     finally:
-        await batcher.aclose()
+        await batcher.close_async()
 
     assert doubler.batches == [[1, 3]]
 
@@ -225,16 +225,16 @@ async def test_a_caller_cancelled_before_the_flush_is_left_out(doubler: Doubler)
 async def test_a_batch_whose_callers_all_left_is_not_run(doubler: Doubler) -> None:
     batcher = MicroBatcher(doubler, max_batch_size=16, max_wait=1.0)
     try:
-        gone = [asyncio.create_task(batcher.submit(item)) for item in (1, 2)]
+        gone = [asyncio.create_task(batcher.submit_async(item)) for item in (1, 2)]
         await asyncio.sleep(0.5)
         for task in gone:
             task.cancel()
         await asyncio.wait(gone)
         await asyncio.sleep(1)  # past max_wait: the empty batch was dropped
 
-        assert await batcher.submit(3) == 6
+        assert await batcher.submit_async(3) == 6
     finally:
-        await batcher.aclose()
+        await batcher.close_async()
 
     assert doubler.batches == [[3]]
 
@@ -244,7 +244,7 @@ async def test_a_caller_cancelled_while_its_batch_runs_does_not_break_the_others
 ) -> None:
     batcher = MicroBatcher(held, max_batch_size=3, max_wait=10.0)
     try:
-        tasks = [asyncio.create_task(batcher.submit(item)) for item in (1, 2, 3)]
+        tasks = [asyncio.create_task(batcher.submit_async(item)) for item in (1, 2, 3)]
         await entered(held)
         tasks[1].cancel()
         held.release()
@@ -254,7 +254,7 @@ async def test_a_caller_cancelled_while_its_batch_runs_does_not_break_the_others
         with pytest.raises(asyncio.CancelledError):
             await tasks[1]
     finally:
-        await batcher.aclose()
+        await batcher.close_async()
 
 
 # -- closing ---------------------------------------------------------------------------
@@ -262,12 +262,12 @@ async def test_a_caller_cancelled_while_its_batch_runs_does_not_break_the_others
 
 async def test_aclose_cancels_callers_whose_batch_is_running_or_queued(held: Doubler) -> None:
     batcher = MicroBatcher(held, max_batch_size=2, max_wait=0.0)
-    running = [asyncio.create_task(batcher.submit(item)) for item in (1, 2)]
+    running = [asyncio.create_task(batcher.submit_async(item)) for item in (1, 2)]
     await entered(held)
-    queued = [asyncio.create_task(batcher.submit(item)) for item in (3, 4, 5)]
+    queued = [asyncio.create_task(batcher.submit_async(item)) for item in (3, 4, 5)]
     await asyncio.sleep(0)
 
-    await batcher.aclose()
+    await batcher.close_async()
 
     for task in running + queued:
         with pytest.raises(asyncio.CancelledError):
@@ -277,10 +277,10 @@ async def test_aclose_cancels_callers_whose_batch_is_running_or_queued(held: Dou
 @pytest.mark.looptime
 async def test_aclose_cancels_callers_whose_batch_is_still_filling(doubler: Doubler) -> None:
     batcher = MicroBatcher(doubler, max_batch_size=16, max_wait=60.0)
-    filling = [asyncio.create_task(batcher.submit(item)) for item in (1, 2)]
+    filling = [asyncio.create_task(batcher.submit_async(item)) for item in (1, 2)]
     await asyncio.sleep(1)  # the batcher holds both, waiting up to 60 s for more
 
-    await batcher.aclose()
+    await batcher.close_async()
 
     done, _ = await asyncio.wait(filling, timeout=5)
     assert set(done) == set(filling), "callers were left waiting forever"
@@ -290,14 +290,14 @@ async def test_aclose_cancels_callers_whose_batch_is_still_filling(doubler: Doub
 
 async def test_submit_after_aclose_is_an_error(doubler: Doubler) -> None:
     batcher = MicroBatcher(doubler)
-    assert await batcher.submit(1) == 2
-    await batcher.aclose()
+    assert await batcher.submit_async(1) == 2
+    await batcher.close_async()
 
     with pytest.raises(RuntimeError, match="closed"):
-        await batcher.submit(2)
+        await batcher.submit_async(2)
 
 
 async def test_aclose_of_an_unused_batcher_is_harmless(doubler: Doubler) -> None:
     batcher = MicroBatcher(doubler)
-    await batcher.aclose()
-    await batcher.aclose()
+    await batcher.close_async()
+    await batcher.close_async()

@@ -273,14 +273,14 @@ def _result(index: int, status: str = "matched", **fields: object) -> MatchResul
 
 
 def test_soak_checks_find_each_breach() -> None:
-    attempt = Attempt(number=1, outcome="failed", error_type="http_500")
-    good = [_result(0), _result(1, "error", error_type="http_500", attempts=[attempt])]
+    attempt = Attempt(number=1, outcome="failed", error_type="server")
+    good = [_result(0), _result(1, "error", error_type="server", attempts=[attempt])]
     assert all(soak_checks(2, good, [0.0, 1.0], rpm=2).values())
     checks = soak_checks(2, [_result(0), _result(0)], [0.0], rpm=2)
     assert not checks["no_duplicate_indexes"]
     assert not checks["every_index_present"]
     assert soak_checks(2, [_result(0)], [0.0], rpm=2)["exactly_n_results"] is False
-    untyped = [_result(0), _result(1, "error", error_type="http_500")]  # no attempt log
+    untyped = [_result(0), _result(1, "error", error_type="server")]  # no attempt log
     assert not soak_checks(2, untyped, [], rpm=2)["errors_typed_with_attempts"]
     assert not soak_checks(2, good, [0.0, 1.0, 59.0], rpm=2)["rpm_never_exceeded"]
     assert soak_checks(2, good, [0.0, 1.0, 60.0], rpm=2)["rpm_never_exceeded"]

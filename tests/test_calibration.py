@@ -170,16 +170,16 @@ async def test_where_filter_never_returns_a_candidate_outside_it() -> None:
         )
         with pytest.raises(ConfigError, match="no entity has"):
             await m.match_async("Paris", where={"region": "x"})
-    assert [c.id for c in one.candidates] == ["AD-CAN"]
+    assert [c.entity_id for c in one.candidates] == ["AD-CAN"]
     assert one.status == "matched" and one.entity_id == "AD-CAN"
-    assert {c.id for c in many[0].candidates} == {"US-PAR"}
-    assert all(c.id.startswith(("FR", "AD")) for c in many[1].candidates)
+    assert {c.entity_id for c in many[0].candidates} == {"US-PAR"}
+    assert all(c.entity_id.startswith(("FR", "AD")) for c in many[1].candidates)
     assert len(many[2].candidates) == 4
 
 
 def test_prompt_attributes_go_into_the_prompt_within_their_budget() -> None:
     catalog = load_catalog(PLACES)
-    cands = [Candidate(id=e["id"], name=e["name"], score=0.9) for e in PLACES]
+    cands = [Candidate(entity_id=e["id"], name=e["name"], score=0.9) for e in PLACES]
     messages = render_messages(
         "Paris, Texas", cands, catalog, attributes=["country", "pop"], attribute_chars=40
     )
@@ -246,7 +246,7 @@ def test_route_without_candidates_and_with_closed_routes_says_so() -> None:
     from nem_llm.config import Thresholds
 
     closed = Thresholds(accept=CLOSED_ACCEPT, margin=0.0, novel=CLOSED_NOVEL, exact=False)
-    r = route([Candidate(id="a", name="A", score=0.2)], closed, "q")
+    r = route([Candidate(entity_id="a", name="A", score=0.2)], closed, "q")
     assert (r.kind, r.rule) == ("adjudicate", "closed")
     assert "both auto routes are closed" in r.reason
     assert route([], closed, "q").kind == "novel"

@@ -63,7 +63,7 @@ def no_usage(_value: object) -> Usage:
 async def test_cancelling_a_governed_call_cancels_fn_and_frees_its_slot_and_budget() -> None:
     governor = Governor(Limits(concurrency=1, budget_tokens=100))
     fn = Blocked()
-    task = asyncio.create_task(governor.call(fn, estimated_tokens=100, usage_of=no_usage))
+    task = asyncio.create_task(governor.call_async(fn, estimated_tokens=100, usage_of=no_usage))
     await asyncio.sleep(1)
 
     task.cancel()
@@ -77,7 +77,7 @@ async def test_cancelling_a_governed_call_cancels_fn_and_frees_its_slot_and_budg
         return "ok"
 
     # the slot and the 100 reserved tokens are free again
-    governed = await governor.call(answer, estimated_tokens=100, usage_of=no_usage)
+    governed = await governor.call_async(answer, estimated_tokens=100, usage_of=no_usage)
     assert governed.value == "ok"
 
 
@@ -92,7 +92,9 @@ async def test_cancelling_a_governed_call_during_backoff_raises_cancelled_not_ll
         response = httpx.Response(503, headers={"retry-after": "100"}, request=REQUEST)
         raise openai.InternalServerError("busy", response=response, body=None)
 
-    task = asyncio.create_task(governor.call(unavailable, estimated_tokens=1, usage_of=no_usage))
+    task = asyncio.create_task(
+        governor.call_async(unavailable, estimated_tokens=1, usage_of=no_usage)
+    )
     await asyncio.sleep(50)  # inside the 100 s backoff
     task.cancel()
 
@@ -106,8 +108,8 @@ async def test_cancelling_a_governed_call_during_backoff_raises_cancelled_not_ll
 async def test_cancelling_a_call_waiting_for_a_slot_never_runs_it() -> None:
     governor = Governor(Limits(concurrency=1))
     first, second = Blocked(), Blocked()
-    holder = asyncio.create_task(governor.call(first, estimated_tokens=1, usage_of=no_usage))
-    waiter = asyncio.create_task(governor.call(second, estimated_tokens=1, usage_of=no_usage))
+    holder = asyncio.create_task(governor.call_async(first, estimated_tokens=1, usage_of=no_usage))
+    waiter = asyncio.create_task(governor.call_async(second, estimated_tokens=1, usage_of=no_usage))
     await asyncio.sleep(1)
 
     waiter.cancel()
@@ -126,7 +128,7 @@ async def test_timeout_of_an_attempt_is_not_mistaken_for_cancellation() -> None:
     fn = Blocked()
 
     with pytest.raises(LLMError) as caught:
-        await governor.call(fn, estimated_tokens=1, usage_of=no_usage)
+        await governor.call_async(fn, estimated_tokens=1, usage_of=no_usage)
 
     assert caught.value.cause == "timeout"
     assert fn.calls == 2

@@ -788,7 +788,7 @@ def test_eval_json_agrees_with_an_independent_computation(
     assert (report["queries"], report["with_gold"], report["without_gold"]) == (21, 16, 5)
 
     def recall(k: int) -> float:
-        hits = sum(gold[r["id"]] in [c["id"] for c in r["candidates"][:k]] for r in present)
+        hits = sum(gold[r["id"]] in [c["entity_id"] for c in r["candidates"][:k]] for r in present)
         return hits / len(present)
 
     assert report["recall_at"]["1"] == pytest.approx(recall(1))
@@ -837,7 +837,7 @@ def test_eval_with_simulated_oracle_llm_is_at_least_as_accurate(
     gold = {item["qid"]: item["gold_id"] for item in labelled}
     ambiguous = [r for r in rows if r["status"] == "review"]
     oracle_right = sum(
-        gold[r["id"]] is None or gold[r["id"]] in [c["id"] for c in r["candidates"]]
+        gold[r["id"]] is None or gold[r["id"]] in [c["entity_id"] for c in r["candidates"]]
         for r in ambiguous
     )
     embedding_right = sum(

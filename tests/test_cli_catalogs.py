@@ -49,9 +49,9 @@ def test_where_filters_each_row_by_its_own_column(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     lines = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()
     rows = {r["id"]: r for r in map(json.loads, lines)}
-    assert [c["id"] for c in rows["q1"]["candidates"]] == ["AD-CAN"]
-    assert {c["id"] for c in rows["q2"]["candidates"]} == {"FR-CAN", "FR-PAR"}
-    assert {c["id"] for c in rows["q3"]["candidates"]} == {"US-PAR"}
+    assert [c["entity_id"] for c in rows["q1"]["candidates"]] == ["AD-CAN"]
+    assert {c["entity_id"] for c in rows["q2"]["candidates"]} == {"FR-CAN", "FR-PAR"}
+    assert {c["entity_id"] for c in rows["q3"]["candidates"]} == {"US-PAR"}
     assert len(rows["q4"]["candidates"]) == 4  # empty value: no filter
     assert rows["q1"]["entity_id"] == "AD-CAN" and rows["q2"]["entity_id"] == "FR-CAN"
     assert rows["q3"]["entity_id"] == "US-PAR"

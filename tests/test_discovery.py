@@ -47,7 +47,7 @@ def _results(path: Path) -> Path:
     rows = []
     texts = [t for group in GROUPS.values() for t in group] + LONERS
     for i, text in enumerate(texts):
-        cands = [Candidate(id="hrv-old", name="Old Croatian", score=0.4)]
+        cands = [Candidate(entity_id="hrv-old", name="Old Croatian", score=0.4)]
         r = MatchResult(query=text, index=i, status="novel", candidates=cands)
         rows.append({"id": f"q{i}", **r.model_dump(mode="json")})
     rows.append(MatchResult(query="English", status="matched", entity_id="eng").model_dump())
@@ -180,7 +180,7 @@ async def test_an_existing_entity_the_retrieval_missed_comes_back_with_its_id(
         MatchResult(
             query=text,
             status="novel",
-            candidates=[Candidate(id="hrv-old", name="Old Croatian", score=0.4)],
+            candidates=[Candidate(entity_id="hrv-old", name="Old Croatian", score=0.4)],
         ).model_dump()
         for text in ["Old Croatian", "old croatian", "Old-Croatian"]
     ]

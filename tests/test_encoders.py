@@ -186,7 +186,7 @@ def test_matcher_encodes_catalog_and_queries_with_its_encoder(
         matcher.fit()
         assert matcher.index is not None
         assert matcher.index.embedder_name == matcher.embedder.name == "all-MiniLM-L6-v2@onnx"
-        assert matcher.match("Deutschland").candidates[0].id == "DE"
+        assert matcher.match("Deutschland").candidates[0].entity_id == "DE"
 
 
 def test_an_index_saved_with_one_encoder_is_refused_by_another(
@@ -195,7 +195,7 @@ def test_an_index_saved_with_one_encoder_is_refused_by_another(
     catalog = load_catalog(countries)
     vectors = FakeEmbedder(384).encode(list(catalog.forms))
     HybridIndex(catalog, vectors, embedder_name="all-MiniLM-L6-v2@onnx-int8").save(tmp_path)
-    with Matcher(countries, llm=False, encoder="torch", index_path=tmp_path) as matcher:
+    with Matcher(countries, llm=False, encoder="torch", index_dir=tmp_path) as matcher:
         with pytest.raises(ConfigError, match=r"built with.*@onnx-int8.*encoder='onnx-int8'"):
             matcher.fit()
 
@@ -204,10 +204,10 @@ def test_auto_loads_a_saved_index_with_the_encoder_that_built_it(
     countries: list[dict[str, Any]], tmp_path: Path, use_cache: Path
 ) -> None:
     build_index(load_catalog(countries), OnnxEmbedder(quantize=True), tmp_path / "idx")
-    with Matcher(countries, llm=False, index_path=tmp_path / "idx") as matcher:
+    with Matcher(countries, llm=False, index_dir=tmp_path / "idx") as matcher:
         matcher.fit()
         assert matcher.embedder.name == "all-MiniLM-L6-v2@onnx-int8"
-        assert matcher.match("Österreich").candidates[0].id == "AT"
+        assert matcher.match("Österreich").candidates[0].entity_id == "AT"
 
 
 def test_auto_refuses_an_index_whose_encoder_is_not_installed(
@@ -217,7 +217,7 @@ def test_auto_refuses_an_index_whose_encoder_is_not_installed(
     vectors = FakeEmbedder(384).encode(list(catalog.forms))
     HybridIndex(catalog, vectors, embedder_name="all-MiniLM-L6-v2@onnx").save(tmp_path)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with Matcher(countries, llm=False, index_path=tmp_path) as matcher:
+    with Matcher(countries, llm=False, index_dir=tmp_path) as matcher:
         with pytest.raises(ConfigError, match="vectors of two embedders cannot be mixed"):
             matcher.fit()
 

@@ -23,6 +23,7 @@ EXPORTED = [
     "Limits",
     "MatchResult",
     "Matcher",
+    "MatcherSettings",
     "NemLLMError",
     "NotReadyError",
     "QueryError",

@@ -40,10 +40,10 @@ async def test_aliases_mode_matches_a_repeated_mention_without_the_llm() -> None
 
 async def test_learned_aliases_reload_after_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "idx"
-    async with Matcher(ENTITIES, embedder=FakeEmbedder(), llm=False, index_path=path) as m:
+    async with Matcher(ENTITIES, embedder=FakeEmbedder(), llm=False, index_dir=path) as m:
         await m.fit_async(LABELS, mode="aliases", holdout=0.0)
     assert (path / "learned.json").exists()
-    async with Matcher(ENTITIES, embedder=FakeEmbedder(), llm=False, index_path=path) as again:
+    async with Matcher(ENTITIES, embedder=FakeEmbedder(), llm=False, index_dir=path) as again:
         await again.fit_async()  # no labels: what was learned comes back from the index dir
         hellas = await again.match_async("Hellas")
         atlantis = await again.match_async("Atlantis")
@@ -95,13 +95,13 @@ async def test_full_mode_fine_tunes_and_the_tuned_model_reloads_offline(tmp_path
     path = tmp_path / "idx"
     labels = [("Hellas", "E1"), ("Ellada", "E1"), ("Deutschland", "E0"), ("Allemagne", "E0")]
     labels = labels * 6  # 24 pairs with an id
-    async with Matcher(ENTITIES, llm=False, index_path=path) as m:
+    async with Matcher(ENTITIES, llm=False, index_dir=path) as m:
         await m.fit_async(
             labels, mode="full", holdout=0.0, max_seconds=5, show_progress=False, batch_size=4
         )
         tuned_name = m.embedder.name
         assert "+ft-" in tuned_name and m.last_finetune is not None
-    async with Matcher(ENTITIES, llm=False, index_path=path) as again:
+    async with Matcher(ENTITIES, llm=False, index_dir=path) as again:
         await again.fit_async()
         assert again.embedder.name == tuned_name  # the tuned model, loaded from the index dir
         hellas = await again.match_async("Hellas")

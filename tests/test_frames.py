@@ -1,4 +1,4 @@
-"""DataFrames round trips: Matcher.match_frame(_async) on pandas, polars and pyarrow."""
+"""DataFrames round trips: integrations.frames.match_frame(_async) on pandas, polars, pyarrow."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from nem_llm import ConfigError, Matcher
-from nem_llm.integrations.frames import RESULT_COLUMNS
+from nem_llm.integrations.frames import RESULT_COLUMNS, match_frame, match_frame_async
 from nem_llm.testing import FakeEmbedder, FakeLLM
 
 pd = pytest.importorskip("pandas", reason="needs the frames extra")
@@ -55,7 +55,7 @@ KINDS = ["pandas", "polars", "arrow"]
 @pytest.mark.parametrize("kind", KINDS)
 async def test_match_frame_adds_the_result_columns_row_for_row(matcher: Matcher, kind: str) -> None:
     frame = make_frame(kind, {"name": QUERIES, "row": list(range(5))})
-    out = await matcher.match_frame_async(frame)
+    out = await match_frame_async(matcher, frame)
     assert type(out) is type(frame)
     rows = to_rows(out)
     assert [r["row"] for r in rows] == list(range(5))
@@ -70,7 +70,7 @@ async def test_match_frame_adds_the_result_columns_row_for_row(matcher: Matcher,
 async def test_match_frame_scores_are_null_only_where_there_is_no_score(
     matcher: Matcher, kind: str
 ) -> None:
-    rows = to_rows(await matcher.match_frame_async(make_frame(kind, {"name": QUERIES})))
+    rows = to_rows(await match_frame_async(matcher, make_frame(kind, {"name": QUERIES})))
     assert [r["score"] is None for r in rows] == [False, False, True, False, False]
     assert rows[0]["score"] == pytest.approx(1.0)
     assert all(r["cost"] == 0.0 for r in rows)
@@ -79,14 +79,14 @@ async def test_match_frame_scores_are_null_only_where_there_is_no_score(
 @pytest.mark.parametrize("kind", KINDS)
 async def test_match_frame_leaves_the_input_frame_unchanged(matcher: Matcher, kind: str) -> None:
     frame = make_frame(kind, {"name": QUERIES})
-    await matcher.match_frame_async(frame)
+    await match_frame_async(matcher, frame)
     assert list(to_rows(frame)[0]) == ["name"]
 
 
 def test_match_frame_keeps_the_pandas_index(countries: list[dict[str, Any]]) -> None:
     with Matcher(countries, embedder=FakeEmbedder(), llm=False) as m:
         m.fit()
-        out = m.match_frame(pd.DataFrame({"q": ["USA", "France"]}, index=["a", "b"]), column="q")
+        out = match_frame(m, pd.DataFrame({"q": ["USA", "France"]}, index=["a", "b"]), column="q")
     assert list(out.index) == ["a", "b"]
     assert out.loc["b", "entity_id"] == "FR"
 
@@ -94,29 +94,29 @@ def test_match_frame_keeps_the_pandas_index(countries: list[dict[str, Any]]) -> 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_match_frame_candidates_column_only_when_asked(matcher: Matcher, kind: str) -> None:
     frame = make_frame(kind, {"name": ["USA", "France"]})
-    rows = to_rows(await matcher.match_frame_async(frame, candidates=True, top_k=2))
-    assert rows[0]["candidates"][0]["id"] == "US"
+    rows = to_rows(await match_frame_async(matcher, frame, candidates=True, top_k=2))
+    assert rows[0]["candidates"][0]["entity_id"] == "US"
     assert len(rows[1]["candidates"]) == 2
-    assert "candidates" not in to_rows(await matcher.match_frame_async(frame))[0]
+    assert "candidates" not in to_rows(await match_frame_async(matcher, frame))[0]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_match_frame_prefix_avoids_a_clash(matcher: Matcher, kind: str) -> None:
     frame = make_frame(kind, {"name": ["USA"], "status": ["raw"]})
     with pytest.raises(ConfigError, match="prefix="):
-        await matcher.match_frame_async(frame)
-    rows = to_rows(await matcher.match_frame_async(frame, prefix="match_"))
+        await match_frame_async(matcher, frame)
+    rows = to_rows(await match_frame_async(matcher, frame, prefix="match_"))
     assert (rows[0]["status"], rows[0]["match_status"]) == ("raw", "matched")
 
 
 async def test_match_frame_names_a_missing_column(matcher: Matcher) -> None:
     with pytest.raises(ConfigError, match="'text' is not in the frame"):
-        await matcher.match_frame_async(pd.DataFrame({"name": ["USA"]}), column="text")
+        await match_frame_async(matcher, pd.DataFrame({"name": ["USA"]}), column="text")
 
 
 async def test_match_frame_rejects_what_is_not_a_frame(matcher: Matcher) -> None:
     with pytest.raises(ConfigError, match="pandas or polars DataFrame or a pyarrow Table"):
-        await matcher.match_frame_async([{"name": "USA"}])
+        await match_frame_async(matcher, [{"name": "USA"}])
 
 
 async def test_match_frame_carries_the_llm_cost(countries: list[dict[str, Any]]) -> None:
@@ -125,7 +125,7 @@ async def test_match_frame_carries_the_llm_cost(countries: list[dict[str, Any]])
     m = Matcher(countries, embedder=FakeEmbedder(), client=client, accept_threshold=1.01)
     await m.fit_async()
     try:
-        out = await m.match_frame_async(pl.DataFrame({"name": ["Germani"]}))
+        out = await match_frame_async(m, pl.DataFrame({"name": ["Germani"]}))
     finally:
         await m.aclose()
     row = out.to_dicts()[0]
@@ -142,6 +142,6 @@ async def test_match_frame_where_columns_filter_each_row(kind: str) -> None:
     async with Matcher(entities, embedder=FakeEmbedder(), llm=False) as m:
         await m.fit_async()
         frame = make_frame(kind, {"name": ["Paris", "Paris"], "cc": ["US", "FR"]})
-        out = await m.match_frame_async(frame, where_columns={"cc": "country"}, candidates=True)
+        out = await match_frame_async(m, frame, where_columns={"country": "cc"}, candidates=True)
     rows = to_rows(out)
-    assert [[c["id"] for c in r["candidates"]] for r in rows] == [["PAR-US"], ["PAR-FR"]]
+    assert [[c["entity_id"] for c in r["candidates"]] for r in rows] == [["PAR-US"], ["PAR-FR"]]

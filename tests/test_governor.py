@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from nem_llm import Limits, Matcher
-from nem_llm.errors import AdjudicationError, BudgetExceededError, LLMError
+from nem_llm.errors import AdjudicationError, BudgetExceededError, LLMError, http_error_code
 from nem_llm.llm.governor import Governed, Governor, RequestPacer, TokenBucket, classify_error
 from nem_llm.models import Usage
 from nem_llm.testing import FakeEmbedder, FakeLLM
@@ -98,7 +98,9 @@ class Script:
 
 
 async def call(governor: Governor, fn: Callable[[], Any], estimate: int = 1) -> Governed[Reply]:
-    result: Governed[Reply] = await governor.call(fn, estimated_tokens=estimate, usage_of=usage_of)
+    result: Governed[Reply] = await governor.call_async(
+        fn, estimated_tokens=estimate, usage_of=usage_of
+    )
     return result
 
 
@@ -496,7 +498,7 @@ async def test_client_errors_are_not_retried(status: int) -> None:
         await call(governor, fn)
 
     assert fn.calls == 1
-    assert caught.value.cause == f"http_{status}"
+    assert caught.value.cause == http_error_code(status)
     assert caught.value.__cause__ is error
     assert [(a.outcome, a.status_code) for a in caught.value.attempts] == [("failed", status)]
     assert not isinstance(caught.value, BudgetExceededError)
@@ -504,10 +506,10 @@ async def test_client_errors_are_not_retried(status: int) -> None:
 
 TRANSIENT: dict[str, tuple[Callable[[], BaseException], str]] = {
     "429": (lambda: http_error(429), "rate_limit"),
-    "408": (lambda: http_error(408), "http_408"),
-    "409": (lambda: http_error(409), "http_409"),
-    "500": (lambda: http_error(500), "http_500"),
-    "503": (lambda: http_error(503), "http_503"),
+    "408": (lambda: http_error(408), "timeout"),
+    "409": (lambda: http_error(409), "bad_request"),
+    "500": (lambda: http_error(500), "server"),
+    "503": (lambda: http_error(503), "server"),
     "api-timeout": (lambda: openai.APITimeoutError(request=REQUEST), "timeout"),
     "connection": (lambda: openai.APIConnectionError(request=REQUEST), "connection"),
 }
@@ -557,7 +559,7 @@ async def test_gives_up_after_max_attempts_with_every_attempt_attached() -> None
         await call(governor, fn)
 
     assert fn.calls == 3
-    assert caught.value.cause == "http_503"
+    assert caught.value.cause == "server"
     assert "after 3 attempts" in str(caught.value)
     assert [a.outcome for a in caught.value.attempts] == ["retry", "retry", "failed"]
     assert [a.number for a in caught.value.attempts] == [1, 2, 3]

@@ -25,13 +25,13 @@ def no_llm_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(params=["exact", "ann"])
 def matcher(request: pytest.FixtureRequest, countries: list[dict[str, Any]]) -> Any:
-    with Matcher(countries, embedder=FakeEmbedder(), index=request.param) as m:
+    with Matcher(countries, embedder=FakeEmbedder(), search=request.param) as m:
         m.fit()
         yield m
 
 
 def ids(matcher: Matcher, query: str, k: int = 10) -> list[str]:
-    return [c.id for c in matcher.match(query, top_k=k).candidates]
+    return [c.entity_id for c in matcher.match(query, top_k=k).candidates]
 
 
 def test_added_entity_is_found_by_the_next_query(matcher: Matcher) -> None:
@@ -49,15 +49,15 @@ def test_removed_entity_is_never_returned(matcher: Matcher) -> None:
 def test_updated_entity_is_found_by_its_new_alias(matcher: Matcher) -> None:
     matcher.update_entities([{"id": "AT", "name": "Austria", "aliases": ["Ostarrichi"]}])
     found = matcher.match("Ostarrichi").candidates
-    assert (found[0].id, found[0].matched_form) == ("AT", "Ostarrichi")
+    assert (found[0].entity_id, found[0].matched_form) == ("AT", "Ostarrichi")
     assert "Österreich" not in matcher.catalog.forms
 
 
 async def test_async_add_is_awaitable(countries: list[dict[str, Any]]) -> None:
-    async with Matcher(countries, embedder=FakeEmbedder(), index="ann") as m:
+    async with Matcher(countries, embedder=FakeEmbedder(), search="ann") as m:
         await m.fit_async()
         await m.add_entities_async([{"id": "ES", "name": "Spain", "aliases": ["España"]}])
-        assert (await m.match_async("Espana")).candidates[0].id == "ES"
+        assert (await m.match_async("Espana")).candidates[0].entity_id == "ES"
 
 
 def test_adding_a_present_id_is_refused(matcher: Matcher) -> None:
@@ -81,7 +81,7 @@ def test_changes_are_persisted_with_the_new_fingerprint(
     countries: list[dict[str, Any]], tmp_path: Path
 ) -> None:
     path = tmp_path / "idx"
-    with Matcher(countries, embedder=FakeEmbedder(), index="ann", index_path=path) as m:
+    with Matcher(countries, embedder=FakeEmbedder(), search="ann", index_dir=path) as m:
         m.fit()
         m.add_entities([{"id": "IT", "name": "Italy"}])
         m.remove_entities(["FR"])
@@ -90,31 +90,31 @@ def test_changes_are_persisted_with_the_new_fingerprint(
     assert catalog_fingerprint(loaded.catalog) == catalog_fingerprint(live)
     assert HybridIndex.read_manifest(path)["version"] == 2
     [found] = loaded.search(FakeEmbedder().encode(["Italy"]), ["Italy"], 10)
-    assert found[0].id == "IT" and "FR" not in {c.id for c in found}
+    assert found[0].entity_id == "IT" and "FR" not in {c.entity_id for c in found}
 
 
 def test_a_matcher_reopens_an_updated_index_with_the_saved_catalog(
     countries: list[dict[str, Any]], tmp_path: Path
 ) -> None:
     path = tmp_path / "idx"
-    with Matcher(countries, embedder=FakeEmbedder(), index_path=path) as m:
+    with Matcher(countries, embedder=FakeEmbedder(), index_dir=path) as m:
         m.fit()
         m.add_entities([{"id": "IT", "name": "Italy"}])
     saved = HybridIndex.saved_catalog(path)
     embedder = FakeEmbedder()
     # fixed thresholds: the catalog changed, so a label-free calibration would probe again
     fixed = {"accept_threshold": 0.92, "margin": 0.05, "novel_threshold": 0.45}
-    with Matcher(saved, embedder=embedder, index_path=path, **fixed) as m:
+    with Matcher(saved, embedder=embedder, index_dir=path, **fixed) as m:
         m.fit()
         assert embedder.texts_encoded == 0  # loaded, not rebuilt
-        assert m.match("Italy").candidates[0].id == "IT"
+        assert m.match("Italy").candidates[0].entity_id == "IT"
 
 
 def test_the_original_catalog_is_refused_by_an_updated_index(
     countries: list[dict[str, Any]], tmp_path: Path
 ) -> None:
     path = tmp_path / "idx"
-    with Matcher(countries, embedder=FakeEmbedder(), index_path=path) as m:
+    with Matcher(countries, embedder=FakeEmbedder(), index_dir=path) as m:
         m.fit()
         m.add_entities([{"id": "IT", "name": "Italy"}])
     with pytest.raises(Exception, match="different catalog"):
@@ -147,7 +147,7 @@ def test_a_crash_mid_save_leaves_the_previous_index_usable(
     old = HybridIndex.load(path)
     assert catalog_fingerprint(old.catalog) == catalog_fingerprint(catalog)
     [found] = old.search(embedder.encode(["Germany"]), ["Germany"], 3)
-    assert found[0].id == "DE"
+    assert found[0].entity_id == "DE"
 
 
 def test_the_next_save_after_a_crash_clears_the_half_written_version(
@@ -181,7 +181,7 @@ def places(request: pytest.FixtureRequest) -> Any:
         {"id": "PAR-FR", "name": "Paris", "attributes": {"country": "FR"}},
         {"id": "PAR-US", "name": "Paris", "aliases": ["Paris TX"], "attributes": {"country": "US"}},
     ]
-    with Matcher(entities, embedder=FakeEmbedder(), index=request.param) as m:
+    with Matcher(entities, embedder=FakeEmbedder(), search=request.param) as m:
         m.fit()
         yield m
 
@@ -200,4 +200,4 @@ def test_a_filter_used_before_an_update_follows_the_updated_attributes(places: M
 
 
 def ids_of(result: Any) -> list[str]:
-    return [c.id for c in result.candidates]
+    return [c.entity_id for c in result.candidates]

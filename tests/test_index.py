@@ -55,20 +55,24 @@ def test_search_returns_k_candidates_best_first(
 ) -> None:
     [found] = search(index, fake_embedder, ["Germany"], k=3)
     assert len(found) == 3
-    assert found[0].id == "DE"
+    assert found[0].entity_id == "DE"
     assert [c.score for c in found] == sorted((c.score for c in found), reverse=True)
 
 
 def test_k_is_capped_at_the_catalog_size(index: HybridIndex, fake_embedder: FakeEmbedder) -> None:
     [found] = search(index, fake_embedder, ["Germany"], k=50)
-    assert sorted(c.id for c in found) == ["AT", "DE", "FR", "UK", "US"]
+    assert sorted(c.entity_id for c in found) == ["AT", "DE", "FR", "UK", "US"]
 
 
 def test_an_entity_scores_by_its_best_surface_form(
     index: HybridIndex, fake_embedder: FakeEmbedder
 ) -> None:
     [found] = search(index, fake_embedder, ["Deutschland"], k=1)
-    assert (found[0].id, found[0].name, found[0].matched_form) == ("DE", "Germany", "Deutschland")
+    assert (found[0].entity_id, found[0].name, found[0].matched_form) == (
+        "DE",
+        "Germany",
+        "Deutschland",
+    )
     assert found[0].score == 1.0
 
 
@@ -102,7 +106,7 @@ def test_lexical_part_lifts_a_shared_character_ngram_match(
     hybrid = build(catalog, fake_embedder, lexical_weight=0.5)
     [d] = search(dense_only, fake_embedder, ["Osterreich"], k=1)
     [h] = search(hybrid, fake_embedder, ["Osterreich"], k=1)
-    assert d[0].id == h[0].id == "AT"
+    assert d[0].entity_id == h[0].entity_id == "AT"
     assert h[0].score != d[0].score
 
 
@@ -176,13 +180,13 @@ async def test_matcher_saves_its_index_and_a_second_matcher_loads_it_without_enc
     tmp_path: Path, countries: list[dict[str, Any]], no_llm_env: None
 ) -> None:
     path = tmp_path / "idx"
-    async with Matcher(countries, embedder=FakeEmbedder(), index_path=path) as first:
+    async with Matcher(countries, embedder=FakeEmbedder(), index_dir=path) as first:
         await first.fit_async()
         expected = await first.match_async(["USA", "United", "zzzz"])
     assert json.loads((path / "manifest.json").read_text())["forms"] == len(first.catalog.forms)
 
     embedder = FakeEmbedder()
-    async with Matcher(countries, embedder=embedder, index_path=path) as second:
+    async with Matcher(countries, embedder=embedder, index_dir=path) as second:
         await second.fit_async()
         assert embedder.texts_encoded == 0  # the catalog was not encoded again
         got = await second.match_async(["USA", "United", "zzzz"])
@@ -195,9 +199,9 @@ async def test_matcher_refuses_an_index_saved_for_a_different_catalog(
     tmp_path: Path, countries: list[dict[str, Any]]
 ) -> None:
     path = tmp_path / "idx"
-    async with Matcher(countries, embedder=FakeEmbedder(), index_path=path) as first:
+    async with Matcher(countries, embedder=FakeEmbedder(), index_dir=path) as first:
         await first.fit_async()
-    async with Matcher(countries[:-1], embedder=FakeEmbedder(), index_path=path) as other:
+    async with Matcher(countries[:-1], embedder=FakeEmbedder(), index_dir=path) as other:
         with pytest.raises(ConfigError, match="different catalog"):
             await other.fit_async()
         assert not other.ready
@@ -232,7 +236,7 @@ async def test_minilm_recall_at_5_on_restaurant_records_is_at_least_0_9(
     ) as matcher:
         await matcher.fit_async()
         results = await matcher.match_batch_async([q for q, _ in queries], top_k=5)
-    found = [[c.id for c in r.candidates] for r in results]
+    found = [[c.entity_id for c in r.candidates] for r in results]
     hits = sum(gold in ids for ids, (_, gold) in zip(found, queries, strict=True))
     assert hits / len(queries) >= 0.9
 
@@ -276,7 +280,7 @@ async def test_minilm_ranks_the_right_entity_first_for_a_paraphrase(
     async with Matcher(countries, embedder=minilm) as matcher:
         await matcher.fit_async()
         result = await matcher.match_async(query)
-    assert result.candidates[0].id == gold
+    assert result.candidates[0].entity_id == gold
     assert result.status == "review"  # not an exact form: it is the LLM's call, and none is set
 
 
@@ -304,7 +308,7 @@ def test_allowed_mask_never_returns_an_entity_outside_it() -> None:
     index = HybridIndex(catalog, emb.encode(list(catalog.forms)))
     mask = catalog.where_mask({"country": "FR"})
     found = index.search(emb.encode(["Canillo 4"]), ["Canillo 4"], 50, allowed=mask)[0]
-    assert {c.id for c in found} == {str(i) for i in range(30) if i % 3 == 0}
+    assert {c.entity_id for c in found} == {str(i) for i in range(30) if i % 3 == 0}
     nothing = index.search(emb.encode(["x"]), ["x"], 5, allowed=np.zeros(30, dtype=bool))
     assert nothing == [[]]
 
@@ -341,7 +345,7 @@ def test_entities_with_equal_reported_scores_come_in_catalog_order(
     vectors[later] *= np.float32(1.0 + 3e-7)  # the later twin scores a hair higher
     index = HybridIndex(catalog, vectors, embedder_name=fake_embedder.name)
     found = search(index, fake_embedder, ["blackman cresent road"], 5)[0]
-    assert [c.id for c in found[:2]] == ["twin-b", "twin-a"]
+    assert [c.entity_id for c in found[:2]] == ["twin-b", "twin-a"]
 
 
 def test_small_encodes_use_query_threads_and_restore_torch_setting(

@@ -43,7 +43,7 @@ def test_built_index_loads_with_its_catalog(
     build_index(catalog, FakeEmbedder(), tmp_path / "idx", chunk_size=4)
     loaded = HybridIndex.load(tmp_path / "idx", catalog)
     [found] = loaded.search(FakeEmbedder().encode(["Germany"]), ["Germany"], 1)
-    assert found[0].id == "DE"
+    assert found[0].entity_id == "DE"
     assert not (tmp_path / "idx" / ".chunks").exists()
 
 

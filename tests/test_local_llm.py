@@ -298,5 +298,5 @@ async def test_full_pipeline_adjudicates_against_the_real_local_model(
         if r.status != "error":  # schema-valid answers: an offered id or none
             assert r.decided_by == "llm"
             assert r.status in ("matched", "novel")
-            assert r.entity_id in (None, *[c.id for c in r.candidates])
+            assert r.entity_id in (None, *[c.entity_id for c in r.candidates])
     assert any(r.status != "error" for r in results)

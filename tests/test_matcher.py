@@ -62,7 +62,7 @@ async def test_match_async_of_a_string_returns_one_match_result(matcher: Matcher
     assert (result.query, result.index, result.status) == ("USA", 0, "matched")
     assert (result.entity_id, result.entity_name) == ("US", "United States")
     assert result.score == 1.0 and result.decided_by == "embedding"
-    assert result.candidates[0].id == "US" and result.error is None
+    assert result.candidates[0].entity_id == "US" and result.error is None
 
 
 async def test_match_async_of_a_list_returns_a_list_in_input_order(matcher: Matcher) -> None:
@@ -190,7 +190,7 @@ async def test_a_bad_query_in_a_batch_is_an_error_record_and_the_rest_match(
     assert (first.status, first.entity_id) == ("matched", "US")
     assert (last.status, last.entity_id) == ("matched", "AT")
     assert (bad.index, bad.status, bad.entity_id) == (1, "error", None)
-    assert bad.error_type == "QueryError"
+    assert bad.error_type == "input"
     assert bad.error is not None and why in bad.error and "queries[1]" in bad.error
 
 

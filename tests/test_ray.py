@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from nem_llm import Matcher
+from nem_llm import Matcher, MatcherSettings
 from nem_llm.config import Limits
 from nem_llm.jobs.batch import MatchJob, run_match_job
 from nem_llm.sim import SimConfig, run_simulator
@@ -70,9 +70,10 @@ def test_split_limits_never_lets_the_fleet_exceed_the_global_limits() -> None:
 
 def test_prepare_index_saves_the_index_once(tmp_path: Path) -> None:
     embedder = FakeEmbedder()
-    prepare_index(CATALOG, tmp_path / "idx", embedder=embedder)
+    settings = MatcherSettings(index_dir=tmp_path / "idx")
+    prepare_index(CATALOG, settings, embedder)
     calls = embedder.calls
-    prepare_index(CATALOG, tmp_path / "idx", embedder=embedder)
+    prepare_index(CATALOG, settings, embedder)
     assert calls > 0 and embedder.calls == calls
 
 
@@ -81,8 +82,7 @@ def _job(tmp_path: Path, name: str, base_url: str) -> MatchJob:
         catalog=CATALOG,
         queries=QUERIES,
         out=tmp_path / f"{name}.jsonl",
-        base_url=base_url,
-        accept_threshold=0.8,
+        settings=MatcherSettings(base_url=base_url, accept_threshold=0.8),
     )
 
 
@@ -95,7 +95,7 @@ def test_the_ray_engine_writes_the_local_engines_rows(tmp_path: Path, sim_url: s
     local = _job(tmp_path, "local", sim_url)
     asyncio.run(run_match_job(local, matcher_factory=partial(Matcher, embedder=FakeEmbedder())))
     remote = _job(tmp_path, "ray", sim_url)
-    summary = run_ray_job(remote, actors=2, matcher_options={"embedder": FakeEmbedder()})
+    summary = run_ray_job(remote, actors=2, embedder=FakeEmbedder())
     keys = ("id", "index", "line", "status", "entity_id", "decided_by", "reason")
     want = [{k: r[k] for k in keys} for r in _rows(local.out)]
     got = [{k: r[k] for k in keys} for r in _rows(remote.out)]
@@ -111,10 +111,9 @@ def test_match_dataset_keeps_every_rows_id(tmp_path: Path) -> None:
     out = match_dataset(
         ds,
         catalog=str(CATALOG),
-        index=tmp_path / "idx",
+        settings=MatcherSettings(index_dir=tmp_path / "idx", llm=False),
         actors=2,
         embedder=FakeEmbedder(),
-        llm=False,
     )
     rows = out.take_all()
     assert sorted(r["id"] for r in rows) == ["row0", "row1", "row2"]

@@ -30,7 +30,10 @@ LABEL_CHARTS = {"threshold", "confusions"}
 
 def _cands(top: str, score: float) -> list[Candidate]:
     other = "DE" if top != "DE" else "US"
-    return [Candidate(id=top, name=top, score=score), Candidate(id=other, name=other, score=0.3)]
+    return [
+        Candidate(entity_id=top, name=top, score=score),
+        Candidate(entity_id=other, name=other, score=0.3),
+    ]
 
 
 def _results() -> list[MatchResult]:

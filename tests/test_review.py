@@ -14,6 +14,7 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
+from nem_llm import MatcherSettings
 from nem_llm.errors import InputError
 from nem_llm.jobs.batch import MatchJob, run_match_job
 from nem_llm.jobs.review import LABELS_FILE, export_review, import_review, load_labels
@@ -27,8 +28,8 @@ QUERIES = ["USA", "Deutschland", "Grossbritannien", "Atlantis", "Frankreich"]
 
 def _result(query: str, status: str, **fields: Any) -> dict[str, Any]:
     cands = [
-        Candidate(id="US", name="United States", score=0.71),
-        Candidate(id="UK", name="United Kingdom", score=0.64),
+        Candidate(entity_id="US", name="United States", score=0.71),
+        Candidate(entity_id="UK", name="United Kingdom", score=0.64),
     ]
     row = MatchResult(query=query, status=status, candidates=cands, **fields)  # type: ignore[arg-type]
     return {"id": query.lower(), "line": 1, **row.model_dump(mode="json")}
@@ -167,18 +168,15 @@ def job(tmp_path: Path, countries: list[dict[str, Any]]) -> MatchJob:
         catalog=catalog,
         queries=queries,
         out=tmp_path / "out.jsonl",
-        accept_threshold=1.01,
-        novel_threshold=0.0,
-        model="fake",
+        settings=MatcherSettings(accept_threshold=1.01, novel_threshold=0.0, model="fake"),
     )
 
 
 def _factory(llm: FakeLLM) -> Callable[..., Matcher]:
-    def make(catalog: Any, **kwargs: Any) -> Matcher:
-        kwargs.pop("base_url", None)
+    def make(catalog: Any, settings: MatcherSettings, **kwargs: Any) -> Matcher:
         http = httpx.AsyncClient(transport=httpx.MockTransport(llm))
         client = AsyncOpenAI(api_key="test", base_url="http://fake/v1", http_client=http)
-        return Matcher(catalog, client=client, embedder=FakeEmbedder(), **kwargs)
+        return Matcher(catalog, settings, client=client, embedder=FakeEmbedder(), **kwargs)
 
     return make
 
@@ -223,9 +221,8 @@ async def test_reviewed_labels_win_in_a_fresh_matcher_sharing_the_cache(
     (tmp_path / "state").mkdir()
     import_review(tmp_path / "review.csv", tmp_path / "state")
     llm = FakeLLM()
-    async with _factory(llm)(
-        countries, cache=tmp_path / "state" / "run.sqlite", accept_threshold=1.01
-    ) as matcher:
+    settings = MatcherSettings(cache=tmp_path / "state" / "run.sqlite", accept_threshold=1.01)
+    async with _factory(llm)(countries, settings) as matcher:
         await matcher.fit_async()
         result = await matcher.match_async("  Amerika ")
     assert (result.entity_id, result.decided_by, llm.requests) == ("US", "human", [])

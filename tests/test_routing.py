@@ -22,7 +22,7 @@ DEFAULT = Thresholds(accept=0.9, margin=0.05, novel=0.4)
 
 
 def cands(*scores: float) -> list[Candidate]:
-    return [Candidate(id=f"e{i}", name=f"E{i}", score=s) for i, s in enumerate(scores)]
+    return [Candidate(entity_id=f"e{i}", name=f"E{i}", score=s) for i, s in enumerate(scores)]
 
 
 def ex(top: float, margin: float, *, gold: bool = False, none: bool = False) -> Example:
@@ -89,7 +89,7 @@ EXACT = Thresholds(accept=1.01, margin=0.0, novel=0.0, exact=True)
 
 
 def named(*names: str) -> list[Candidate]:
-    return [Candidate(id=f"e{i}", name=n, score=0.9 - i / 10) for i, n in enumerate(names)]
+    return [Candidate(entity_id=f"e{i}", name=n, score=0.9 - i / 10) for i, n in enumerate(names)]
 
 
 def test_an_exact_hit_with_no_near_twin_is_matched() -> None:
@@ -266,7 +266,7 @@ async def test_ambiguous_query_without_an_llm_is_review_with_candidates(
         result = await matcher.match_async("United")  # United States or United Kingdom?
     assert result.status == "review"
     assert result.entity_id is None and result.decided_by is None and result.error is None
-    assert [c.id for c in result.candidates[:2]] == ["US", "UK"]
+    assert [c.entity_id for c in result.candidates[:2]] == ["US", "UK"]
     assert "no LLM configured" in result.reason
 
 

@@ -206,7 +206,7 @@ def test_match_where_filters_on_entity_attributes() -> None:
     with serve(app_for(m)) as running:
         r = post(running, "/v1/match", {"query": "Paris", "where": {"country": "US"}})
     assert r.status_code == 200
-    assert {c["id"] for c in r.json()["candidates"]} == {"PAR-US"}
+    assert {c["entity_id"] for c in r.json()["candidates"]} == {"PAR-US"}
 
 
 def test_match_where_on_an_unknown_attribute_is_422_naming_where(server: Running) -> None:
@@ -241,7 +241,7 @@ def places() -> Iterator[Running]:
 def candidate_ids(running: Running, query: str, **options: Any) -> list[str]:
     r = post(running, "/v1/match", {"query": query, **options})
     assert r.status_code == 200, r.text
-    return [c["id"] for c in r.json()["candidates"]]
+    return [c["entity_id"] for c in r.json()["candidates"]]
 
 
 def test_an_entity_added_over_http_is_found_by_the_next_request(places: Running) -> None:
@@ -294,8 +294,8 @@ def test_updating_an_unknown_id_is_422_naming_entities(places: Running) -> None:
 def test_a_list_takes_one_filter_per_query(places: Running) -> None:
     body = {"query": ["Paris", "Paris"], "where": [{"country": "US"}, None]}
     results = post(places, "/v1/match", body).json()
-    assert [c["id"] for c in results[0]["candidates"]] == ["PAR-US"]
-    assert {c["id"] for c in results[1]["candidates"]} == {"PAR-FR", "PAR-US"}
+    assert [c["entity_id"] for c in results[0]["candidates"]] == ["PAR-US"]
+    assert {c["entity_id"] for c in results[1]["candidates"]} == {"PAR-FR", "PAR-US"}
 
 
 def test_a_failing_filter_of_a_list_makes_only_its_query_an_error(places: Running) -> None:
@@ -303,8 +303,11 @@ def test_a_failing_filter_of_a_list_makes_only_its_query_an_error(places: Runnin
     r = post(places, "/v1/match", body)
     assert r.status_code == 200
     first, second = r.json()
-    assert (first["status"], [c["id"] for c in first["candidates"]]) == ("review", ["PAR-FR"])
-    assert (second["status"], second["error_type"]) == ("error", "ConfigError")
+    assert (first["status"], [c["entity_id"] for c in first["candidates"]]) == (
+        "review",
+        ["PAR-FR"],
+    )
+    assert (second["status"], second["error_type"]) == ("error", "config")
     assert "no_such_attribute" in second["error"]
 
 
@@ -312,7 +315,7 @@ def test_a_stream_takes_one_filter_per_query(places: Running) -> None:
     body = {"queries": ["Paris", "Paris"], "where": [{"country": "US"}, {"no_such": 1}]}
     r = post(places, "/v1/match:stream", body)
     lines = sorted((json.loads(x) for x in r.text.splitlines()), key=lambda x: x["index"])
-    assert [c["id"] for c in lines[0]["candidates"]] == ["PAR-US"]
+    assert [c["entity_id"] for c in lines[0]["candidates"]] == ["PAR-US"]
     assert lines[1]["status"] == "error"
 
 
@@ -341,7 +344,7 @@ def test_a_stream_with_a_filter_on_an_unknown_attribute_is_422_naming_where(
 def test_explain_of_a_list_takes_one_filter_per_query(places: Running) -> None:
     body = {"query": ["Paris", "Paris"], "where": [{"country": "US"}, None], "explain": True}
     first, second = post(places, "/v1/match", body).json()
-    assert [c["id"] for c in first["candidates"]] == ["PAR-US"]
+    assert [c["entity_id"] for c in first["candidates"]] == ["PAR-US"]
     assert len(second["candidates"]) == 2
 
 

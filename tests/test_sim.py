@@ -553,7 +553,7 @@ async def test_oracle_answers_nem_llms_numbered_choice_with_the_gold_candidates_
     catalog = load_catalog(
         [{"id": "a1", "name": "Alpha"}, {"id": "b2", "name": "Beta"}, {"id": "c3", "name": "C"}]
     )
-    candidates = [Candidate(id=i, name=i, score=0.5) for i in ("a1", "b2", "c3")]
+    candidates = [Candidate(entity_id=i, name=i, score=0.5) for i in ("a1", "b2", "c3")]
     messages = render_messages("USA", candidates, catalog)
     path = gold_file(tmp_path, [{"qid": 1, "query": "USA", "gold_id": "b2"}])
     async with SimServer(SimConfig(policy="oracle", gold_path=path)) as sim:

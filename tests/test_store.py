@@ -128,9 +128,9 @@ def test_cache_put_replaces_an_existing_entry() -> None:
 async def test_cache_aget_and_aput_work_from_asyncio(db_path: Path) -> None:
     key = decision_key(*KEY_PARTS)
     with DecisionCache(db_path) as cache:
-        assert await cache.aget(key) is None
-        await cache.aput(key, _decision())
-        assert await cache.aget(key) == _decision()
+        assert await cache.get_async(key) is None
+        await cache.put_async(key, _decision())
+        assert await cache.get_async(key) == _decision()
 
 
 async def test_cache_aput_from_many_concurrent_tasks_keeps_every_entry(db_path: Path) -> None:
@@ -138,8 +138,8 @@ async def test_cache_aput_from_many_concurrent_tasks_keeps_every_entry(db_path: 
     with DecisionCache(db_path) as cache:
 
         async def put_then_get(i: int) -> CachedDecision | None:
-            await cache.aput(keys[i], _decision(f"E{i}"))
-            return await cache.aget(keys[i])
+            await cache.put_async(keys[i], _decision(f"E{i}"))
+            return await cache.get_async(keys[i])
 
         got = await asyncio.gather(*(put_then_get(i) for i in range(len(keys))))
         assert [d.entity_id if d else None for d in got] == [f"E{i}" for i in range(len(keys))]
@@ -158,7 +158,7 @@ async def test_cache_async_calls_do_not_block_the_event_loop(db_path: Path) -> N
     with DecisionCache(db_path) as cache:
         task = asyncio.create_task(ticker())
         for i in range(50):
-            await cache.aput(decision_key(f"q{i}", [], "m", "v"), _decision())
+            await cache.put_async(decision_key(f"q{i}", [], "m", "v"), _decision())
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -319,12 +319,14 @@ def test_mark_complete_is_remembered(db_path: Path) -> None:
 
 async def test_async_run_methods_match_their_sync_twins(db_path: Path) -> None:
     with RunStore(db_path) as runs:
-        await runs.aopen_run("run", {"n": 1})
-        results = await asyncio.gather(*(runs.arecord("run", i % 50, str(i)) for i in range(100)))
+        await runs.open_run_async("run", {"n": 1})
+        results = await asyncio.gather(
+            *(runs.record_async("run", i % 50, str(i)) for i in range(100))
+        )
         assert sum(results) == 50
-        assert await runs.arecord_many("run", [(49, "dup"), (50, "new")]) == 1
-        assert set(await runs.adone_indexes("run")) == set(range(51))
-        await runs.amark_complete("run")
+        assert await runs.record_many_async("run", [(49, "dup"), (50, "new")]) == 1
+        assert set(await runs.done_indexes_async("run")) == set(range(51))
+        await runs.mark_complete_async("run")
         assert runs.is_complete("run")
 
 

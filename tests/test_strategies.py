@@ -484,7 +484,7 @@ async def test_last_run_stats_count_every_result_and_every_attempt() -> None:
     assert stats.by_decided_by == {"llm": 8, "embedding": 1}
     assert stats.llm_calls == 8
     assert stats.llm_attempts == 10
-    assert stats.retries_by_cause == {"http_503": 2}
+    assert stats.retries_by_cause == {"server": 2}
     assert stats.usage.total_tokens == sum(r.usage.total_tokens for r in results) > 0
 
 
@@ -497,5 +497,5 @@ async def test_sequential_retrieval_does_not_wait_the_micro_batchers_max_wait() 
         started = loop.time()
         results = await m.match_batch_async(NAMES[:4], strategy="sequential")
 
-    assert [r.candidates[0].id for r in results] == [n[:2].upper() for n in NAMES[:4]]
+    assert [r.candidates[0].entity_id for r in results] == [n[:2].upper() for n in NAMES[:4]]
     assert loop.time() - started < 5.0  # four waits would take 20 s of loop time

@@ -8,13 +8,15 @@ kept per row unless ``candidates=True`` asks for a ``candidates`` column.
 
 ``where_columns`` filters each row's candidates on entity attributes taken from the row
 (``["country"]``: the frame's ``country`` column against the entities' ``country``
-attribute; a mapping ``{"frame_column": "attribute"}`` when the names differ). Rows are
-grouped by their filter values and each group is one stream; a null value means no
-filter on that attribute for that row.
+attribute; a mapping ``{"attribute": "frame_column"}`` when the names differ: attribute
+to column, the direction of every such mapping in nem_llm). Rows are grouped by their
+filter values and each group is one stream; a null value means no filter on that
+attribute for that row.
 
 Example:
+    >>> from nem_llm.integrations.frames import match_frame          # doctest: +SKIP
     >>> df = pd.DataFrame({"name": ["USA", "Deutschland"]})           # doctest: +SKIP
-    >>> matcher.match_frame(df)[["name", "entity_id", "status"]]      # doctest: +SKIP
+    >>> match_frame(matcher, df)[["name", "entity_id", "status"]]     # doctest: +SKIP
               name entity_id   status
     0          USA        US  matched
     1  Deutschland        DE  matched
@@ -35,12 +37,11 @@ import numpy.typing as npt
 
 from ..errors import ConfigError
 from ..models import MatchResult
-from ._options import call_options
 
 if TYPE_CHECKING:
     from ..matcher import Matcher
 
-__all__ = ["RESULT_COLUMNS", "FrameKind", "frame_kind", "match_frame_async"]
+__all__ = ["RESULT_COLUMNS", "FrameKind", "frame_kind", "match_frame", "match_frame_async"]
 
 RESULT_COLUMNS = ("entity_id", "entity_name", "status", "score", "decided_by", "reason", "cost")
 FrameKind = Literal["pandas", "polars", "arrow"]
@@ -120,7 +121,8 @@ class _Buffers:
         self.cost[row] = r.usage.cost_usd
         if self.candidates is not None:
             self.candidates[row] = [
-                {"id": c.id, "name": c.name, "score": c.score} for c in r.candidates
+                {"entity_id": c.entity_id, "name": c.name, "score": c.score}
+                for c in r.candidates
             ]
 
 
@@ -129,8 +131,8 @@ def _where_spec(where_columns: Sequence[str] | Mapping[str, str] | None) -> dict
         return {}
     if isinstance(where_columns, str):
         raise ConfigError("where_columns must be a list of column names (or a mapping), not a str")
-    if isinstance(where_columns, Mapping):
-        return {str(k): str(v) for k, v in where_columns.items()}
+    if isinstance(where_columns, Mapping):  # attribute -> column
+        return {str(column): str(attribute) for attribute, column in where_columns.items()}
     return {str(c): str(c) for c in where_columns}
 
 
@@ -171,10 +173,13 @@ async def match_frame_async(
         frame: a pandas or polars DataFrame, or a pyarrow Table (not modified).
         column: the column holding the queries (null or empty values become ``error`` rows).
         where_columns: columns whose values filter each row's candidates on entity
-            attributes.
-        top_k, threshold: passed to the Matcher when set.
+            attributes: a list of names (the same in frame and catalog), or a mapping
+            ``{attribute: column}``.
+        top_k, threshold: this call's candidates and accept threshold (default: the
+            matcher's).
         batch_size: queries in flight through embedding at once.
-        candidates: also add a ``candidates`` column (a list of ``{id, name, score}``).
+        candidates: also add a ``candidates`` column (a list of
+            ``{entity_id, name, score}``).
         prefix: put before every added column's name (e.g. ``"match_"``).
 
     Raises:
@@ -186,14 +191,14 @@ async def match_frame_async(
     spec = _where_spec(where_columns)
     for name in (column, *spec):
         if name not in present:
-            raise ConfigError(f"column {name!r} is not in the frame (columns: {present})")
+            hint = " (where_columns maps attribute -> column)" if name in spec else ""
+            raise ConfigError(f"column {name!r} is not in the frame (columns: {present}){hint}")
     added = [prefix + c for c in (*RESULT_COLUMNS, *(("candidates",) if candidates else ()))]
     clash = [c for c in added if c in present]
     if clash:
         raise ConfigError(
             f"the frame already has column(s) {clash}: pass prefix= (e.g. prefix='match_')"
         )
-    base = call_options(matcher.match_stream_async, top_k=top_k, threshold=threshold)
     queries = _values(frame, kind, column)
     n = len(queries)
     buffers = _Buffers(n, candidates)
@@ -203,14 +208,15 @@ async def match_frame_async(
     async def run(key: tuple[Hashable, ...], rows: list[int]) -> None:
         where = {attr: value for attr, value in zip(spec.values(), key, strict=True)}
         where = {a: v for a, v in where.items() if v is not None}
-        options = dict(base, where=where) if where else base
         whole = len(rows) == n  # one group of every row: result index == row
         async with gate:
             stream = matcher.match_stream_async(
                 (queries[r] for r in rows) if not whole else queries,
                 strategy="as_completed",
                 batch_size=batch_size,
-                **options,
+                top_k=top_k,
+                threshold=threshold,
+                where=where or None,
             )
             async with aclosing(stream):
                 async for result in stream:
@@ -224,6 +230,11 @@ async def match_frame_async(
             for key, rows in groups.items():
                 tg.create_task(run(key, rows))
     return _assemble(frame, kind, buffers, prefix)
+
+
+def match_frame(matcher: Matcher, frame: Any, **options: Any) -> Any:
+    """Sync twin of :func:`match_frame_async` (the same keyword options)."""
+    return matcher.run_sync(match_frame_async(matcher, frame, **options))
 
 
 def _assemble(frame: Any, kind: FrameKind, b: _Buffers, prefix: str) -> Any:

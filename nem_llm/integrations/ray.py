@@ -17,7 +17,8 @@ Ray does not keep row order: every output row carries its ``id`` (and the input'
 Example:
     >>> import ray                                                    # doctest: +SKIP
     >>> ds = ray.data.from_items([{"id": "1", "query": "Deutschland"}])
-    >>> out = match_dataset(ds, catalog="countries.jsonl", index="idx/", actors=2)
+    >>> settings = MatcherSettings(index_dir=Path("idx"))
+    >>> out = match_dataset(ds, catalog="countries.jsonl", settings=settings, actors=2)
     >>> out.take_all()[0]["entity_id"]
     'DE'
 
@@ -28,27 +29,37 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..catalog import load_catalog
 from ..config import Limits
 from ..errors import ConfigError
-from ..jobs.batch import JobSummary, MatchJob, _error_result, _rewrite, _run_meta, output_row
+from ..jobs.batch import load_job_catalog
 from ..jobs.checkpoint import RunStore
 from ..jobs.io import QueryRow, count_rows, read_queries
+from ..jobs.runs import (
+    JobSummary,
+    MatchJob,
+    error_row,
+    output_row,
+    row_filter,
+    run_key,
+    write_output,
+)
 from ..llm.stats import StatsCollector
+from ..llm.strategies import Strategy
 from ..matcher import Matcher
 from ..models import MatchResult
+from ..retrieval.embedding import Embedder
+from ..settings import MatcherSettings
 
 __all__ = ["match_dataset", "prepare_index", "run_ray_job", "split_limits"]
 
@@ -101,13 +112,16 @@ def split_limits(limits: Limits, actors: int) -> Limits:
     )
 
 
-def prepare_index(catalog: Any, index: str | os.PathLike[str], **matcher_options: Any) -> Path:
-    """Build and save the catalog's index in ``index`` unless it is there already."""
-    path = Path(index)
+def prepare_index(
+    catalog: Any, settings: MatcherSettings, embedder: Embedder | None = None
+) -> Path:
+    """Build and save the catalog's index in ``settings.index_dir`` unless it is there."""
+    if settings.index_dir is None:
+        raise ConfigError("the Ray engine needs settings.index_dir: every actor loads it")
+    path = settings.index_dir
     if not (path / "manifest.json").exists():
-        options = {k: v for k, v in matcher_options.items() if k not in ("client", "cache", "llm")}
-        with Matcher(catalog, llm=False, index_path=path, **options) as matcher:
-            matcher.fit()
+        with Matcher(catalog, settings.replace(llm=False, cache=None), embedder=embedder) as m:
+            m.fit()
     return path
 
 
@@ -117,14 +131,17 @@ class _MatchActor:
     def __init__(
         self,
         catalog: Any,
-        index: str,
+        settings_json: str,
         column: str,
         id_column: str,
-        options: dict[str, Any],
+        strategy: Strategy,
+        embedder: Embedder | None,
     ) -> None:
         self.column = column
         self.id_column = id_column
-        self.matcher = Matcher(catalog, index_path=index, **options)
+        self.strategy = strategy
+        settings = MatcherSettings.model_validate_json(settings_json)
+        self.matcher = Matcher(catalog, settings, embedder=embedder)
         self._ready: asyncio.Lock | None = None
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +151,12 @@ class _MatchActor:
             if not self.matcher.ready:
                 await self.matcher.fit_async()  # loads the saved index
         queries = [str(q) for q in batch[self.column]]
-        results = await self.matcher.match_batch_async(queries, strategy="gather")
+        wheres = batch.get("where")
+        filters = None if wheres is None else [json.loads(str(w)) or None for w in wheres]
+        results = await self.matcher.match_batch_async(
+            queries, strategy=self.strategy, where=filters
+        )
+        results.sort(key=lambda r: r.index)  # as_completed delivers in completion order
         indexes = batch.get("index")
         out: dict[str, list[Any]] = {name: [] for name in RESULT_COLUMNS}
         for n, result in enumerate(results):
@@ -154,29 +176,33 @@ def match_dataset(
     ds: Any,
     *,
     catalog: Any,
-    index: str | os.PathLike[str],
+    settings: MatcherSettings,
     column: str = "query",
     id_column: str = "id",
     actors: int = 2,
     num_cpus: float = 0.5,
     batch_size: int = 256,
-    limits: Limits | None = None,
-    **matcher_options: Any,
+    strategy: Strategy = "as_completed",
+    embedder: Embedder | None = None,
 ) -> Any:
     """Match the ``column`` of a Ray dataset on a pool of ``actors`` Matchers (lazy).
 
     Args:
-        ds: A ``ray.data.Dataset`` with a query column and an id column.
+        ds: A ``ray.data.Dataset`` with a query column and an id column (and, optionally,
+            a ``where`` column: each row's filter as a JSON object).
         catalog: The entities (a path, or a list of dicts): each actor loads it.
-        index: Directory of the saved index; built here once if missing.
+        settings: How to match; ``settings.index_dir`` is the saved index (built here
+            once if missing). Every actor gets these settings with ``limits`` split
+            (:func:`split_limits`) and makes its own client from ``base_url`` and the
+            environment.
         column, id_column: The query and id columns (rows keep their id; Ray does not
             keep order).
         actors: Size of the actor pool (``ActorPoolStrategy(size=actors)``).
         num_cpus: CPUs reserved per actor (0.5 lets two actors share a core).
         batch_size: Rows per ``map_batches`` call.
-        limits: The run's global limits; every actor gets ``split_limits(limits, actors)``.
-        **matcher_options: More ``Matcher`` options (``model``, ``base_url``,
-            ``embedder``, thresholds...). Each actor builds its own client from them.
+        strategy: The order each actor starts its LLM work in (answers are the same).
+        embedder: An encoder object for every actor (pickled; default: each actor makes
+            the one ``settings.encoder`` names). For tests and custom encoders.
 
     Returns:
         A ``ray.data.Dataset`` with ``id_column``, ``index`` (if the input has one),
@@ -184,19 +210,17 @@ def match_dataset(
         ``error``, ``error_type`` and ``result`` (the full ``MatchResult`` as JSON).
     """
     ray = _ray()
-    if "client" in matcher_options:
-        raise ConfigError("pass base_url/api_key, not client: a client cannot go to actors")
-    path = prepare_index(catalog, index, **matcher_options)
-    options = dict(matcher_options)
-    options["limits"] = split_limits(limits or Limits(), actors)
+    prepare_index(catalog, settings, embedder)
+    shared = settings.replace(limits=split_limits(settings.limits, actors))
     return ds.map_batches(
         _MatchActor,
         fn_constructor_kwargs={
             "catalog": catalog,
-            "index": str(path),
+            "settings_json": shared.model_dump_json(),
             "column": column,
             "id_column": id_column,
-            "options": options,
+            "strategy": strategy,
+            "embedder": embedder,
         },
         batch_size=batch_size,
         batch_format="numpy",
@@ -210,35 +234,26 @@ def run_ray_job(
     *,
     actors: int = 2,
     ray_address: str | None = None,
-    matcher_options: Mapping[str, Any] | None = None,
     on_progress: Callable[[int, int | None, Any], None] | None = None,
+    embedder: Embedder | None = None,
 ) -> JobSummary:
     """``nem-llm match --engine ray``: the same output rows as the local engine.
 
-    Rows are recorded in the run checkpoint as their results reach the driver, so a
-    rerun skips them; the output file is rewritten from the checkpoint at the end. Ray is
-    started here (``ray.init(address=ray_address)``; local when None) unless it already
-    runs. The decision cache is not shared between actors (a cluster has no common disk):
-    a rerun only skips rows already recorded.
+    Every option of ``job.settings`` reaches the actors (they get the settings, with the
+    limits split), and each row carries its own filter (``job.where``). Rows are recorded
+    in the run checkpoint as their results reach the driver, so a rerun skips them; the
+    output file is rewritten from the checkpoint at the end. Ray is started here
+    (``ray.init(address=ray_address)``; local when None) unless it already runs. The
+    decision cache is not shared between actors (a cluster has no common disk): a rerun
+    only skips rows already recorded.
     """
     ray = _ray()
     started = time.monotonic()
-    load_catalog(job.catalog, include_description=job.index_description)  # fail early
+    load_job_catalog(job)  # fail early, as the local engine does
     total = count_rows(job.queries)
     state = job.state_dir
     state.mkdir(parents=True, exist_ok=True)
-    meta = _run_meta(job)
-    meta["engine"] = "ray"
-    run_key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
-    options: dict[str, Any] = {
-        "model": job.model,
-        "base_url": job.base_url,
-        "top_k": job.top_k,
-        "accept_threshold": job.accept_threshold,
-        "margin": job.margin,
-        "novel_threshold": job.novel_threshold,
-        **(matcher_options or {}),
-    }
+    key, meta = run_key(job, "ray")
     started_ray = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {
@@ -258,8 +273,8 @@ def run_ray_job(
     collector = StatsCollector()
     store = RunStore(state / "run.sqlite")
     try:
-        store.open_run(run_key, meta)
-        done = store.done_indexes(run_key)
+        store.open_run(key, meta)
+        done = store.done_indexes(key)
         resumed = len(done)
         items: list[dict[str, Any]] = []
         rows = read_queries(job.queries, query_column=job.query_column, id_column=job.id_column)
@@ -268,26 +283,25 @@ def run_ray_job(
                 if row.index in done:
                     continue
                 if row.error is not None or row.query is None:
-                    result = _error_result(row)
-                    store.record(run_key, row.index, output_row(row, result))
+                    result = error_row(row)
+                    store.record(key, row.index, output_row(row, result))
                     collector.add(result, 0.0)
                     continue
-                items.append(
-                    {"index": row.index, "id": row.id, "line": row.line, "query": row.query}
-                )
+                item = {"index": row.index, "id": row.id, "line": row.line, "query": row.query}
+                if job.where:
+                    item["where"] = json.dumps(row_filter(job.where, row))
+                items.append(item)
         finally:
             rows.close()
         lines = {item["index"]: item["line"] for item in items}
         if items:
-            ds = ray.data.from_items(items)
             out = match_dataset(
-                ds,
+                ray.data.from_items(items),
                 catalog=str(job.catalog),
-                index=state / "index",
+                settings=job.matcher_settings(),
                 actors=actors,
-                limits=job.limits,
-                index_description=job.index_description,
-                **options,
+                strategy=job.strategy,
+                embedder=embedder,
             )
             finished = resumed
             for batch in out.iter_batches(batch_size=256, batch_format="numpy"):
@@ -299,17 +313,18 @@ def run_ray_job(
                     row = QueryRow(int(index), lines[int(index)], str(row_id), None, None, None)
                     pairs.append((int(index), output_row(row, result)))
                     collector.add(result, 0.0)
-                store.record_many(run_key, pairs)
+                store.record_many(key, pairs)
                 finished += len(pairs)
                 if on_progress is not None:
                     on_progress(finished, total, None)
-        store.mark_complete(run_key)
-        _rewrite(job.out, store, run_key, job.order)
-        rows_total = store.count(run_key)
+        store.mark_complete(key)
+        write_output(job.out, store, key, job.order)
+        rows_total = store.count(key)
     finally:
         store.close()
         if started_ray:
             ray.shutdown()
+    s = job.settings
     return JobSummary(
         stats=collector.finish(time.monotonic() - started),
         rows_total=rows_total,
@@ -317,5 +332,5 @@ def run_ray_job(
         interrupted=False,
         out=job.out,
         state_dir=state,
-        llm_configured=bool(job.base_url or os.environ.get("OPENAI_API_KEY")),
+        llm_configured=s.llm and bool(s.base_url or os.environ.get("OPENAI_API_KEY")),
     )

@@ -76,7 +76,6 @@ from .._gc import tune_gc
 from ..errors import ConfigError, InputError, NemLLMError, NotReadyError
 from ..matcher import Matcher
 from ..models import Entity, Explanation, MatchResult
-from ._options import call_options
 
 __all__ = [
     "EntitiesRequest",
@@ -739,11 +738,10 @@ def _check_where(where: object, queries: int, many: bool) -> None:
         )
 
 
-def _options_for(fn: Any, body: _Options) -> dict[str, Any]:
-    try:
-        return call_options(fn, top_k=body.top_k, threshold=body.threshold, where=body.where)
-    except ConfigError as exc:
-        raise _ApiError(422, "unsupported_option", str(exc), str(exc).split(":")[0]) from None
+def _options_for(_fn: Any, body: _Options) -> dict[str, Any]:
+    """A request's per-call options that are set (every match method takes them all)."""
+    options = {"top_k": body.top_k, "threshold": body.threshold, "where": body.where}
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def create_app(

@@ -21,7 +21,7 @@ The job, in four resumable phases, all state in ``<out>.state/run.sqlite``:
    body (the invalid answer and the validation error appended, as live), at most
    ``limits.max_reasks`` times; an error line, an expired or a cancelled line is
    resubmitted unchanged at most ``max_resubmits`` times. After that the row is an error
-   record (``error_type`` ``invalid_answer``, ``batch_expired``, ``http_500``...). A
+   record (``error_type`` ``invalid_answer``, ``batch_api``, ``server``...). A
    ``failed`` batch (the provider rejected the file) makes its rows error records
    (``batch_failed``) at once: resubmitting the same file would fail again. The rows of a
    batch are recorded, and its follow-up lines written, in one transaction.
@@ -35,7 +35,6 @@ against the tokens spent plus the estimate of every line in flight; lines beyond
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import time
@@ -43,11 +42,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import instructor
 import openai
 from openai import AsyncOpenAI
 
 from .._sqlite import immediate
-from ..catalog import load_catalog
 from ..errors import ConfigError, LLMError
 from ..llm.adjudication import estimate_tokens
 from ..llm.batch_api import (
@@ -66,10 +65,12 @@ from ..llm.batch_api import (
 from ..llm.cache import CachedDecision, DecisionCache
 from ..llm.stats import StatsCollector
 from ..matcher import Matcher
+from ..matching.decision import Pending
 from ..models import Attempt, MatchResult, RunStats, Usage
-from .batch import JobSummary, MatchJob, _error_result, _rewrite, _run_meta, output_row
+from .batch import load_job_catalog
 from .checkpoint import RunStore
 from .io import QueryRow, count_rows, read_queries
+from .runs import JobSummary, MatchJob, error_row, output_row, row_filter, run_key, write_output
 
 __all__ = [
     "BatchApiOptions",
@@ -175,7 +176,7 @@ class BatchApiStore(RunStore):
 
     # -- plan --------------------------------------------------------------------------
 
-    async def aplanned(self, run_key: str) -> bool:
+    async def planned_async(self, run_key: str) -> bool:
         """Whether every row has been routed (the plan phase finished)."""
         return await self._acall(self._planned, run_key)
 
@@ -187,7 +188,7 @@ class BatchApiStore(RunStore):
         )
         return bool(row and row[0])
 
-    async def amark_planned(self, run_key: str) -> None:
+    async def mark_planned_async(self, run_key: str) -> None:
         await self._acall(self._mark_planned, run_key)
 
     def _mark_planned(self, run_key: str) -> None:
@@ -197,7 +198,7 @@ class BatchApiStore(RunStore):
             (self._run_id(run_key),),
         )
 
-    async def aline_indexes(self, run_key: str) -> set[int]:
+    async def line_indexes_async(self, run_key: str) -> set[int]:
         """Rows that already have a request line."""
         return await self._acall(self._line_indexes, run_key)
 
@@ -207,7 +208,7 @@ class BatchApiStore(RunStore):
         )
         return {int(i) for (i,) in cur}
 
-    async def aadd_plan(
+    async def add_plan_async(
         self, run_key: str, finals: list[tuple[int, str]], lines: list[_Line]
     ) -> None:
         """Record final rows and new request lines in one transaction."""
@@ -269,7 +270,7 @@ class BatchApiStore(RunStore):
 
     # -- submit ------------------------------------------------------------------------
 
-    async def aunassigned(self, run_key: str) -> list[tuple[str, int, str, int]]:
+    async def unassigned_async(self, run_key: str) -> list[tuple[str, int, str, int]]:
         """Lines not yet in a batch: (custom_id, row, line JSON text, estimated tokens)."""
         return await self._acall(self._unassigned, run_key)
 
@@ -281,7 +282,7 @@ class BatchApiStore(RunStore):
         )
         return [(str(c), int(i), request_line(str(c), json.loads(b)), int(t)) for c, i, b, t in cur]
 
-    async def ain_flight(self, run_key: str) -> tuple[int, Usage]:
+    async def in_flight_async(self, run_key: str) -> tuple[int, Usage]:
         """Estimated tokens of lines in open batches, and the usage spent so far."""
         return await self._acall(self._in_flight, run_key)
 
@@ -299,7 +300,7 @@ class BatchApiStore(RunStore):
         spent = Usage(total_tokens=int(row[0]), cost_usd=float(row[1])) if row else Usage()
         return int(est), spent
 
-    async def anew_batch(self, run_key: str, custom_ids: list[str], now: float) -> int:
+    async def new_batch_async(self, run_key: str, custom_ids: list[str], now: float) -> int:
         """Create a batch row and assign ``custom_ids`` to it; returns its sequence number."""
         return await self._acall(self._new_batch, run_key, custom_ids, now)
 
@@ -319,7 +320,7 @@ class BatchApiStore(RunStore):
             )
         return int(seq)
 
-    async def aset_batch(self, seq: int, **fields: str | None) -> None:
+    async def set_batch_async(self, seq: int, **fields: str | None) -> None:
         """Update a batch row's ``state``, ``input_file_id``, ``batch_id`` or ``status``."""
         await self._acall(self._set_batch, seq, fields)
 
@@ -332,7 +333,7 @@ class BatchApiStore(RunStore):
             f"UPDATE batches SET {sets} WHERE seq = ?", (*fields.values(), seq)
         )
 
-    async def aopen_batches(self, run_key: str) -> list[dict[str, Any]]:
+    async def open_batches_async(self, run_key: str) -> list[dict[str, Any]]:
         """Batches not yet processed, oldest first."""
         return await self._acall(self._open_batches, run_key)
 
@@ -345,7 +346,7 @@ class BatchApiStore(RunStore):
         keys = ("seq", "state", "input_file_id", "batch_id", "status")
         return [dict(zip(keys, row, strict=True)) for row in cur]
 
-    async def abatch_lines(self, seq: int) -> list[_Line]:
+    async def batch_lines_async(self, seq: int) -> list[_Line]:
         """The request lines of one batch."""
         return await self._acall(self._batch_lines, seq)
 
@@ -359,7 +360,7 @@ class BatchApiStore(RunStore):
             _Line(str(c), int(i), int(r), json.loads(b), json.loads(p)) for c, i, r, b, p in cur
         ]
 
-    async def aprocess(
+    async def process_async(
         self,
         run_key: str,
         seq: int,
@@ -372,7 +373,7 @@ class BatchApiStore(RunStore):
         """Record a finished batch: final rows, follow-up lines, lines done, batch processed."""
         await self._acall(self._add_plan, run_key, finals, follow_ups, done, (seq, status, usage))
 
-    async def abatch_lines_by_ids(self, custom_ids: list[str]) -> list[_Line]:
+    async def batch_lines_by_ids_async(self, custom_ids: list[str]) -> list[_Line]:
         """The request lines with these ``custom_id`` values."""
         return await self._acall(self._lines_by_ids, custom_ids)
 
@@ -392,15 +393,17 @@ class BatchApiStore(RunStore):
             )
         return out
 
-    async def aadd_done(self, run_key: str, finals: list[tuple[int, str]], done: list[str]) -> None:
+    async def add_done_async(
+        self, run_key: str, finals: list[tuple[int, str]], done: list[str]
+    ) -> None:
         """Record final rows and mark their lines done, in one transaction."""
         await self._acall(self._add_plan, run_key, finals, [], done, None)
 
-    async def acount(self, run_key: str) -> int:
+    async def count_async(self, run_key: str) -> int:
         """Async :meth:`count`."""
         return await self._acall(self._count, run_key)
 
-    async def abatch_count(self, run_key: str) -> int:
+    async def batch_count_async(self, run_key: str) -> int:
         """How many batches this run created (rows in ``batches``)."""
         return await self._acall(self._batch_count, run_key)
 
@@ -457,14 +460,15 @@ class _Engine:
         self.matcher = matcher
         self.run_key = run_key
         self.on_batch = on_batch
-        self.prices = batch_prices(job.model, job.limits)
+        self.mode = instructor.Mode(job.settings.instructor_mode)
+        self.prices = batch_prices(job.settings.model, job.settings.limits)
 
     # -- plan --------------------------------------------------------------------------
 
     async def plan(self, rows: Any, stop: asyncio.Event | None) -> bool:
         """Route every row not yet routed, a chunk per transaction; False if stopped."""
-        done = await self.store.adone_indexes(self.run_key)
-        lined = await self.store.aline_indexes(self.run_key)
+        done = await self.store.done_indexes_async(self.run_key)
+        lined = await self.store.line_indexes_async(self.run_key)
         chunk: list[QueryRow] = []
         for row in rows:
             if row.index in done or row.index in lined:
@@ -477,39 +481,45 @@ class _Engine:
                     return False
         if chunk:
             await self._plan_chunk(chunk)
-        await self.store.amark_planned(self.run_key)
+        await self.store.mark_planned_async(self.run_key)
         return True
 
     async def _plan_chunk(self, rows: list[QueryRow]) -> None:
         good = [r for r in rows if r.error is None and r.query is not None]
-        planned = await asyncio.gather(*(self.matcher.plan_async(r.index, r.query) for r in good))
-        finals = [(r.index, output_row(r, _error_result(r))) for r in rows if r not in good]
+        where = self.job.where
+        planned = await asyncio.gather(
+            *(
+                self.matcher.prepare_async(r.index, r.query, where=row_filter(where, r) or None)
+                for r in good
+            )
+        )
+        finals = [(r.index, output_row(r, error_row(r))) for r in rows if r not in good]
         lines: list[_Line] = []
-        for row, (result, request) in zip(good, planned, strict=True):
-            if request is None:
-                finals.append((row.index, output_row(row, result)))
+        decider = self.matcher.decider
+        for row, prepared in zip(good, planned, strict=True):
+            if not isinstance(prepared, Pending):
+                finals.append((row.index, output_row(row, prepared)))
                 continue
             plan = {
                 "line": row.line,
                 "id": row.id,
-                "result": result.model_dump(mode="json"),
-                "ids": list(request.candidate_ids),
-                "cache_key": request.cache_key,
+                "result": prepared.provisional.model_dump(mode="json"),
+                "ids": list(prepared.ids),
+                "cache_key": prepared.key,
                 "reasks": 0,
                 "resubmits": 0,
                 "usage": Usage().model_dump(),
                 "attempts": [],
             }
-            lines.append(
-                _Line(custom_id(self.run_key, row.index, 0), row.index, 0, request.body, plan)
-            )
-        await self.store.aadd_plan(self.run_key, finals, lines)
+            body = decider.request_body(prepared)
+            lines.append(_Line(custom_id(self.run_key, row.index, 0), row.index, 0, body, plan))
+        await self.store.add_plan_async(self.run_key, finals, lines)
 
     # -- submit ------------------------------------------------------------------------
 
     async def submit(self) -> None:
         """Put every unassigned line into a batch (budget permitting), then send them."""
-        pending = await self.store.aunassigned(self.run_key)
+        pending = await self.store.unassigned_async(self.run_key)
         if pending:
             pending = await self._within_budget(pending)
             files = split_lines(
@@ -521,18 +531,18 @@ class _Engine:
             for lines in files:
                 ids = [c for c, _, _, _ in pending[start : start + len(lines)]]
                 start += len(lines)
-                await self.store.anew_batch(self.run_key, ids, time.time())
-        for batch in await self.store.aopen_batches(self.run_key):
+                await self.store.new_batch_async(self.run_key, ids, time.time())
+        for batch in await self.store.open_batches_async(self.run_key):
             if batch["batch_id"] is None:
                 await self._send(batch)
 
     async def _within_budget(
         self, pending: list[tuple[str, int, str, int]]
     ) -> list[tuple[str, int, str, int]]:
-        limits = self.job.limits
+        limits = self.job.settings.limits
         if limits.budget_tokens is None and limits.budget_usd is None:
             return pending
-        in_flight, spent = await self.store.ain_flight(self.run_key)
+        in_flight, spent = await self.store.in_flight_async(self.run_key)
         tokens, usd = (
             spent.total_tokens + in_flight,
             spent.cost_usd + in_flight * self.prices[0] / 1e6,
@@ -554,7 +564,9 @@ class _Engine:
         return keep
 
     async def _budget_records(self, custom_ids: list[str]) -> None:
-        lines = {line.custom_id: line for line in await self.store.abatch_lines_by_ids(custom_ids)}
+        lines = {
+            line.custom_id: line for line in await self.store.batch_lines_by_ids_async(custom_ids)
+        }
         out = _Collector()
         for cid in custom_ids:
             line = lines[cid]
@@ -565,24 +577,24 @@ class _Engine:
             result.usage = Usage.model_validate(line.plan["usage"])
             out.finals.append((line.index, _row_json(line.plan, result)))
             out.done.append(cid)
-        await self.store.aadd_done(self.run_key, out.finals, out.done)
+        await self.store.add_done_async(self.run_key, out.finals, out.done)
 
     async def _send(self, batch: Mapping[str, Any]) -> None:
         seq = int(batch["seq"])
         file_id = batch["input_file_id"]
         if file_id is None:
-            lines = await self.store.abatch_lines(seq)
+            lines = await self.store.batch_lines_async(seq)
             text = "".join(request_line(line.custom_id, line.body) + "\n" for line in lines)
             uploaded = await self.client.files.create(
                 file=(f"nem-llm-{self.run_key[:8]}-{seq}.jsonl", text.encode("utf-8")),
                 purpose="batch",
             )
             file_id = uploaded.id
-            await self.store.aset_batch(seq, input_file_id=file_id)
+            await self.store.set_batch_async(seq, input_file_id=file_id)
         metadata = {"nem_llm_run": self.run_key, "nem_llm_seq": str(seq)}
         found = await self._find(metadata) if batch["state"] == "creating" else None
         if found is None:
-            await self.store.aset_batch(seq, state="creating")
+            await self.store.set_batch_async(seq, state="creating")
             created = await self.client.with_options(max_retries=0).batches.create(
                 input_file_id=file_id,
                 endpoint="/v1/chat/completions",
@@ -590,7 +602,7 @@ class _Engine:
                 metadata=metadata,
             )
             found = created.id
-        await self.store.aset_batch(seq, state="submitted", batch_id=found)
+        await self.store.set_batch_async(seq, state="submitted", batch_id=found)
 
     async def _find(self, metadata: Mapping[str, str]) -> str | None:
         """The id of a batch created with ``metadata`` (a create whose answer was lost)."""
@@ -605,7 +617,7 @@ class _Engine:
         """Retrieve every open batch once; collect the finished ones. Returns how many
         batches are still open."""
         still_open = 0
-        for batch in await self.store.aopen_batches(self.run_key):
+        for batch in await self.store.open_batches_async(self.run_key):
             if batch["batch_id"] is None:
                 still_open += 1
                 continue
@@ -640,7 +652,7 @@ class _Engine:
         return out
 
     async def _collect(self, seq: int, info: Any) -> None:
-        lines = await self.store.abatch_lines(seq)
+        lines = await self.store.batch_lines_async(seq)
         outcomes = await self._read(info.error_file_id)
         outcomes.update(await self._read(info.output_file_id))
         failed_message = ""
@@ -650,7 +662,7 @@ class _Engine:
         out = _Collector()
         for line in lines:
             if info.status == "failed":
-                self._final_error(out, line, "batch_failed", f"batch failed: {failed_message}")
+                self._final_error(out, line, "batch_api", f"batch failed: {failed_message}")
                 continue
             outcome = outcomes.get(line.custom_id)
             if outcome is None:
@@ -658,8 +670,8 @@ class _Engine:
                 outcome = LineOutcome(line.custom_id, None, None, code, f"no result ({code})")
             self._take(out, line, outcome)
         for key, decision in out.cache:
-            await self.cache.aput(key, decision)
-        await self.store.aprocess(
+            await self.cache.put_async(key, decision)
+        await self.store.process_async(
             self.run_key, seq, info.status, out.finals, out.follow_ups, out.done, out.usage
         )
 
@@ -684,7 +696,7 @@ class _Engine:
             else:
                 attempts[-1].outcome = "failed"
                 self._final_error(
-                    out, line, outcome.error_code or "batch_error", outcome.error or "", attempts
+                    out, line, outcome.error_code or "batch_api", outcome.error or "", attempts
                 )
             return
         assert outcome.body is not None
@@ -694,14 +706,14 @@ class _Engine:
                 outcome.body,
                 ids,
                 prices=self.prices,
-                mode=self.matcher.mode,
+                mode=self.mode,
                 reasks=int(plan["reasks"]),
             )
         except InvalidAnswer as exc:
             out.usage = out.usage + exc.usage
             plan_usage = usage + exc.usage
-            if int(plan["reasks"]) < self.job.limits.max_reasks:
-                body = reask_body(line.body, outcome.body, exc, mode=self.matcher.mode)
+            if int(plan["reasks"]) < self.job.settings.limits.max_reasks:
+                body = reask_body(line.body, outcome.body, exc, mode=self.mode)
                 self._follow_up(
                     out, line, body, reasks=1, attempts=attempts, usage=plan_usage, retry=False
                 )
@@ -728,7 +740,7 @@ class _Engine:
             )
         )
         provisional = MatchResult.model_validate(plan["result"])
-        result = self.matcher.resolve_planned(provisional, decision)
+        result = self.matcher.decider.resolve(provisional, decision)
         result.usage = total
         result.attempts = attempts
         out.finals.append((line.index, _row_json(plan, result)))
@@ -741,7 +753,7 @@ class _Engine:
                         confidence=decision.confidence,
                         reason=decision.reason,
                         usage=total,
-                        model=self.job.model,
+                        model=self.job.settings.model,
                     ),
                 )
             )
@@ -810,8 +822,23 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+#: Options the Batch API engine cannot honour, each with why (refused up front).
+BATCH_API_REFUSES: dict[str, str] = {
+    "rewrite": "a rewrite needs a second LLM round per row after retrieval runs again; "
+    "the Batch API engine sends one round (use the local or Ray engine)",
+}
+
+
+def refuse_batch_api(job: MatchJob) -> None:
+    """A :class:`ConfigError` naming the first set option this engine cannot honour."""
+    if job.settings.rewrite:
+        raise ConfigError(f"--rewrite with the Batch API: {BATCH_API_REFUSES['rewrite']}")
+    if not job.settings.llm:
+        raise ConfigError("the Batch API engine sends rows to an LLM: --no-llm makes it moot")
+
+
 def _client_for(job: MatchJob) -> AsyncOpenAI:
-    base_url = job.base_url or os.environ.get("OPENAI_BASE_URL")
+    base_url = job.settings.base_url or os.environ.get("OPENAI_BASE_URL")
     api_key = os.environ.get("OPENAI_API_KEY")
     if not base_url and not api_key:
         raise ConfigError(
@@ -839,10 +866,12 @@ async def run_batch_api_job(
     output file is written from the checkpoint once every batch is collected.
 
     Args:
-        job: The inputs and knobs (``strategy`` and ``limits.concurrency`` do not apply).
+        job: The inputs and settings (``strategy`` and ``limits.concurrency`` do not apply:
+            the provider runs the batch; options the engine cannot honour are refused by
+            :func:`refuse_batch_api` before any work).
         options: Polling and file limits.
         client: The ``AsyncOpenAI`` client for files and batches (default: from
-            ``job.base_url`` / ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY``).
+            ``job.settings.base_url`` / ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY``).
         stop: Set it to stop polling; batches in flight stay with the provider and the
             next run with the same command polls them on (the summary says interrupted).
         on_progress: ``hook(rows done, total, None)`` after each collected batch.
@@ -852,37 +881,23 @@ async def run_batch_api_job(
     options = options or BatchApiOptions()
     loop = asyncio.get_running_loop()
     started = loop.time()
-    catalog = await loop.run_in_executor(
-        None, lambda: load_catalog(job.catalog, include_description=job.index_description)
-    )
+    refuse_batch_api(job)
+    catalog = await loop.run_in_executor(None, load_job_catalog, job)
     total = count_rows(job.queries)
     state = job.state_dir
     state.mkdir(parents=True, exist_ok=True)
-    meta = await loop.run_in_executor(None, _run_meta, job)
-    meta["llm_mode"] = "batch-api"
-    run_key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
+    key, meta = await loop.run_in_executor(None, run_key, job, "batch-api")
     own_client = client is None
     api = client or _client_for(job)
     store = BatchApiStore(state / "run.sqlite")
     cache = DecisionCache(state / "run.sqlite")
-    matcher = matcher_factory(
-        catalog,
-        client=api,
-        model=job.model,
-        limits=job.limits,
-        top_k=job.top_k,
-        accept_threshold=job.accept_threshold,
-        margin=job.margin,
-        novel_threshold=job.novel_threshold,
-        cache=cache,
-        index_path=state / "index",
-    )
+    matcher = matcher_factory(catalog, job.matcher_settings(), client=api, cache=cache)
     interrupted = False
     try:
-        await store.aopen_run(run_key, meta)
-        resumed = len(await store.adone_indexes(run_key))
-        engine = _Engine(job, options, api, store, cache, matcher, run_key, on_batch)
-        if not await store.aplanned(run_key):
+        await store.open_run_async(key, meta)
+        resumed = len(await store.done_indexes_async(key))
+        engine = _Engine(job, options, api, store, cache, matcher, key, on_batch)
+        if not await store.planned_async(key):
             await matcher.fit_async()
             rows = read_queries(job.queries, query_column=job.query_column, id_column=job.id_column)
             try:
@@ -901,9 +916,9 @@ async def run_batch_api_job(
                     cause="batch_api",
                 ) from exc
             if on_progress is not None:
-                on_progress(await store.acount(run_key), total, None)
+                on_progress(await store.count_async(key), total, None)
             if still_open == 0:
-                if not await store.aunassigned(run_key):
+                if not await store.unassigned_async(key):
                     break
                 continue  # follow-up lines to submit now
             if not options.wait or (stop is not None and stop.is_set()):
@@ -917,13 +932,13 @@ async def run_batch_api_job(
                 except TimeoutError:
                     pass
         if not interrupted:
-            await store.amark_complete(run_key)
+            await store.mark_complete_async(key)
         await loop.run_in_executor(
-            None, _rewrite, job.out, store, run_key, job.order if not interrupted else "completion"
+            None, write_output, job.out, store, key, job.order if not interrupted else "completion"
         )
-        finished = await store.acount(run_key)
-        batches = await store.abatch_count(run_key)
-        stats = await loop.run_in_executor(None, _stats, store, run_key, loop.time() - started)
+        finished = await store.count_async(key)
+        batches = await store.batch_count_async(key)
+        stats = await loop.run_in_executor(None, _stats, store, key, loop.time() - started)
     finally:
         await matcher.aclose()
         if own_client:

@@ -167,7 +167,7 @@ class RunStore(SQLiteStore):
         """
         self._call(self._open_run, check_key(run_key, "run_key"), _canonical_meta(meta))
 
-    async def aopen_run(self, run_key: str, meta: Mapping[str, Any]) -> None:
+    async def open_run_async(self, run_key: str, meta: Mapping[str, Any]) -> None:
         """Async :meth:`open_run`."""
         await self._acall(self._open_run, check_key(run_key, "run_key"), _canonical_meta(meta))
 
@@ -179,7 +179,7 @@ class RunStore(SQLiteStore):
         """Mark the run as finished (every input has its row)."""
         self._call(self._mark_complete, check_key(run_key, "run_key"))
 
-    async def amark_complete(self, run_key: str) -> None:
+    async def mark_complete_async(self, run_key: str) -> None:
         """Async :meth:`mark_complete`."""
         await self._acall(self._mark_complete, check_key(run_key, "run_key"))
 
@@ -199,7 +199,7 @@ class RunStore(SQLiteStore):
             self._record, check_key(run_key, "run_key"), _check_index(index), _check_row(row)
         )
 
-    async def arecord(self, run_key: str, index: int, row: str) -> bool:
+    async def record_async(self, run_key: str, index: int, row: str) -> bool:
         """Async :meth:`record`."""
         return await self._acall(
             self._record, check_key(run_key, "run_key"), _check_index(index), _check_row(row)
@@ -216,7 +216,7 @@ class RunStore(SQLiteStore):
         """
         return self._call(self._record_many, check_key(run_key, "run_key"), _check_items(items))
 
-    async def arecord_many(self, run_key: str, items: Iterable[tuple[int, str]]) -> int:
+    async def record_many_async(self, run_key: str, items: Iterable[tuple[int, str]]) -> int:
         """Async :meth:`record_many` (``items`` is consumed on the calling thread)."""
         return await self._acall(
             self._record_many, check_key(run_key, "run_key"), _check_items(items)
@@ -230,7 +230,7 @@ class RunStore(SQLiteStore):
         """
         return self._call(self._done_indexes, check_key(run_key, "run_key"))
 
-    async def adone_indexes(self, run_key: str) -> DoneIndexes:
+    async def done_indexes_async(self, run_key: str) -> DoneIndexes:
         """Async :meth:`done_indexes`."""
         return await self._acall(self._done_indexes, check_key(run_key, "run_key"))
 

@@ -258,10 +258,12 @@ def novel_mentions(results: str | os.PathLike[str]) -> list[Mention]:
         mention.count += 1
         mention.lines.append(line)
         for cand in row.get("candidates") or []:
-            if isinstance(cand, dict) and isinstance(cand.get("id"), str):
-                name, best = mention.candidates.get(cand["id"], ("", 0.0))
+            # "entity_id"; result files written before the rename say "id"
+            cid = cand.get("entity_id", cand.get("id")) if isinstance(cand, dict) else None
+            if isinstance(cid, str):
+                name, best = mention.candidates.get(cid, ("", 0.0))
                 score = float(cand.get("score") or 0.0)
-                mention.candidates[cand["id"]] = (str(cand.get("name") or name), max(best, score))
+                mention.candidates[cid] = (str(cand.get("name") or name), max(best, score))
     for key, mention in groups.items():
         mention.text = forms[key].most_common(1)[0][0]
     return sorted(groups.values(), key=lambda m: -m.count)
@@ -435,12 +437,12 @@ class ProposalCache(SQLiteStore):
     ) WITHOUT ROWID""",
     )
 
-    async def aget(self, key: str) -> Proposal | None:
+    async def get_async(self, key: str) -> Proposal | None:
         """The cached proposal under ``key``, or None."""
         text = await self._acall(self._get, check_key(key))
         return Proposal.model_validate_json(text) if text is not None else None
 
-    async def aput(self, key: str, proposal: Proposal) -> None:
+    async def put_async(self, key: str, proposal: Proposal) -> None:
         """Store ``proposal`` under ``key`` (durable once awaited)."""
         await self._acall(self._put, check_key(key), proposal.model_dump_json())
 
@@ -484,7 +486,9 @@ async def _propose(
         cause = exc.__cause__
         if cause is not None and type(cause).__module__.startswith(("openai", "httpx")):
             raise cause from None  # transport errors: the governor retries them
-        err = LLMError(f"no valid proposal after {exc.n_attempts} answer(s)", cause="invalid")
+        err = LLMError(
+            f"no valid proposal after {exc.n_attempts} answer(s)", cause="invalid_answer"
+        )
         err.usage = usage_from(exc.total_usage, price_for(model))
         raise err from None
     data: Any = answer
@@ -587,12 +591,12 @@ async def discover_async(
         candidates = _cluster_candidates(mentions, cluster)
         messages = render_proposal_messages(shown, candidates, cat)
         key = _cache_key(model, messages)
-        cached = await store.aget(key) if store is not None else None
+        cached = await store.get_async(key) if store is not None else None
         if cached is not None:
             row.status, row.proposal = "cached", cached
             return row
         try:
-            governed = await governor.call(
+            governed = await governor.call_async(
                 lambda: _propose(patched, model, messages, shown, candidates, limits),
                 estimated_tokens=estimate_tokens(messages, completion_tokens=200),
                 usage_of=lambda a: a.usage,
@@ -608,7 +612,7 @@ async def discover_async(
         row.status, row.proposal = "proposed", governed.value.proposal
         row.usage, row.llm_calls = governed.usage, len(governed.attempts)
         if store is not None:
-            await store.aput(key, governed.value.proposal)
+            await store.put_async(key, governed.value.proposal)
         return row
 
     try:

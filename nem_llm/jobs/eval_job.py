@@ -9,12 +9,10 @@ from typing import Any
 
 from openai import AsyncOpenAI
 
-from ..catalog import load_catalog
-from ..config import Limits
 from ..errors import ConfigError, InputError
 from ..matcher import Matcher
 from ..models import Candidate, MatchResult
-from ..retrieval.encoders import EncoderName
+from ..settings import MatcherSettings
 from ..text import fold
 from .evaluation import RECALL_KS, EvalReport, evaluate
 from .io import read_queries
@@ -54,27 +52,17 @@ async def run_eval(
     *,
     catalog: Path,
     queries: Path,
+    settings: MatcherSettings | None = None,
     llm: str = "off",
     oracle_error_rate: float = 0.1,
-    model: str = "gpt-4o-mini",
-    top_k: int = 5,
     limit: int | None = None,
-    concurrency: int = 32,
-    accept_threshold: float | None = None,
-    margin: float | None = None,
-    novel_threshold: float | None = None,
-    index_description: bool = False,
     calibrate_fraction: float = 0.0,
-    target_precision: float = 0.99,
     seed: int = 0,
     mode: str | None = "zero-shot",
-    rewrite: bool = False,
     fit_options: dict[str, Any] | None = None,
     name: str = "",
     progress: Any = None,
     keep_results: list[tuple[MatchResult, str | None]] | None = None,
-    index_path: Path | None = None,
-    encoder: EncoderName | None = None,
 ) -> EvalReport:
     """Evaluate retrieval, routing and end-to-end decisions on labelled queries.
 
@@ -92,11 +80,14 @@ async def run_eval(
     the others (a learned alias that memorises a repeated string is a real win, not a sign
     that the model generalises).
 
-    ``encoder``: the Matcher's ``encoder=`` (``None``: its default).
+    ``settings``: how to match (``llm="off"`` turns its LLM off; ``"sim"`` points it at
+    the simulator).
     """
     if not 0.0 <= calibrate_fraction < 1.0:
         raise ConfigError(f"calibrate_fraction must be in [0, 1), got {calibrate_fraction}")
-    entities = load_catalog(catalog, include_description=index_description)
+    settings = settings or MatcherSettings()
+    if llm not in ("off", "env", "sim"):
+        raise ConfigError(f"llm must be off, env or sim, got {llm!r}")
     texts, golds = _labelled(queries, limit)
     training: list[tuple[str, str | None]] = []
     if calibrate_fraction > 0:
@@ -108,7 +99,8 @@ async def run_eval(
         texts, golds = [texts[i] for i in keep], [golds[i] for i in keep]
     async with AsyncExitStack() as stack:
         client: AsyncOpenAI | None = None
-        model_name = model
+        if llm == "off":
+            settings = settings.replace(llm=False)
         if llm == "sim":
             from ..sim import SimConfig, SimServer
 
@@ -124,27 +116,13 @@ async def run_eval(
                 )
             )
             client = AsyncOpenAI(base_url=sim.base_url, api_key="sim", max_retries=0)
-            model_name = "nem-llm-sim"
-        matcher = Matcher(
-            entities,
-            client=client,
-            llm=llm != "off",
-            model=model_name,
-            limits=Limits(concurrency=concurrency),
-            top_k=top_k,
-            accept_threshold=accept_threshold,
-            margin=margin,
-            novel_threshold=novel_threshold,
-            index_path=index_path,
-            rewrite=rewrite,
-            encoder=encoder,
-        )
+            settings = settings.replace(model="nem-llm-sim")
+        matcher = Matcher(catalog, settings, client=client)
         await stack.enter_async_context(matcher)
         await matcher.fit_async(
             training or None,
             mode=mode,  # type: ignore[arg-type]  # checked by fit_async
             show_progress=progress is not None,
-            target_precision=target_precision,
             **(fit_options or {}),
         )
         if progress is not None and matcher.calibration is not None:
@@ -174,16 +152,18 @@ async def run_eval(
             await client.close()
     if keep_results is not None:
         keep_results.extend(zip(results, golds, strict=True))
-    label = {"off": "off", "env": model, "sim": f"sim oracle err={oracle_error_rate:g}"}[llm]
+    label = {"off": "off", "env": settings.model, "sim": f"sim oracle err={oracle_error_rate:g}"}[
+        llm
+    ]
     report = evaluate(results, golds, retrieved, name=name, llm=label)
     report.calibrated_on = len(training)
     report.rewritten = sum(1 for r in results if r.rewritten_as)
     missed = [
         i
         for i, g in enumerate(golds)
-        if g is not None and g not in {c.id for c in retrieved[i][:top_k]}
+        if g is not None and g not in {c.entity_id for c in retrieved[i][: settings.top_k]}
     ]
-    if rewrite and missed:
+    if settings.rewrite and missed:
         report.rewrite_recovered = sum(1 for i in missed if results[i].entity_id == golds[i]) / len(
             missed
         )
@@ -194,7 +174,7 @@ async def run_eval(
         report.seen_in_training = len(texts) - len(unseen)
         with_gold = [i for i in unseen if golds[i] is not None]
         if with_gold:
-            hits = sum(1 for i in with_gold if golds[i] in {c.id for c in retrieved[i][:10]})
+            hits = sum(1 for i in with_gold if golds[i] in {c.entity_id for c in retrieved[i][:10]})
             report.recall_at_10_unseen = hits / len(with_gold)
     report.thresholds = matcher.thresholds.as_dict()
     cal = matcher.calibration

@@ -74,7 +74,7 @@ def evaluate(
     with_gold = [i for i, g in enumerate(golds) if g is not None]
     recall: dict[int, float | None] = {}
     for k in RECALL_KS:
-        hits = sum(1 for i in with_gold if golds[i] in {c.id for c in retrieved[i][:k]})
+        hits = sum(1 for i in with_gold if golds[i] in {c.entity_id for c in retrieved[i][:k]})
         recall[k] = _ratio(hits, len(with_gold))
     auto = [
         i for i, r in enumerate(results) if r.status == "matched" and r.decided_by == "embedding"

@@ -266,7 +266,7 @@ def threshold_curve(
     Precision: share of accepted rows whose top candidate is the gold id (a gold of None
     counts as wrong); coverage: accepted rows over all rows.
     """
-    tops = [(_top_score(r), r.candidates[0].id if r.candidates else None) for r in results]
+    tops = [(_top_score(r), r.candidates[0].entity_id if r.candidates else None) for r in results]
     n = len(tops)
     out: list[tuple[float, float | None, float]] = []
     for t in thresholds:

@@ -191,7 +191,8 @@ def export_review(
             cands = list(row.get("candidates") or [])
             for i in range(k):
                 c = cands[i] if i < len(cands) and isinstance(cands[i], dict) else {}
-                cells += [_safe_cell(c.get("id")), _safe_cell(c.get("name")), _fmt(c.get("score"))]
+                cid = c.get("entity_id", c.get("id"))  # "id" in files before the rename
+                cells += [_safe_cell(cid), _safe_cell(c.get("name")), _fmt(c.get("score"))]
             writer.writerow(cells)
     os.replace(tmp, out)
     return ExportSummary(rows_read=read, rows_exported=len(queued), by_why=by_why, out=out)

@@ -109,7 +109,7 @@ def render_messages(
     """
     lines = []
     for i, cand in enumerate(candidates, start=1):
-        entity = catalog.entities[catalog.by_id[cand.id]]
+        entity = catalog.entities[catalog.by_id[cand.entity_id]]
         parts = [f"[{i}] id: {prompt_text(entity.id)}", f"name: {prompt_text(entity.name)}"]
         if entity.aliases:
             parts.append("aliases: " + "; ".join(prompt_text(a) for a in entity.aliases[:8]))
@@ -297,13 +297,15 @@ class Adjudicator:
         self.model = model
         self.max_reasks = max_reasks
         self.prices = prices if prices is not None else price_for(model)
-        self._kwargs: dict[str, Any] = dict(create_kwargs or {})
+        self.mode: instructor.Mode = getattr(client, "mode", instructor.Mode.TOOLS)
+        #: extra ``create`` arguments every call sends (the Batch API's lines too)
+        self.create_kwargs: dict[str, Any] = dict(create_kwargs or {})
         if temperature is not None:
-            self._kwargs.setdefault("temperature", temperature)
+            self.create_kwargs.setdefault("temperature", temperature)
         client.on("parse:error", _count_reask)
         instructor_checks.install()
 
-    async def decide(
+    async def decide_async(
         self,
         messages: list[dict[str, str]],
         candidate_ids: tuple[str, ...],
@@ -334,7 +336,7 @@ class Adjudicator:
             names=tuple(_names(getattr(choice, "names", []))) if none else (),
         )
 
-    async def rewrite(
+    async def rewrite_async(
         self,
         query: str,
         *,
@@ -378,7 +380,7 @@ class Adjudicator:
                 response_model=response_model,
                 max_retries=retries,
                 timeout=request_timeout,
-                **self._kwargs,
+                **self.create_kwargs,
             )
         except InstructorRetryException as exc:
             cause = exc.__cause__

@@ -29,6 +29,7 @@ from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
 
 from ..config import Limits, price_for
+from ..errors import http_error_code
 from ..models import Usage
 from .adjudication import NONE, Decision, choice_model
 
@@ -177,7 +178,9 @@ class LineOutcome:
         custom_id: The request's ``custom_id``.
         status_code: HTTP status of the request (None when it never ran, e.g. expired).
         body: The response body (a ``chat.completion`` when ``status_code`` is 200).
-        error_code: ``error.code`` (``batch_expired`` ...) or the body's error type.
+        error_code: an :data:`~nem_llm.errors.ERROR_TYPES` code: from the HTTP status of a
+            request that ran, else ``"batch_api"`` (expired, failed); the provider's own
+            code is kept in ``error``.
         error: A short message for error lines.
     """
 
@@ -218,7 +221,10 @@ def parse_result_line(raw: str) -> LineOutcome:
         code = body["error"].get("code") or body["error"].get("type")
         message = str(body["error"].get("message") or "")
     text = f"HTTP {status}: {message}" if status is not None else message
-    return LineOutcome(data["custom_id"], status, body, code or f"http_{status}", text.strip())
+    if code:
+        text = f"{text} ({code})"
+    closed = http_error_code(status) if status is not None else "batch_api"
+    return LineOutcome(data["custom_id"], status, body, closed, text.strip())
 
 
 class InvalidAnswer(ValueError):

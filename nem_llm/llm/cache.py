@@ -100,7 +100,7 @@ class DecisionCache(SQLiteStore):
             ``":memory:"`` for a private in-memory cache (tests).
         timeout: Seconds to wait for another writer's lock before raising StoreError.
 
-    Every method is thread-safe; ``aget``/``aput`` run on the store's worker thread and
+    Every method is thread-safe; ``get_async``/``put_async`` run on the store's worker thread and
     never block the event loop. ``put`` overwrites an existing entry (latest wins).
 
     Example:
@@ -137,11 +137,11 @@ class DecisionCache(SQLiteStore):
         """Store ``decision`` under ``key`` (replacing any previous one); durable on return."""
         self._call(self._put, check_key(key), _check_decision(decision))
 
-    async def aget(self, key: str) -> CachedDecision | None:
+    async def get_async(self, key: str) -> CachedDecision | None:
         """Async :meth:`get`: runs on the store's worker thread."""
         return await self._acall(self._get, check_key(key))
 
-    async def aput(self, key: str, decision: CachedDecision) -> None:
+    async def put_async(self, key: str, decision: CachedDecision) -> None:
         """Async :meth:`put`: runs on the store's worker thread; durable once awaited."""
         await self._acall(self._put, check_key(key), _check_decision(decision))
 
@@ -164,7 +164,7 @@ class DecisionCache(SQLiteStore):
         """Return every reviewed label by normalized query (a snapshot; the table is small)."""
         return self._call(self._reviewed)
 
-    async def areviewed(self) -> dict[str, ReviewedLabel]:
+    async def reviewed_async(self) -> dict[str, ReviewedLabel]:
         """Async :meth:`reviewed`: runs on the store's worker thread."""
         return await self._acall(self._reviewed)
 

@@ -41,7 +41,7 @@ import openai
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from ..config import Limits, price_for
-from ..errors import BudgetExceededError, LLMError
+from ..errors import BudgetExceededError, LLMError, http_error_code
 from ..models import Attempt, Usage
 
 __all__ = ["Governed", "Governor", "RequestPacer", "TokenBucket", "classify_error"]
@@ -207,21 +207,38 @@ def _retry_after(headers: httpx.Headers | None) -> float | None:
     return min(max(parsed.timestamp() - time.time(), 0.0), _MAX_RETRY_AFTER)
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a timeout is really a connection that never opened (a dead endpoint)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, httpx.ConnectTimeout | httpx.ConnectError | ConnectionError):
+            return True
+        if type(cur).__name__ in ("ClientConnectorError", "ServerDisconnectedError"):
+            return True  # aiohttp's, under openai's aiohttp transport
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def classify_error(exc: BaseException) -> ErrorInfo:
-    """Transient (429, 408, 409, 5xx, timeouts, connection errors) or final, and why."""
+    """Transient (429, 408, 409, 5xx, timeouts, connection errors) or final, and why.
+
+    The cause is one of :data:`nem_llm.errors.ERROR_TYPES`; a connection that never opened
+    is ``"connection"`` even where the transport reports it as a connect timeout.
+    """
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         transient = status in _TRANSIENT_STATUS or status >= 500
-        cause = "rate_limit" if status == 429 else f"http_{status}"
         ra = _retry_after(exc.response.headers) if transient else None
-        return ErrorInfo(transient, cause, status, ra)
+        return ErrorInfo(transient, http_error_code(status), status, ra)
     if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException | TimeoutError):
-        return ErrorInfo(True, "timeout")
+        return ErrorInfo(True, "connection" if _unreachable(exc) else "timeout")
     if isinstance(exc, openai.APIConnectionError | httpx.TransportError | ConnectionError):
         return ErrorInfo(True, "connection")
     if isinstance(exc, LLMError):
         return ErrorInfo(False, exc.cause)
-    return ErrorInfo(False, type(exc).__name__)
+    return ErrorInfo(False, "internal")
 
 
 @dataclass
@@ -326,7 +343,7 @@ class Governor:
         until = asyncio.get_running_loop().time() + seconds
         self._cooldown_until = max(self._cooldown_until, until)
 
-    async def pace(self) -> None:
+    async def pace_async(self) -> None:
         """Wait as a new request must: the cooldown, then the RPM limiter.
 
         For requests made inside a governed call (instructor's re-asks): they already hold
@@ -338,7 +355,7 @@ class Governor:
 
     # -- the call ----------------------------------------------------------------------
 
-    async def call(
+    async def call_async(
         self,
         fn: Callable[[], Awaitable[T]],
         *,

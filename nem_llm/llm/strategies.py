@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
-from typing import Literal, TypeVar, get_args
+from typing import TypeVar, get_args
 
 from ..errors import ConfigError
+from ..settings import Strategy
 
 __all__ = ["STRATEGIES", "Strategy", "aiter_indexed", "run_ordered", "run_strategy", "run_stream"]
 
-Strategy = Literal["sequential", "gather", "as_completed"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 Q = TypeVar("Q")

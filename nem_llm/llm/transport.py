@@ -10,12 +10,15 @@ second at concurrency 16-256. A client the user passes in keeps its own transpor
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 import httpx
 import openai
 
-__all__ = ["aiohttp_installed", "make_async_client", "skip_param_transform"]
+from ..errors import ConfigError
+
+__all__ = ["aiohttp_installed", "make_async_client", "resolve_client", "skip_param_transform"]
 
 #: ``chat.completions.create`` parameters nem_llm sends as plain JSON (they bypass
 #: openai's per-call parameter transform, see :func:`skip_param_transform`).
@@ -76,3 +79,33 @@ def skip_param_transform(client: openai.AsyncOpenAI) -> openai.AsyncOpenAI:
 
     completions.create = create_plain  # type: ignore[method-assign, assignment]
     return client
+
+
+def resolve_client(
+    client: openai.AsyncOpenAI | None,
+    *,
+    base_url: str | None,
+    api_key: str | None,
+    timeout: float,
+) -> tuple[openai.AsyncOpenAI | None, bool]:
+    """The client the governor calls, and whether nem_llm made it (and so closes it).
+
+    A client the user passes keeps its connection pool; its own retries are turned off
+    (one retry layer: the governor's). Without one, a client is made from ``base_url`` /
+    ``api_key`` or ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``; with none of them, ``None``
+    (ambiguous queries come back as ``review``).
+    """
+    if client is not None:
+        if not isinstance(client, openai.AsyncOpenAI):
+            raise ConfigError(f"client must be an openai.AsyncOpenAI, got {type(client).__name__}")
+        return client.with_options(max_retries=0, timeout=timeout), False
+    base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+    api_key = api_key or os.environ.get("OPENAI_API_KEY")
+    if not base_url and not api_key:
+        return None, False
+    made = make_async_client(  # aiohttp when installed: measured cheaper per call
+        base_url=base_url,
+        api_key=api_key or "not-needed",  # local servers (llama.cpp, vLLM) want none
+        timeout=timeout,
+    )
+    return made, True

@@ -38,7 +38,7 @@ def _faiss() -> Any:
         import faiss
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ConfigError(
-            'ANN search needs faiss-cpu: pip install "nem_llm[ann]" (or use index="exact")'
+            'ANN search needs faiss-cpu: pip install "nem_llm[ann]" (or use search="exact")'
         ) from exc
     return faiss
 

@@ -78,7 +78,7 @@ class Example:
 
 def _example(cands: Sequence[Candidate], query: str, gold: str | None, weight: float) -> Example:
     f = features(query, cands)
-    right = bool(cands) and gold is not None and cands[0].id == gold
+    right = bool(cands) and gold is not None and cands[0].entity_id == gold
     return Example(f, right, gold is None, weight, fold(query))
 
 
@@ -449,7 +449,7 @@ def probe_examples(
     for probe, cands in zip(probes, found, strict=True):
         entity_id = catalog.entities[probe.entity].id
         present = _example(cands, probe.text, entity_id, 1.0)
-        without = [c for c in cands if c.id != entity_id]
+        without = [c for c in cands if c.entity_id != entity_id]
         out.append(present)
         out.append(_example(without, probe.text, None, 1.0))
     return out

@@ -224,8 +224,8 @@ class MicroBatcher(Generic[In, R]):
 
     Example:
         >>> batcher = MicroBatcher(embedder.encode, max_batch_size=64, max_wait=0.005)
-        >>> vec = await batcher.submit("USA")           # doctest: +SKIP
-        >>> await batcher.aclose()                      # doctest: +SKIP
+        >>> vec = await batcher.submit_async("USA")           # doctest: +SKIP
+        >>> await batcher.close_async()                      # doctest: +SKIP
     """
 
     def __init__(
@@ -251,7 +251,7 @@ class MicroBatcher(Generic[In, R]):
         self.batches = 0  # batches encoded so far (for tests and stats)
         self.items = 0  # items in those batches (items / batches: the mean batch size)
 
-    async def submit(self, item: In, *, flush: bool = False) -> R:
+    async def submit_async(self, item: In, *, flush: bool = False) -> R:
         """Return ``fn([item, ...])``'s answer for ``item``, batched with concurrent callers.
 
         ``flush=True``: send the batch holding ``item`` without waiting for more items.
@@ -319,7 +319,7 @@ class MicroBatcher(Generic[In, R]):
                 if not f.done():
                     f.set_result(answers[row])
 
-    async def aclose(self) -> None:
+    async def close_async(self) -> None:
         """Stop the batcher: pending callers are cancelled, the worker thread released."""
         self._closed = True
         if self._task is not None:

@@ -522,7 +522,7 @@ class HybridIndex:
         lexical = (score - (1.0 - w) * dense) / w if w > 0 else None
         ent = st.catalog.entities[entity]
         return Candidate(
-            id=ent.id,
+            entity_id=ent.id,
             name=ent.name,
             score=round(score, 6),
             dense_score=round(dense, 6),

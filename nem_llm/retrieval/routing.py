@@ -145,7 +145,8 @@ def route(
     if thresholds.exact and f.exact:
         return Route(
             "matched",
-            f"the query is a name or alias of {candidates[0].id!r} and of no other candidate",
+            f"the query is a name or alias of {candidates[0].entity_id!r} and of no other "
+            "candidate",
             top,
             margin,
             "exact",
@@ -160,8 +161,8 @@ def route(
         )
     if f.same_name_tie:
         why = (
-            f"the runner-up {candidates[1].id!r} has the same name as "
-            f"{candidates[0].id!r}: scores cannot tell them apart"
+            f"the runner-up {candidates[1].entity_id!r} has the same name as "
+            f"{candidates[0].entity_id!r}: scores cannot tell them apart"
         )
         return Route("adjudicate", why, top, margin, "same_name")
     if top >= thresholds.accept and margin >= thresholds.margin:
@@ -179,7 +180,7 @@ def route(
             kind, p = decided
             if kind == "matched":
                 why = (
-                    f"the routing model puts the chance that {candidates[0].id!r} is the "
+                    f"the routing model puts the chance that {candidates[0].entity_id!r} is the "
                     f"entity at {p:.3f} (>= {model.matched_cut:.3f})"
                 )
             else:

@@ -1,0 +1,42 @@
+"""``nem-llm report``: one self-contained HTML page of charts about a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._app import app, as_coro, err, run
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Option(help="Results JSONL of `nem-llm match`.")],
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")],
+    labels: Annotated[
+        Path | None, typer.Option(help="Labels JSONL ('query', 'gold_id'; 'qid' optional).")
+    ] = None,
+    proposals: Annotated[
+        Path | None, typer.Option(help="Proposals JSONL of `nem-llm discover`.")
+    ] = None,
+    accept_threshold: Annotated[
+        float | None, typer.Option(help="The run's accept threshold (drawn on the charts).")
+    ] = None,
+    title: str | None = None,
+) -> None:
+    """Write one self-contained HTML page of charts about a run (no network to view it)."""
+    from ..jobs.report import build_report, write_report
+
+    def main() -> Path:
+        data = build_report(
+            results,
+            labels=labels,
+            proposals=proposals,
+            accept_threshold=accept_threshold,
+            title=title,
+        )
+        return write_report(data, out)
+
+    written = run(lambda: as_coro(main))
+    err.print(f"report written: {written}", highlight=False, soft_wrap=True)

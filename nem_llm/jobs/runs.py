@@ -1,0 +1,166 @@
+"""What every engine of ``nem-llm match`` shares: the job, its run key, its rows.
+
+A :class:`MatchJob` is the files, the query-side columns and the
+:class:`~nem_llm.MatcherSettings`; every engine (local, Ray, Batch API; see ``engines.py``)
+receives the same job and honours every option or refuses it up front. The run key is the
+settings' fingerprint plus the inputs' contents and the query-side columns, so a rerun of
+the same command resumes and a changed option starts a new run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..llm.adjudication import PROMPT_VERSION
+from ..llm.governor import GovernorStats
+from ..llm.strategies import Strategy, check_strategy
+from ..models import MatchResult, RunStats
+from ..settings import MatcherSettings, OutputOrder
+from .checkpoint import RunStore
+from .io import QueryRow
+
+__all__ = [
+    "JobSummary",
+    "MatchJob",
+    "OutputOrder",
+    "ProgressHook",
+    "error_row",
+    "output_row",
+    "row_filter",
+    "run_key",
+    "write_output",
+]
+
+ProgressHook = Callable[[int, int | None, GovernorStats | None], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MatchJob:
+    """Everything ``nem-llm match`` needs; equal jobs resume each other.
+
+    Args:
+        catalog, queries, out: the input files and the results JSONL.
+        settings: how to match (every engine honours all of it or refuses up front).
+        query_column, id_column: where the query and the row id are in the queries file.
+        where: ``{attribute: column}``: each row's candidates are the entities whose
+            attribute equals the row's value in that column (an empty value: no filter).
+        strategy: the order LLM work is started in (answers are the same).
+        order: the output file's row order at the end.
+        state: the state directory (default ``<out>.state``): checkpoint, cache, index.
+    """
+
+    catalog: Path
+    queries: Path
+    out: Path
+    settings: MatcherSettings = field(default_factory=MatcherSettings)
+    query_column: str | None = None
+    id_column: str | None = None
+    where: Mapping[str, str] = field(default_factory=dict)
+    strategy: Strategy = "as_completed"
+    order: OutputOrder = "input"
+    state: Path | None = None
+
+    def __post_init__(self) -> None:
+        check_strategy(self.strategy)
+        if self.order not in ("input", "completion"):
+            raise ConfigError(f"order must be 'input' or 'completion', got {self.order!r}")
+        for attribute, column in self.where.items():
+            if not attribute or not column:
+                raise ConfigError(f"where: use attribute=column, got {attribute!r}={column!r}")
+        object.__setattr__(self, "where", dict(self.where))
+
+    @property
+    def state_dir(self) -> Path:
+        return self.state or self.out.with_name(self.out.name + ".state")
+
+    @property
+    def index_dir(self) -> Path:
+        """The saved index this job uses: the settings' ``index_dir``, else one in state."""
+        return self.settings.index_dir or self.state_dir / "index"
+
+    def matcher_settings(self) -> MatcherSettings:
+        """The settings a job's Matcher runs with (its index lives in ``index_dir``)."""
+        return self.settings.replace(index_dir=self.index_dir)
+
+
+@dataclass
+class JobSummary:
+    """What the job did: this session's stats plus rows carried over from earlier runs."""
+
+    stats: RunStats
+    rows_total: int
+    rows_resumed: int
+    interrupted: bool
+    out: Path
+    state_dir: Path
+    llm_configured: bool
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_key(job: MatchJob, engine: str) -> tuple[str, dict[str, object]]:
+    """(key, what it hashes): inputs by content, the settings, the query-side columns."""
+    meta: dict[str, object] = {
+        "catalog_sha256": _sha256_file(job.catalog),
+        "queries_sha256": _sha256_file(job.queries),
+        "query_column": job.query_column,
+        "id_column": job.id_column,
+        "where": sorted(job.where.items()),
+        "settings": job.settings.fingerprint(),
+        "prompt_version": PROMPT_VERSION,
+        "engine": engine,
+    }
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
+    return key, meta
+
+
+def output_row(row: QueryRow, result: MatchResult) -> str:
+    """One output line: the input's id and line, then the full ``MatchResult``."""
+    data = result.model_dump(mode="json")
+    data["index"] = row.index
+    return json.dumps({"id": row.id, "line": row.line, **data}, ensure_ascii=False)
+
+
+def row_filter(where: Mapping[str, str], row: QueryRow) -> dict[str, str]:
+    """A row's candidate filter from its columns (empty or missing values: no filter)."""
+    record = row.record or {}
+    out: dict[str, str] = {}
+    for attribute, column in where.items():
+        value = record.get(column)
+        if value is not None and str(value).strip():
+            out[attribute] = str(value).strip()
+    return out
+
+
+def error_row(row: QueryRow) -> MatchResult:
+    """The error record of an input row that could not be read."""
+    return MatchResult(
+        query=(row.query or "")[:1000],
+        index=row.index,
+        status="error",
+        error=f"line {row.line}: {row.error}",
+        error_type="input",
+    )
+
+
+def write_output(out: Path, store: RunStore, key: str, order: OutputOrder) -> None:
+    """Rewrite the output file from the checkpoint (temp file, fsync, atomic rename)."""
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for _, text in store.iter_rows(key, order=order):
+            fh.write(text + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)

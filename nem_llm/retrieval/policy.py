@@ -1,0 +1,92 @@
+"""The routing policy a fit leaves behind: thresholds, a routing model, learned mentions.
+
+:class:`RoutePolicy` is one frozen value, swapped whole when ``fit`` finishes, so a query
+in flight never routes by half of an old policy and half of a new one. It is pure: a
+query's candidates in, a :class:`~nem_llm.retrieval.routing.Route` out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from ..catalog import Catalog
+from ..config import Thresholds
+from ..errors import ConfigError
+from ..models import Calibration, Candidate
+from ..text import fold
+from .learning import LearnedLabels
+from .route_model import RouteModel
+from .routing import Route, route
+
+__all__ = ["RoutePolicy"]
+
+
+@dataclass(frozen=True)
+class RoutePolicy:
+    """How queries route: thresholds, what calibration said, a model and learned labels.
+
+    Args:
+        thresholds: the thresholds in force.
+        calibration: what ``fit`` estimated, and why a route is closed (``None`` before).
+        model: a routing model fit on labels (decides some of what the thresholds leave
+            to the LLM), or ``None``.
+        learned: mentions learned from labels (``fit`` in "aliases" or "full" mode).
+    """
+
+    thresholds: Thresholds
+    calibration: Calibration | None = None
+    model: RouteModel | None = None
+    learned: LearnedLabels | None = None
+    # folded labelled mention -> entity id
+    learned_ids: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def with_learned(self, learned: LearnedLabels | None) -> RoutePolicy:
+        """This policy with ``learned`` mentions (an exact lookup before routing)."""
+        ids = (
+            {} if learned is None else {fold(q): e for e, qs in learned.aliases.items() for q in qs}
+        )
+        return dataclasses.replace(self, learned=learned, learned_ids=MappingProxyType(ids))
+
+    def for_threshold(self, threshold: float | None) -> Thresholds:
+        """The thresholds of one call: ``threshold`` overrides the accept threshold."""
+        if threshold is None:
+            return self.thresholds
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            raise ConfigError(f"threshold must be a number, got {threshold!r}")
+        return dataclasses.replace(self.thresholds, accept=float(threshold))
+
+    def route(
+        self,
+        candidates: list[Candidate],
+        normalized: str,
+        catalog: Catalog,
+        thresholds: Thresholds | None = None,
+    ) -> tuple[Route, list[Candidate]]:
+        """Route one query; a labelled mention is matched to its entity (put first among
+        the candidates), one labelled "not in the catalog" is novel.
+
+        ``thresholds`` other than the policy's (a per-call ``threshold=``) route by the
+        thresholds alone, without the routing model.
+        """
+        if self.learned is not None:
+            key = fold(normalized)
+            top = candidates[0].score if candidates else None
+            if key in self.learned.novel:
+                why = "a labelled example says this mention is not in the catalog"
+                return Route("novel", why, top, None, "learned_novel"), candidates
+            eid = self.learned_ids.get(key)
+            if eid is not None and eid in catalog.by_id:
+                entity = catalog.entities[catalog.by_id[eid]]
+                own = next((c for c in candidates if c.entity_id == eid), None)
+                first = own or Candidate(
+                    entity_id=eid, name=entity.name, score=1.0, matched_form=normalized
+                )
+                rest = [c for c in candidates if c.entity_id != eid]
+                why = f"a labelled example says this mention is {eid!r}"
+                return Route("matched", why, first.score, None, "learned"), [first, *rest]
+        chosen = thresholds if thresholds is not None else self.thresholds
+        model = self.model if chosen is self.thresholds else None
+        return route(candidates, chosen, normalized, model), candidates

@@ -1,0 +1,196 @@
+"""The retrieval stage: the index, candidate filters, and catalog changes.
+
+:class:`Retriever` owns the :class:`~nem_llm.retrieval.index.HybridIndex` and the encoder
+that feeds it. Everything that encodes or searches runs in one worker thread (the
+``executor``), never on the event loop: :meth:`Retriever.search_batch` is the function the
+Matcher's micro-batcher calls with a flush of concurrent queries, and
+:meth:`Retriever.retrieve_many` searches large lists straight away (calibration).
+
+Filters (``where``) are turned into a boolean mask over the catalog once and kept; entity
+changes outdate a mask, which is then recomputed in the worker thread, so a search never
+sees a mask of another catalog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..catalog import Catalog, EntitySource, load_catalog
+from ..errors import ConfigError, NotReadyError
+from ..models import Candidate
+from ..settings import SearchMode
+from .embedding import Embedder
+from .index import HybridIndex
+
+__all__ = ["Retriever", "SearchItem", "Where"]
+
+#: A candidate filter on entity attributes: ``{"country": "FR"}`` (equality) or
+#: ``{"country": ["FR", "BE"]}`` (membership); every key must hold.
+Where = Mapping[str, Any]
+#: One query of a flush: (normalized text, k, filter key or None).
+SearchItem = tuple[str, int, str | None]
+
+# texts per worker-thread call of retrieve_many (calibration, probes)
+_CHUNK = 256
+
+
+class Retriever:
+    """Candidates for normalized queries: encode, search, filter (in one worker thread).
+
+    Args:
+        catalog: the validated catalog.
+        embedder: the encoder of catalog forms and queries (fine-tuning may replace it).
+        lexical_weight: weight of the character n-gram score in a form's score.
+        search: ``"exact"``, ``"ann"`` or ``"auto"``.
+        executor: the one worker thread every encode and search runs in.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        embedder: Embedder,
+        *,
+        lexical_weight: float,
+        search: SearchMode,
+        index_description: bool,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.catalog = catalog
+        self.embedder = embedder
+        self.lexical_weight = lexical_weight
+        self.search = search
+        self.index_description = index_description
+        self.executor = executor
+        self.index: HybridIndex | None = None
+        # filter key -> (the catalog its mask was computed on, the mask, the filter)
+        self._masks: dict[str, tuple[Catalog, npt.NDArray[np.bool_], Where]] = {}
+
+    def require_index(self) -> HybridIndex:
+        """The built index, or a :class:`NotReadyError` that says what to call."""
+        if self.index is None:
+            raise NotReadyError(
+                "the matcher is not ready: call `await matcher.fit_async()` (or "
+                "`matcher.fit()`) before matching"
+            )
+        return self.index
+
+    # -- building ------------------------------------------------------------------------
+
+    def build(self, index_dir: Path | None) -> HybridIndex:
+        """Load the index saved in ``index_dir``, or encode the catalog (and save it there)."""
+        if index_dir is not None and (index_dir / "manifest.json").exists():
+            return HybridIndex.load(
+                index_dir,
+                self.catalog,
+                embedder_name=self.embedder.name,
+                lexical_weight=self.lexical_weight,
+                index=self.search,
+            )
+        vectors = self.embedder.encode(list(self.catalog.forms))
+        index = HybridIndex(
+            self.catalog,
+            vectors,
+            lexical_weight=self.lexical_weight,
+            embedder_name=self.embedder.name,
+            index=self.search,
+        )
+        if index_dir is not None:
+            index.save(index_dir)
+        return index
+
+    # -- searching -----------------------------------------------------------------------
+
+    def mask_key(self, where: Where | None) -> str | None:
+        """A filter's key (its mask is computed once and kept); checks the filter now."""
+        if where is None:
+            return None
+        if not isinstance(where, Mapping):
+            raise ConfigError(f"where must be a mapping, got {type(where).__name__}")
+        key = json.dumps(dict(where), sort_keys=True, default=str)
+        if key not in self._masks:
+            self._masks[key] = (self.catalog, self.catalog.where_mask(where), where)
+        return key
+
+    def search_batch(self, items: list[SearchItem]) -> list[list[Candidate]]:
+        """Encode and search one flush (in the worker thread, never on the event loop)."""
+        index = self.require_index()
+        texts = [text for text, _, _ in items]
+        vectors = np.asarray(self.embedder.encode(texts), dtype=np.float32)
+        out: list[list[Candidate]] = [[] for _ in items]
+        groups: dict[str | None, list[int]] = {}
+        for i, (_, _, mask_key) in enumerate(items):
+            groups.setdefault(mask_key, []).append(i)
+        for mask_key, rows in groups.items():
+            k = max(items[i][1] for i in rows)
+            allowed = self._allowed(index, mask_key) if mask_key is not None else None
+            found = index.search(vectors[rows], [texts[i] for i in rows], k, allowed=allowed)
+            for i, cands in zip(rows, found, strict=True):
+                out[i] = cands[: items[i][1]]
+        return out
+
+    async def retrieve_many_async(self, texts: Sequence[str], k: int) -> list[list[Candidate]]:
+        """Search a long list straight in the worker thread, in large chunks (no
+        micro-batcher, no loop binding): for calibration."""
+        loop = asyncio.get_running_loop()
+        found: list[list[Candidate]] = []
+        for lo in range(0, len(texts), _CHUNK):
+            chunk: list[SearchItem] = [(t, k, None) for t in texts[lo : lo + _CHUNK]]
+            found.extend(await loop.run_in_executor(self.executor, self.search_batch, chunk))
+        return found
+
+    def _allowed(self, index: HybridIndex, key: str) -> npt.NDArray[np.bool_]:
+        """A filter's mask over the index's catalog now (entity changes outdate older masks).
+
+        Runs in the worker thread, as the changes do: a search never sees a mask of
+        another catalog.
+        """
+        catalog, mask, where = self._masks[key]
+        if catalog is not index.catalog:
+            try:
+                mask = index.catalog.where_mask(where)
+            except ConfigError:  # the last entity with the filter's attribute was removed
+                mask = np.zeros(len(index.catalog.entities), dtype=bool)
+            self._masks[key] = (index.catalog, mask, where)
+        return mask
+
+    # -- catalog changes -----------------------------------------------------------------
+
+    async def change_entities_async(
+        self,
+        *,
+        remove: Sequence[str] = (),
+        add: EntitySource | None = None,
+        replace: bool = False,
+        index_dir: Path | None = None,
+    ) -> Catalog:
+        """Add, remove or replace entities in the built index; returns the new catalog.
+
+        Only the new surface forms are encoded, in the worker thread; the index is saved
+        to ``index_dir`` when given. The next query sees the change.
+        """
+        index = self.require_index()
+        if isinstance(remove, str):
+            raise ConfigError("ids must be a list of entity ids, not one string")
+        if isinstance(add, list | tuple) and not add:
+            add = None
+        new = load_catalog(add, include_description=self.index_description) if add else None
+        gone = [e.id for e in new.entities] if new is not None and replace else list(remove)
+        loop = asyncio.get_running_loop()
+
+        def work() -> None:
+            vectors = self.embedder.encode(list(new.forms)) if new is not None else None
+            index.apply_changes(remove=gone, add=new, add_vectors=vectors)
+            if index_dir is not None:
+                index.save(index_dir)
+
+        await loop.run_in_executor(self.executor, work)
+        self.catalog = index.catalog
+        return index.catalog
