@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, get_args
@@ -56,6 +57,7 @@ class Engine(Protocol):
 class LocalEngine:
     """This process: the Matcher's async API, checkpointed and resumable."""
 
+    embedder: Any = None  # an encoder object (tests, custom encoders); default: settings'
     name: str = "local"
 
     def check(self, job: MatchJob) -> None:
@@ -66,7 +68,9 @@ class LocalEngine:
     ) -> JobSummary:
         from ..jobs.batch import run_match_job
 
-        return await run_match_job(job, stop=stop, on_progress=on_progress)
+        return await run_match_job(
+            job, stop=stop, on_progress=on_progress, matcher_factory=_factory(self.embedder)
+        )
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class BatchApiEngine:
 
     poll_interval: float = 30.0
     on_batch: Callable[[Any], None] | None = None
+    embedder: Any = None  # an encoder object (tests, custom encoders); default: settings'
     name: str = "batch-api"
 
     def check(self, job: MatchJob) -> None:
@@ -125,8 +130,20 @@ class BatchApiEngine:
 
         options = BatchApiOptions(poll_interval=self.poll_interval)
         return await run_batch_api_job(
-            job, options=options, stop=stop, on_progress=on_progress, on_batch=self.on_batch
+            job,
+            options=options,
+            stop=stop,
+            on_progress=on_progress,
+            on_batch=self.on_batch,
+            matcher_factory=_factory(self.embedder),
         )
+
+
+def _factory(embedder: Any) -> Callable[..., Any]:
+    """The Matcher factory of a job: with ``embedder`` when one is given."""
+    from ..matcher import Matcher
+
+    return Matcher if embedder is None else functools.partial(Matcher, embedder=embedder)
 
 
 def make_engine(name: str, **options: Any) -> Engine:

@@ -390,7 +390,10 @@ class SimServer:
         if position is None:
             return []
         forms = catalog.entities[position].surface_forms()
-        return [forms[self._rng.randrange(len(forms))]]
+        # which of its names: the same for the same query in any order of requests (two
+        # engines sending the same rows in another order get the same answers)
+        pick = random.Random(f"{self.config.seed}:{parsed.query}").randrange(len(forms))
+        return [forms[pick]]
 
     def _answer(self, parsed: ParsedRequest, kind: str, n: int) -> tuple[dict[str, Any], int]:
         if parsed.rewrite:
