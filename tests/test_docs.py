@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 import typer
 
+import nem_llm
 import nem_llm.matcher
 from nem_llm.cli import app
 from nem_llm.sim import SimConfig, run_simulator
@@ -320,6 +321,15 @@ def test_readme_links_point_at_files_that_exist() -> None:
     assert targets, "the README maps the features onto docs/"
     missing = [t for t in targets if not (ROOT / t).exists()]
     assert missing == []
+
+
+def test_every_exported_name_has_a_reference_entry() -> None:
+    reference = "\n".join(
+        p.read_text(encoding="utf-8") for p in (ROOT / "docs/reference").glob("*.md")
+    )
+    documented = set(re.findall(r"^::: nem_llm\.(\w+)\s*$", reference, flags=re.MULTILINE))
+    missing = sorted(set(nem_llm.__all__) - documented - {"__version__"})
+    assert missing == [], "add a '::: nem_llm.<name>' entry to docs/reference/"
 
 
 def test_docs_pages_are_all_in_the_nav() -> None:
