@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import importlib
 import io
 import re
@@ -239,9 +240,14 @@ def _commands(source: str) -> Iterator[list[str]]:
                 segment.append(word)
 
 
+@functools.cache
+def _root_command() -> Any:
+    return typer.main.get_command(app)
+
+
 def _resolve(argv: list[str]) -> tuple[Any, list[str], str]:
     """The (click-like) command an argv names, the words left, and its path."""
-    command: Any = typer.main.get_command(app)
+    command: Any = _root_command()
     path = "nem-llm"
     rest = list(argv)
     while isinstance(getattr(command, "commands", None), dict) and rest:
