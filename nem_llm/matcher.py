@@ -41,11 +41,19 @@ from .errors import ConfigError, NemLLMError
 from .llm.governor import GovernorStats
 from .llm.stats import StatsCollector
 from .llm.strategies import Strategy, check_strategy, run_strategy
+from .matching.audit import Auditor
 from .matching.decision import Decider, Pending
 from .matching.explain import diagnosis, explanation
-from .matching.pipeline import QueryPipeline
+from .matching.pipeline import QueryPipeline, valid_queries
 from .matching.runtime import LLMConnection, Runtime, settings_from_options
-from .models import Calibration, Candidate, Diagnosis, Explanation, MatchResult, RunStats
+from .models import (
+    Calibration,
+    Candidate,
+    Diagnosis,
+    Explanation,
+    MatchResult,
+    RunStats,
+)
 from .retrieval.embedding import Embedder
 from .retrieval.encoders import make_embedder
 from .retrieval.fitting import Fitter, Targets, check_labels
@@ -148,14 +156,13 @@ class Matcher:
         self._llm = LLMConnection.open(s, client, api_key, cache)
         self.decider = Decider(s, lambda: self.catalog, self._llm.adjudicator, self._llm.cache)
         self._runtime = Runtime(s, self.retriever.search_batch, self._executor)
+        rate = s.resolved_audit_rate(self._llm.adjudicator is not None)
+        targets = {"matched": s.target_precision, "novel": s.novel_target_precision}
+        self.auditor = Auditor(rate, targets)
         self.pipeline = QueryPipeline(
-            s,
-            self.retriever,
-            lambda: self.policy,
-            lambda: self.catalog,
-            self.decider,
-            self._runtime,
-        )
+            s, self.retriever, lambda: self.policy, lambda: self.catalog, self.decider,
+            self._runtime, self.auditor,
+        )  # fmt: skip
         self._sync = LoopThread()
 
     # -- what the stages hold, read through the facade -----------------------------------
@@ -232,6 +239,8 @@ class Matcher:
         show_progress: bool = True,
         target_precision: float | None = None,
         novel_target_precision: float | None = None,
+        workload: Iterable[str] | None = None,
+        label_budget: int | None = None,
         **kwargs: Any,
     ) -> Matcher:
         """Build (or load) the index, learn from labels, and calibrate the routing thresholds.
@@ -252,6 +261,13 @@ class Matcher:
         thresholds are calibrated on them; without, on probes of the catalog itself
         (except thresholds set in the settings). An auto route opens only where it is
         expected to reach its target precision; ``matcher.calibration`` says why not.
+
+        ``workload``: the queries you are about to match. With an LLM configured, a
+        stratified sample of ``label_budget`` of them (default: the settings', 200 when
+        unset) is adjudicated by the production call and prompt (the answers go to the
+        decision cache: never paid twice) and the answers calibrate the routes on your own
+        mentions; ``calibration.labelled`` and ``calibration.label_usage`` say how many and
+        at what cost.
         """
         if self._runtime.closed:
             raise NemLLMError("this Matcher is closed")
@@ -260,8 +276,21 @@ class Matcher:
             novel=self._target("novel_target_precision", novel_target_precision),
         )
         labels = check_labels(training_data or (), self.settings.max_query_chars)
+        budget = label_budget
+        if budget is None:
+            budget = self.settings.resolved_label_budget(self.llm_configured)
+        if budget < 0:
+            raise ConfigError(f"label_budget must be >= 0, got {budget}")
+        queries = valid_queries(workload or (), self.settings.max_query_chars) if budget else []
         self.policy = await self.fitter.fit_async(
-            labels, mode, targets, show_progress=show_progress, options=kwargs
+            labels,
+            mode,
+            targets,
+            show_progress=show_progress,
+            options=kwargs,
+            workload=queries,
+            label_budget=budget if self.llm_configured else 0,
+            teacher=self.pipeline.label_async,
         )
         return self
 
@@ -362,6 +391,7 @@ class Matcher:
                     await _maybe_await(on_progress(collector.total, total))
                 yield result
         self.last_run_stats = collector.finish(loop.time() - started)
+        self.last_run_stats.audit = self.auditor.report()
 
     async def match_batch_async(
         self,

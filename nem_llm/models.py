@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "Attempt",
+    "AuditNote",
+    "AuditRoute",
     "Calibration",
     "Candidate",
     "DecidedBy",
@@ -139,6 +141,25 @@ class Attempt(BaseModel):
     usage: Usage = Field(default_factory=Usage)
 
 
+class AuditNote(BaseModel):
+    """An audited auto decision: what the LLM said of the same candidates."""
+
+    route: Literal["matched", "novel"]
+    llm_entity_id: str | None
+    agrees: bool
+
+
+class AuditRoute(BaseModel):
+    """One auto route's audit so far: how many decisions the LLM checked, how many it
+    agreed with, the agreement's one-sided 90% upper bound, and whether it closed."""
+
+    audited: int = 0
+    agreeing: int = 0
+    agreement_upper_bound: float | None = None
+    target: float = 1.0
+    closed: bool = False
+
+
 class MatchResult(BaseModel):
     """The answer for one query.
 
@@ -164,6 +185,8 @@ class MatchResult(BaseModel):
     error_type: str | None = None
     latency_s: float = 0.0
     rewritten_as: list[str] = Field(default_factory=list)
+    #: an audited auto decision (``audit_rate``): the LLM's answer and whether it agrees
+    audit: AuditNote | None = None
 
 
 class Explanation(BaseModel):
@@ -211,6 +234,8 @@ class RunStats(BaseModel):
     latency_p95_s: float | None = None
     time_to_first_result_s: float | None = None
     budget_exhausted: bool = False
+    #: per auto route (``matched``, ``novel``): the audit's counts and whether it closed
+    audit: dict[str, AuditRoute] = Field(default_factory=dict)
 
 
 class RouteEstimate(BaseModel):
@@ -241,3 +266,6 @@ class Calibration(BaseModel):
     #: with labels: what the routing model decides beside the thresholds, or why none was
     #: fit (``None``: no labels, no model)
     routing_model: str | None = None
+    #: workload queries the LLM labelled at ``fit`` (``label_budget``), and what it cost
+    labelled: int = 0
+    label_usage: Usage = Field(default_factory=Usage)

@@ -37,6 +37,8 @@ from .errors import ConfigError
 from .text import DEFAULT_MAX_QUERY_CHARS
 
 __all__ = [
+    "DEFAULT_AUDIT_RATE",
+    "DEFAULT_LABEL_BUDGET",
     "ENCODERS",
     "INSTRUCTOR_MODES",
     "SEARCH_MODES",
@@ -65,6 +67,11 @@ Strategy = Literal["sequential", "gather", "as_completed"]
 OutputOrder = Literal["input", "completion"]
 #: Where a batch job runs (see ``integrations/engines.py``).
 EngineName = Literal["local", "ray", "batch-api"]
+
+#: ``label_budget=None`` with an LLM: workload queries labelled at fit
+DEFAULT_LABEL_BUDGET = 200
+#: ``audit_rate=None`` with an LLM: the share of auto decisions audited
+DEFAULT_AUDIT_RATE = 0.02
 
 #: Fields left out of :meth:`MatcherSettings.fingerprint`: they change speed, pacing or
 #: where files live, never an answer (``limits`` enters through its budgets only).
@@ -103,6 +110,12 @@ class MatcherSettings(BaseModel):
             non-novel query to the LLM.
         target_precision, novel_target_precision: what an auto route must be expected to
             reach before ``fit`` opens it.
+        label_budget: workload queries the LLM labels at ``fit`` (given a workload) so the
+            routes are calibrated on the user's own mentions; ``None``:
+            :data:`DEFAULT_LABEL_BUDGET` when an LLM is configured, ``0``: off.
+        audit_rate: the share of auto decisions also adjudicated while running (seeded);
+            a route whose audit shows it below its target closes for the rest of the run;
+            ``None``: :data:`DEFAULT_AUDIT_RATE` when an LLM is configured, ``0``: off.
         prompt_attributes: entity attributes shown to the LLM for each candidate, at most
             ``prompt_attribute_chars`` characters per candidate.
         rewrite: for a query the LLM found no match for (or retrieval called novel),
@@ -179,6 +192,19 @@ class MatcherSettings(BaseModel):
         gt=0.0,
         le=1.0,
         description="Precision the auto-match route must reach to open.",
+    )
+    label_budget: int | None = Field(
+        default=None,
+        ge=0,
+        description="Workload queries the LLM labels at fit to calibrate the routes on the "
+        "job's own mentions (default: 200 when an LLM is configured; 0: off).",
+    )
+    audit_rate: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Share of auto decisions also sent to the LLM as an audit; a route the "
+        "audit shows below its target closes (default: 0.02 with an LLM; 0: off).",
     )
     novel_target_precision: float = Field(
         default=0.95,
@@ -277,6 +303,18 @@ class MatcherSettings(BaseModel):
             ("novel", self.novel_threshold),
         )
         return frozenset(name for name, value in given if value is not None)
+
+    def resolved_label_budget(self, llm_configured: bool) -> int:
+        """The label budget in force: the one set, else the default with an LLM, else 0."""
+        if self.label_budget is not None:
+            return self.label_budget
+        return DEFAULT_LABEL_BUDGET if llm_configured and self.llm else 0
+
+    def resolved_audit_rate(self, llm_configured: bool) -> float:
+        """The audit rate in force: the one set, else the default with an LLM, else 0."""
+        if self.audit_rate is not None:
+            return self.audit_rate
+        return DEFAULT_AUDIT_RATE if llm_configured and self.llm else 0.0
 
     def fingerprint(self) -> str:
         """A stable hash of every option that changes answers (a batch job's run key).

@@ -121,3 +121,15 @@ def test_imports_run_downward_only(path: Path) -> None:
 
 def test_every_module_is_checked() -> None:
     assert len(MODULES) > 30
+
+
+def test_every_package_ships_in_the_wheel() -> None:
+    import tomllib
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    listed = set(config["tool"]["setuptools"]["packages"])
+    on_disk = {
+        ".".join(("nem_llm", *init.parent.relative_to(PACKAGE).parts))
+        for init in PACKAGE.rglob("__init__.py")
+    }
+    assert on_disk <= listed, f"add to [tool.setuptools] packages: {sorted(on_disk - listed)}"

@@ -90,7 +90,10 @@ async def test_a_rewritten_name_that_routes_to_a_match_needs_no_second_call(
         result = await m.match_async("Bundesrepublik")
     assert (result.status, result.entity_id, result.decided_by) == ("matched", "DE", "llm")
     assert result.rewritten_as == ["Germany"]
-    assert result.reason.startswith("rewritten as ['Germany']: top score 1.000 >= accept")
+    # routed to a match by the name (an exact hit of one entity's name), not by the LLM
+    assert result.reason == (
+        "rewritten as ['Germany']: the query is a name or alias of 'DE' and of no other candidate"
+    )
     assert len(sim.requests) == 1 and len(result.attempts) == 1
 
 

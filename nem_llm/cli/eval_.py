@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -22,7 +22,8 @@ class LLMOpt(StrEnum):
 #: The flags of ``eval`` that are not settings (``llm`` is replaced by ``--llm off|env|sim``).
 EVAL_FLAGS = frozenset(
     {
-        "catalog", "queries", "llm", "oracle_error_rate", "limit", "calibrate", "mode", "seed",
+        "catalog", "queries", "llm", "oracle_error_rate", "oracle_error_profile", "limit",
+        "calibrate", "mode", "seed",
         "max_seconds", "json_out", "name", "report_out",
     }
 )  # fmt: skip
@@ -38,6 +39,10 @@ def eval_(
         LLMOpt, typer.Option(help="off: no LLM; env: OPENAI_* settings; sim: simulator oracle.")
     ] = LLMOpt.off,
     oracle_error_rate: Annotated[float, typer.Option(help="Simulator oracle error rate.")] = 0.1,
+    oracle_error_profile: Annotated[
+        Literal["uniform", "difficulty"],
+        typer.Option(help="Simulator errors: uniform, or concentrated on ambiguous queries."),
+    ] = "uniform",
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N queries only.")] = None,
     calibrate: Annotated[
         float,
@@ -71,6 +76,7 @@ def eval_(
             settings=settings,
             llm=llm.value,
             oracle_error_rate=oracle_error_rate,
+            oracle_error_profile=oracle_error_profile,
             limit=limit,
             calibrate_fraction=calibrate,
             seed=seed,

@@ -20,7 +20,7 @@ from rich.progress import (
 
 from ..errors import NemLLMError
 from ..settings import EngineName, MatcherSettings, OutputOrder, Strategy
-from ._app import app, err, fail, run, stats_table
+from ._app import app, err, escape, fail, run, stats_table
 from ._settings import with_settings
 
 __all__ = ["JOB_FLAGS", "match", "parse_where"]
@@ -62,6 +62,7 @@ def match(
     where: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="ATTRIBUTE=COLUMN",
             help="ATTRIBUTE=COLUMN: each row's candidates are the entities whose attribute "
             "equals the row's COLUMN value (repeatable; an empty value: no filter)."
         ),
@@ -209,11 +210,35 @@ def match(
             extra["batches (all runs)"] = str(getattr(summary, "batches", 0))
             extra["prices"] = "Batch API (half the live price)"
         err.print(stats_table("nem-llm match", summary.stats, extra))
+        for line in route_lines(summary.calibration, summary.stats):
+            err.print(line, highlight=False, soft_wrap=True)
     if summary.interrupted:
         err.print(
             "[yellow]interrupted:[/] finished rows are saved; run the same command to resume."
         )
         raise typer.Exit(130)
+
+
+def route_lines(calibration: Any, stats: Any) -> list[str]:
+    """What decided alone and why not: each auto route's state, the labelled sample, and
+    any route the audit closed during the run (escaped: no rich markup)."""
+    lines: list[str] = []
+    if calibration is not None:
+        if calibration.labelled:
+            usage = calibration.label_usage
+            lines.append(
+                f"calibrated on {calibration.labelled} LLM-labelled queries of this job "
+                f"({usage.total_tokens:,} tokens, ${usage.cost_usd:.4f})"
+            )
+        for name, est in (("auto-match", calibration.matched), ("auto-novel", calibration.novel)):
+            state = "open" if est.open else "closed"
+            lines.append(f"{name} route {state}: {est.reason}")
+    for route, audit in sorted(getattr(stats, "audit", {}).items()):
+        note = f"audit of auto-{route}: {audit.agreeing}/{audit.audited} agreed"
+        if audit.closed:
+            note += " (below its target: closed for the rest of the run)"
+        lines.append(note)
+    return [escape(line) for line in lines]
 
 
 def _on_batch(quiet: bool) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -33,6 +33,10 @@ def sim(
     policy: Annotated[str, typer.Option(help="top | oracle")] = "top",
     gold: Annotated[Path | None, typer.Option(help="Labelled JSONL for the oracle.")] = None,
     oracle_error_rate: float = 0.0,
+    error_profile: Annotated[
+        Literal["uniform", "difficulty"],
+        typer.Option(help="Oracle errors: uniform, or concentrated on ambiguous requests."),
+    ] = "uniform",
     model: str = "nem-llm-sim",
     catalog: Annotated[
         Path | None, typer.Option(help="Catalog the oracle names entities from (rewrite call).")
@@ -62,6 +66,7 @@ def sim(
             policy=policy,  # type: ignore[arg-type]
             gold_path=str(gold) if gold else None,
             oracle_error_rate=oracle_error_rate,
+            error_profile=error_profile,
             catalog_path=str(catalog) if catalog else None,
         )
     except (NemLLMError, ValueError) as exc:

@@ -52,6 +52,7 @@ from ..jobs.runs import (
     output_row,
     row_filter,
     run_key,
+    workload_sample,
     write_output,
 )
 from ..llm.stats import StatsCollector
@@ -295,6 +296,11 @@ def run_ray_job(
             rows.close()
         lines = {item["index"]: item["line"] for item in items}
         if items:
+            # the driver fits once: the index, and the routes calibrated on a labelled
+            # sample of the workload (saved beside the index: every actor adopts them)
+            with Matcher(str(job.catalog), job.matcher_settings(), embedder=embedder) as m:
+                budget = m.settings.resolved_label_budget(m.llm_configured)
+                m.fit(workload=workload_sample(job) if budget else None, show_progress=False)
             out = match_dataset(
                 ray.data.from_items(items),
                 catalog=str(job.catalog),

@@ -34,10 +34,26 @@ from .runs import (
     output_row,
     row_filter,
     run_key,
+    workload_sample,
     write_output,
 )
 
-__all__ = ["JobSummary", "MatchJob", "check_where", "load_job_catalog", "run_match_job"]
+__all__ = [
+    "JobSummary",
+    "MatchJob",
+    "check_where",
+    "job_workload",
+    "load_job_catalog",
+    "run_match_job",
+]
+
+
+async def job_workload(job: MatchJob, matcher: Matcher) -> list[str]:
+    """The job's queries to label a sample of, when the label budget asks for any."""
+    if not matcher.settings.resolved_label_budget(matcher.llm_configured):
+        return []
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, workload_sample, job)
 
 
 def load_job_catalog(job: MatchJob) -> Catalog:
@@ -99,7 +115,7 @@ async def run_match_job(
         resumed = len(done)
         # the output file is rebuilt from the checkpoint, then appended to
         await loop.run_in_executor(None, write_output, job.out, store, key, "completion")
-        await matcher.fit_async()
+        await matcher.fit_async(workload=await job_workload(job, matcher))
         pending: dict[int, QueryRow] = {}
         filters: dict[int, dict[str, str]] = {}
         finished = resumed
@@ -184,4 +200,5 @@ async def run_match_job(
         out=job.out,
         state_dir=state,
         llm_configured=matcher.llm_configured,
+        calibration=matcher.calibration,
     )

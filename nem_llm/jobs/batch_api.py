@@ -1,4 +1,4 @@
-"""``nem-llm match --llm-mode batch-api``: the ambiguous rows go through the provider's Batch API.
+"""``nem-llm match --engine batch-api``: the ambiguous rows go through the provider's Batch API.
 
 The job, in four resumable phases, all state in ``<out>.state/run.sqlite``:
 
@@ -67,7 +67,7 @@ from ..llm.stats import StatsCollector
 from ..matcher import Matcher
 from ..matching.decision import Pending
 from ..models import Attempt, MatchResult, RunStats, Usage
-from .batch import load_job_catalog
+from .batch import job_workload, load_job_catalog
 from .checkpoint import RunStore
 from .io import QueryRow, count_rows, read_queries
 from .runs import JobSummary, MatchJob, error_row, output_row, row_filter, run_key, write_output
@@ -666,8 +666,8 @@ class _Engine:
                 continue
             outcome = outcomes.get(line.custom_id)
             if outcome is None:
-                code = f"batch_{info.status}" if info.status != "completed" else "missing_result"
-                outcome = LineOutcome(line.custom_id, None, None, code, f"no result ({code})")
+                why = f"batch {info.status}" if info.status != "completed" else "missing result"
+                outcome = LineOutcome(line.custom_id, None, None, "batch_api", f"no result ({why})")
             self._take(out, line, outcome)
         for key, decision in out.cache:
             await self.cache.put_async(key, decision)
@@ -826,6 +826,8 @@ def _short(text: str, limit: int = 200) -> str:
 BATCH_API_REFUSES: dict[str, str] = {
     "rewrite": "a rewrite needs a second LLM round per row after retrieval runs again; "
     "the Batch API engine sends one round (use the local or Ray engine)",
+    "audit_rate": "an audit is a second LLM call on a row already decided, which the "
+    "Batch API engine does not send (use the local or Ray engine; unset, it is off here)",
 }
 
 
@@ -835,6 +837,8 @@ def refuse_batch_api(job: MatchJob) -> None:
         raise ConfigError(f"--rewrite with the Batch API: {BATCH_API_REFUSES['rewrite']}")
     if not job.settings.llm:
         raise ConfigError("the Batch API engine sends rows to an LLM: --no-llm makes it moot")
+    if job.settings.audit_rate:
+        raise ConfigError(f"--audit-rate with the Batch API: {BATCH_API_REFUSES['audit_rate']}")
 
 
 def _client_for(job: MatchJob) -> AsyncOpenAI:
@@ -842,7 +846,7 @@ def _client_for(job: MatchJob) -> AsyncOpenAI:
     api_key = os.environ.get("OPENAI_API_KEY")
     if not base_url and not api_key:
         raise ConfigError(
-            "--llm-mode batch-api needs a provider: set OPENAI_API_KEY (and OPENAI_BASE_URL "
+            "--engine batch-api needs a provider: set OPENAI_API_KEY (and OPENAI_BASE_URL "
             "or --base-url for another endpoint)"
         )
     return AsyncOpenAI(
@@ -898,7 +902,7 @@ async def run_batch_api_job(
         resumed = len(await store.done_indexes_async(key))
         engine = _Engine(job, options, api, store, cache, matcher, key, on_batch)
         if not await store.planned_async(key):
-            await matcher.fit_async()
+            await matcher.fit_async(workload=await job_workload(job, matcher))
             rows = read_queries(job.queries, query_column=job.query_column, id_column=job.id_column)
             try:
                 interrupted = not await engine.plan(rows, stop)
@@ -953,5 +957,6 @@ async def run_batch_api_job(
         out=job.out,
         state_dir=state,
         llm_configured=True,
+        calibration=matcher.calibration,
         batches=batches,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import tempfile
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ async def run_eval(
     settings: MatcherSettings | None = None,
     llm: str = "off",
     oracle_error_rate: float = 0.1,
+    oracle_error_profile: str = "uniform",
     limit: int | None = None,
     calibrate_fraction: float = 0.0,
     seed: int = 0,
@@ -111,16 +113,21 @@ async def run_eval(
                         gold_path=str(queries),
                         catalog_path=str(catalog),  # the rewrite call answers names
                         oracle_error_rate=oracle_error_rate,
+                        error_profile=oracle_error_profile,  # type: ignore[arg-type]
                         seed=1,
                     )
                 )
             )
             client = AsyncOpenAI(base_url=sim.base_url, api_key="sim", max_retries=0)
             settings = settings.replace(model="nem-llm-sim")
+        if settings.cache is None:  # as a job does: the labelled sample is never paid twice
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nem-eval-")))
+            settings = settings.replace(cache=scratch / "decisions.sqlite")
         matcher = Matcher(catalog, settings, client=client)
         await stack.enter_async_context(matcher)
         await matcher.fit_async(
             training or None,
+            workload=texts,
             mode=mode,  # type: ignore[arg-type]  # checked by fit_async
             show_progress=progress is not None,
             **(fit_options or {}),
@@ -152,9 +159,12 @@ async def run_eval(
             await client.close()
     if keep_results is not None:
         keep_results.extend(zip(results, golds, strict=True))
-    label = {"off": "off", "env": settings.model, "sim": f"sim oracle err={oracle_error_rate:g}"}[
-        llm
-    ]
+    profile = "" if oracle_error_profile == "uniform" else f" {oracle_error_profile}"
+    label = {
+        "off": "off",
+        "env": settings.model,
+        "sim": f"sim oracle err={oracle_error_rate:g}{profile}",
+    }[llm]
     report = evaluate(results, golds, retrieved, name=name, llm=label)
     report.calibrated_on = len(training)
     report.rewritten = sum(1 for r in results if r.rewritten_as)
@@ -178,6 +188,14 @@ async def run_eval(
             report.recall_at_10_unseen = hits / len(with_gold)
     report.thresholds = matcher.thresholds.as_dict()
     cal = matcher.calibration
+    if cal is not None and cal.labelled:
+        # the labelled sample is LLM work of this run: counted in the share and the spend
+        # (its queries were then answered from the cache, at no cost, in ``results``)
+        n = max(report.queries, 1)
+        report.labelled = cal.labelled
+        report.llm_share = min(1.0, report.llm_share + cal.labelled / n)
+        report.tokens += cal.label_usage.total_tokens
+        report.cost_usd += cal.label_usage.cost_usd
     if cal is not None:
         report.calibration_source = cal.source
         report.expected_accept_precision = cal.matched.expected_precision

@@ -35,6 +35,8 @@ class EvalReport(BaseModel):
     cost_usd: float
     llm: str = "off"
     calibrated_on: int = 0
+    #: workload queries the LLM labelled at fit (counted in ``llm_share`` and ``tokens``)
+    labelled: int = 0
     thresholds: dict[str, float] = Field(default_factory=dict)
     calibration_source: str = ""
     mode: str = "zero-shot"
@@ -136,6 +138,8 @@ def render_eval_table(reports: Sequence[EvalReport]) -> str:
         source = r.calibration_source or "-"
         if r.calibrated_on:
             source = f"{r.calibrated_on} labels, {r.mode}"
+        if r.labelled:
+            source += f"; {r.labelled} LLM-labelled"
         if r.rewrite_recovered is not None:
             source += f"; rewrite recovered {r.rewrite_recovered:.3f} of misses"
         unseen = f"{_fmt(r.recall_at_10_unseen)} ({r.seen_in_training})" if r.calibrated_on else "-"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,10 @@ from ..errors import ConfigError
 from ..llm.adjudication import PROMPT_VERSION
 from ..llm.governor import GovernorStats
 from ..llm.strategies import Strategy, check_strategy
-from ..models import MatchResult, RunStats
+from ..models import Calibration, MatchResult, RunStats
 from ..settings import MatcherSettings, OutputOrder
 from .checkpoint import RunStore
-from .io import QueryRow
+from .io import QueryRow, read_queries
 
 __all__ = [
     "JobSummary",
@@ -34,6 +35,7 @@ __all__ = [
     "output_row",
     "row_filter",
     "run_key",
+    "workload_sample",
     "write_output",
 ]
 
@@ -100,6 +102,8 @@ class JobSummary:
     out: Path
     state_dir: Path
     llm_configured: bool
+    #: how the routes were calibrated (``None`` where the engine fit elsewhere: Ray actors)
+    calibration: Calibration | None = None
 
 
 def _sha256_file(path: Path) -> str:
@@ -124,6 +128,33 @@ def run_key(job: MatchJob, engine: str) -> tuple[str, dict[str, object]]:
     }
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
     return key, meta
+
+
+#: queries of a job's file the workload sample for ``label_budget`` is drawn from
+WORKLOAD_SAMPLE = 20_000
+
+
+def workload_sample(job: MatchJob, size: int = WORKLOAD_SAMPLE, seed: int = 0) -> list[str]:
+    """A uniform sample of the job's queries (reservoir: one pass, bounded memory), the
+    workload ``fit`` labels a stratified share of (``label_budget``)."""
+    rng = random.Random(seed)
+    kept: list[str] = []
+    seen = 0
+    rows = read_queries(job.queries, query_column=job.query_column, id_column=job.id_column)
+    try:
+        for row in rows:
+            if row.error is not None or row.query is None:
+                continue
+            seen += 1
+            if len(kept) < size:
+                kept.append(row.query)
+            else:
+                j = rng.randrange(seen)
+                if j < size:
+                    kept[j] = row.query
+    finally:
+        rows.close()
+    return kept
 
 
 def output_row(row: QueryRow, result: MatchResult) -> str:

@@ -10,23 +10,39 @@ the running loop's governor. :meth:`QueryPipeline.prepare_async` stops before th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..catalog import Catalog
 from ..config import Thresholds
 from ..errors import NemLLMError, NotReadyError
-from ..models import Candidate, MatchResult
+from ..models import AuditNote, Candidate, MatchResult, Usage
+from ..retrieval.fitting import Taught
 from ..retrieval.policy import RoutePolicy
 from ..retrieval.retriever import Retriever, Where
 from ..retrieval.routing import Route
 from ..settings import MatcherSettings
 from ..text import validate_query
+from .audit import Auditor
 from .decision import Decider, Pending, error_result
 from .rewrite import Rewriter
 from .runtime import Runtime
 
-__all__ = ["QueryPipeline"]
+__all__ = ["QueryPipeline", "valid_queries"]
+
+# routes a person's labels decided: never audited, never closed by an audit
+_LEARNED = frozenset({"learned", "learned_novel"})
+
+
+def valid_queries(workload: Iterable[str], max_chars: int) -> list[str]:
+    """The workload's valid queries, normalized (a bad one is skipped: it is no label)."""
+    out = []
+    for query in workload:
+        try:
+            out.append(validate_query(query, max_chars=max_chars))
+        except NemLLMError:
+            continue
+    return out
 
 
 class QueryPipeline:
@@ -49,6 +65,7 @@ class QueryPipeline:
         catalog: Callable[[], Catalog],
         decider: Decider,
         runtime: Runtime,
+        auditor: Auditor | None = None,
     ) -> None:
         self.settings = settings
         self.retriever = retriever
@@ -56,6 +73,7 @@ class QueryPipeline:
         self._catalog = catalog
         self.decider = decider
         self.runtime = runtime
+        self.auditor = auditor
         self.rewriter = Rewriter(
             decider, self.candidates_async, self.route, lambda: runtime.for_loop().governor
         )
@@ -116,11 +134,14 @@ class QueryPipeline:
             normalized, k, mask_key, route, candidates = await self._routed(
                 query, index, top_k, thresholds, where, alone
             )
+            route = self._audit_closed(route)
             rewrite = self.settings.rewrite and self.decider.adjudicator is not None
             governor = self._governor
             result = await self.decider.decide_async(
                 index, text, normalized, candidates, route, governor, ask_names=rewrite
             )
+            if result.decided_by == "embedding" and route.rule not in _LEARNED:
+                result = await self._audited(result, normalized, candidates)
             if rewrite and result.status == "novel":
                 result = await self.rewriter.rewritten_async(
                     result, normalized, k, mask_key, route, thresholds
@@ -134,8 +155,66 @@ class QueryPipeline:
         result.latency_s = loop.time() - started
         return result, route
 
+    def _audit_closed(self, route: Route) -> Route:
+        """The route, or the LLM's if the audit has closed this auto route."""
+        if self.auditor is None or route.kind == "adjudicate" or route.rule in _LEARNED:
+            return route
+        if not self.auditor.closed(route.kind):
+            return route
+        why = f"{route.reason}; but the audit closed the auto-{route.kind} route for this run"
+        return Route("adjudicate", why, route.top_score, route.margin, "audit_closed")
+
+    async def _audited(
+        self, result: MatchResult, normalized: str, candidates: list[Candidate]
+    ) -> MatchResult:
+        """An auto decision, put to the LLM too when the audit draws it."""
+        auditor = self.auditor
+        if auditor is None or self.decider.adjudicator is None or not auditor.picks(normalized):
+            return result
+        kind = result.status
+        assert kind in ("matched", "novel")
+        check = Route("adjudicate", "an audit of an auto decision", None, None, "audit")
+        llm = await self.decider.decide_async(
+            result.index, result.query, normalized, candidates, check, self._governor
+        )
+        update: dict[str, Any] = {
+            "attempts": llm.attempts,
+            "usage": llm.usage,
+        }
+        if llm.status not in ("matched", "novel"):  # the audit call failed: no evidence
+            return result.model_copy(update=update)
+        agrees = llm.status == result.status and llm.entity_id == result.entity_id
+        closed = auditor.record(kind, agrees)
+        update["audit"] = AuditNote(route=kind, llm_entity_id=llm.entity_id, agrees=agrees)
+        if not agrees:
+            said = f"{llm.entity_id!r}" if llm.entity_id else "not in the catalog"
+            update.update(
+                status="review",
+                entity_id=None,
+                entity_name=None,
+                reason=f"{result.reason}; but the LLM audit says {said}"
+                + ("; the audit closed this route" if closed else ""),
+            )
+        return result.model_copy(update=update)
+
     def _governor(self) -> Any:
         return self.runtime.for_loop().governor
+
+    async def label_async(self, queries: list[str], shown: list[list[Candidate]]) -> Taught:
+        """The production LLM call as calibration's teacher: each query adjudicated over the
+        candidates production would show, with the same prompt (the answers are cached, so
+        the run that follows never pays for them twice)."""
+        ask = self.settings.rewrite and self.decider.adjudicator is not None
+        route = Route("adjudicate", "a workload label for calibration", None, None, "label")
+        results = await asyncio.gather(
+            *(
+                self.decider.decide_async(i, q, q, c, route, self._governor, ask_names=ask)
+                for i, (q, c) in enumerate(zip(queries, shown, strict=True))
+            )
+        )
+        usage = sum((r.usage for r in results), Usage())
+        known = [r.status in ("matched", "novel") for r in results]
+        return Taught(known, [r.entity_id for r in results], usage)
 
     async def prepare_async(
         self, index: int, query: Any, *, top_k: int | None = None, where: Where | None = None

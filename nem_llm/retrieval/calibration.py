@@ -50,13 +50,16 @@ __all__ = [
     "estimate",
     "exact_rule_from_catalog",
     "make_probes",
+    "merge_routes",
     "probe_examples",
+    "stratified_sample",
+    "teacher_check",
     "with_route_model",
 ]
 
 #: Bumped whenever probes or the estimator change: a saved label-free calibration of an
 #: older version is estimated again.
-PROBE_VERSION = 8
+PROBE_VERSION = 9
 #: Margins (top minus runner-up) tried by calibration, safest last.
 MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2)
 #: The share of novel mentions probes assume: (lowest, highest). Auto-match precision is
@@ -83,10 +86,15 @@ def _example(cands: Sequence[Candidate], query: str, gold: str | None, weight: f
 
 
 def labelled_examples(
-    found: Sequence[Sequence[Candidate]], queries: Sequence[str], golds: Sequence[str | None]
+    found: Sequence[Sequence[Candidate]],
+    queries: Sequence[str],
+    golds: Sequence[str | None],
+    weights: Sequence[float] | None = None,
 ) -> list[Example]:
-    """Examples from labelled queries and their retrieved candidates (weight 1 each)."""
-    return [_example(c, q, g, 1.0) for c, q, g in zip(found, queries, golds, strict=True)]
+    """Examples from labelled queries and their retrieved candidates (weight 1 each, or
+    ``weights``: a stratified sample's)."""
+    ws = weights if weights is not None else [1.0] * len(queries)
+    return [_example(c, q, g, w) for c, q, g, w in zip(found, queries, golds, ws, strict=True)]
 
 
 # -- the estimator ----------------------------------------------------------------------
@@ -372,6 +380,8 @@ class Probe:
 
 
 _KEYBOARD = "abcdefghijklmnopqrstuvwxyz"
+#: probe kinds that mention an entity absent from the catalog (named like a present one)
+ABSENT_KINDS = frozenset({"number_sibling", "sibling"})
 # probes a small catalog gets in all, and at most per entity (noise is drawn again)
 _PROBES = 2000
 _MAX_PER_ENTITY = 200
@@ -430,10 +440,20 @@ def _families(name: str, rng: random.Random) -> list[tuple[str, str]]:
     """Probes of the failure families scores cannot see (the guards' cases).
 
     ``number_sibling``: the name with its number changed ("Product 101" -> "Product 1011"),
-    a mention of an entity that is NOT in the catalog; ``initials`` and ``surname_first``:
-    a person-like name written "J. Smith" or "Smith, John", a mention of the entity.
+    and ``sibling``: a quarter of its letters (at least two) changed ("Slovakia" ->
+    "Slovenia"), each a mention of an entity that is NOT in the catalog but is named like
+    one that is (in a small catalog, removing an entity leaves nothing named like it, so
+    the entity-removed probes alone would judge any close name safe); ``initials`` and
+    ``surname_first``: a person-like name written "J. Smith" or "Smith, John", a mention of
+    the entity.
     """
     out: list[tuple[str, str]] = []
+    letters = [i for i, ch in enumerate(name) if ch.isalpha()]
+    if len(letters) >= 4:
+        chars = list(name)
+        for i in rng.sample(letters, max(2, len(letters) // 4)):
+            chars[i] = rng.choice([c for c in _KEYBOARD if c != chars[i].lower()])
+        out.append(("sibling", "".join(chars)))
     tokens = name.split()
     numbers = [i for i, t in enumerate(tokens) if t.isdigit()]
     if numbers:
@@ -457,9 +477,10 @@ def make_probes(
 
     ``per_entity`` (default: 5, more for small catalogs so that about ``_PROBES`` probes
     are made, at most ``_MAX_PER_ENTITY`` an entity): a catalog of two entities still gets
-    enough evidence for a rule to be estimated (or to be shown unsafe). Deterministic for a seed. A probe never equals one of its
-    entity's own forms except for aliases (a mention by an alias is the commonest real
-    case), and a number sibling never equals any form of the catalog (it must be absent).
+    enough evidence for a rule to be estimated (or to be shown unsafe). Deterministic for a
+    seed. A probe never equals one of its entity's own forms except for aliases (a mention
+    by an alias is the commonest real case), and a number sibling never equals any form of
+    the catalog (it must be absent).
     """
     rng = random.Random(seed)
     n = len(catalog.entities)
@@ -477,15 +498,15 @@ def make_probes(
             continue
         own = {f.casefold() for f in forms}
         made: list[tuple[str, str]] = [("alias", a) for a in forms[1:3]]
-        made.extend(
-            (kind, text)
-            for kind, text in _families(forms[0], rng)
-            if kind != "number_sibling" or fold(text) not in every_form
-        )
         # noise on the fullest form: a messy mention usually carries at least that much
         # (a record's "name, description"), and short mentions are covered by aliases;
-        # small catalogs draw the noise again for more probes
+        # small catalogs draw the noise (and the families) again for more probes
         for _ in range(1 + per_entity // 4):
+            made.extend(
+                (kind, text)
+                for kind, text in _families(forms[0], rng)
+                if kind not in ABSENT_KINDS or fold(text) not in every_form
+            )
             made.extend(_variants(max(forms, key=len), rng))
         rng.shuffle(made)
         kept = 0
@@ -513,7 +534,7 @@ def probe_examples(
     """
     out: list[Example] = []
     for probe, cands in zip(probes, found, strict=True):
-        if probe.kind == "number_sibling":  # a mention of another entity, absent as it is
+        if probe.kind in ABSENT_KINDS:  # a mention of another entity, absent as it is
             out.append(_example(cands, probe.text, None, 1.0))
             continue
         entity_id = catalog.entities[probe.entity].id
@@ -578,6 +599,135 @@ def combine(labels: Calibration, probes: Calibration, examples: Sequence[Example
         matched=matched,
         novel=novel,
     )
+
+
+def stratified_sample(
+    features_of: Sequence[RouteFeatures], budget: int, *, seed: int = 0
+) -> list[tuple[int, float]]:
+    """Which workload queries to label: ``budget`` positions spread over the routing
+    features, each with the weight that makes the sample stand for the whole.
+
+    Strata are the top score (tenths), the lead over the runner-up (< 0.05, < 0.2, more),
+    an exact hit, a cross-script match and the query's length (1, 2-4, 5+ words). Each
+    non-empty stratum gets at least one label; the rest is shared in proportion to the
+    square root of its size (rare kinds of query are labelled more than their share, the
+    common ones less), drawn at random within; a budget smaller than the number of strata
+    is a plain random sample. A label's weight is its stratum's size over
+    the labels drawn there, rescaled so the weights average 1.
+    """
+    if budget <= 0 or not features_of:
+        return []
+    strata: dict[tuple[int, ...], list[int]] = {}
+    for i, f in enumerate(features_of):
+        lead = 0 if f.margin < 0.05 else 1 if f.margin < 0.2 else 2
+        words = 0 if f.query_tokens <= 1 else 1 if f.query_tokens <= 4 else 2
+        key: tuple[int, ...] = (
+            min(int(f.top * 10), 9),
+            lead,
+            int(f.exact),
+            int(f.cross_script),
+            words,
+        )
+        strata.setdefault(key, []).append(i)
+    rng = random.Random(seed)
+    keys = sorted(strata)
+    if budget >= len(features_of):
+        return [(i, 1.0) for i in range(len(features_of))]
+    if budget < len(keys):  # fewer labels than strata: a plain random sample
+        return sorted((i, 1.0) for i in rng.sample(range(len(features_of)), budget))
+    share = np.sqrt([len(strata[k]) for k in keys])
+    want = np.maximum(1, np.floor(share / share.sum() * budget)).astype(int)
+    want = np.minimum(want, [len(strata[k]) for k in keys])
+    # hand out what rounding left, largest strata first
+    spare = budget - int(want.sum())
+    for j in np.argsort(-share):
+        if spare <= 0:
+            break
+        if want[j] < len(strata[keys[j]]):
+            want[j] += 1
+            spare -= 1
+    picked: list[tuple[int, float]] = []
+    for key, n in zip(keys, want, strict=True):
+        members = strata[key]
+        chosen = rng.sample(members, int(n)) if n < len(members) else list(members)
+        picked.extend((i, len(members) / len(chosen)) for i in chosen)
+    mean = sum(w for _, w in picked) / len(picked)
+    return sorted((i, w / mean) for i, w in picked)
+
+
+def teacher_check(
+    proposed: Calibration, examples: Sequence[Example], *, z: float = 1.2816
+) -> Calibration:
+    """Keep each open route of ``proposed`` unless LLM-labelled workload ``examples`` show
+    it worse than its target: the route closes when the one-sided 90% Wilson *upper* bound
+    of its precision on the examples it decides falls below the target.
+
+    The teacher is an LLM, right most but not all of the time: its disagreements with a
+    sound rule are its own errors as often as the rule's, so a route is closed only on
+    evidence that it is worse than its target, never for want of evidence that it is better.
+    """
+    t = dict(proposed.thresholds)
+    update: dict[str, Any] = {}
+    total = sum(e.weight for e in examples) or 1.0
+    unit = total / max(len(examples), 1)
+    for name in ("matched", "novel"):
+        est: RouteEstimate = getattr(proposed, name)
+        if not est.open:
+            continue
+        if name == "matched":
+            decided = [e for e in examples if _decides_matched(e, t)]
+            good = [e.top_is_right for e in decided]
+        else:
+            decided = [
+                e
+                for e in examples
+                if not _decides_matched(e, t)
+                and e.features.top < t["novel"]
+                and not e.features.name_compatible
+            ]
+            good = [e.absent for e in decided]
+        taken = sum(e.weight for e in decided)
+        right = sum(e.weight for e, g in zip(decided, good, strict=True) if g)
+        if not decided:
+            continue
+        upper = 1.0 - float(lower_bound(taken - right, taken, unit))
+        measured = (
+            f"the LLM agrees on {right / taken:.3f} of the {len(decided)} labelled "
+            "workload queries it decides"
+        )
+        if upper < est.target:
+            closed = RouteEstimate(
+                open=False,
+                target=est.target,
+                reason=f"{est.reason}; closed: {measured} (upper bound {upper:.3f} < target)",
+            )
+            update[name] = closed
+            if name == "matched":
+                t["accept"], t["exact"] = CLOSED_ACCEPT, 0.0
+            else:
+                t["novel"] = CLOSED_NOVEL
+        else:
+            update[name] = est.model_copy(update={"reason": f"{est.reason}; {measured}"})
+    update["thresholds"] = t
+    update["exact"] = bool(t.get("exact", 0.0))
+    return proposed.model_copy(update=update)
+
+
+def merge_routes(own: Calibration, other: Calibration) -> Calibration:
+    """Each route from ``own`` where it is open, else from ``other`` (its thresholds too)."""
+    t = dict(own.thresholds)
+    update: dict[str, Any] = {}
+    if not own.matched.open and other.matched.open:
+        for key in ("accept", "margin", "exact"):
+            t[key] = other.thresholds[key]
+        update["matched"] = other.matched
+    if not own.novel.open and other.novel.open:
+        t["novel"] = other.thresholds["novel"]
+        update["novel"] = other.novel
+    t["novel"] = min(t["novel"], t["accept"])
+    if update:
+        update["source"] = f"{own.source}+{other.source}"
+    return own.model_copy(update={**update, "thresholds": t, "exact": bool(t.get("exact", 0))})
 
 
 def with_route_model(

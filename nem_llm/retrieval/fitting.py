@@ -15,17 +15,18 @@ import dataclasses
 import hashlib
 import json
 import logging
+import pickle
 import random
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import Thresholds
 from ..errors import ConfigError
-from ..models import Calibration, RouteEstimate
+from ..models import Calibration, Candidate, RouteEstimate, Usage
 from ..settings import MatcherSettings
 from ..text import validate_query
 from .calibration import (
@@ -36,7 +37,10 @@ from .calibration import (
     exact_rule_from_catalog,
     labelled_examples,
     make_probes,
+    merge_routes,
     probe_examples,
+    stratified_sample,
+    teacher_check,
     with_route_model,
 )
 from .embedding import TUNED_MANIFEST, default_model_path
@@ -56,21 +60,42 @@ from .learning import (
 from .policy import RoutePolicy
 from .retriever import Retriever
 from .route_model import RouteModel
+from .routing import features
 
-__all__ = ["FIT_OPTIONS", "LEARNED_FILE", "Fitter", "Targets", "check_labels"]
+__all__ = ["FIT_OPTIONS", "LEARNED_FILE", "Fitter", "Targets", "Taught", "Teacher", "check_labels"]
 
 log = logging.getLogger("nem_llm")
 
 #: learned aliases and known-novel mentions, kept in the index directory
 LEARNED_FILE = "learned.json"
+#: a labelled fit's routes (and its routing model), kept in the index directory
+POLICY_FILE = "routes.json"
+ROUTE_MODEL_FILE = "route_model.pkl"
 #: the keyword options ``fit`` takes besides labels, mode and targets
 FIT_OPTIONS = frozenset(
     {"holdout", "strict", "max_seconds", "epochs", "learning_rate", "seed", "batch_size"}
 )
+# the workload sample: drawn from at most this many distinct queries, with this seed
+_WORKLOAD_POOL = 20_000
+_WORKLOAD_SEED = 0
 # extra candidates retrieved per probe: its own entity may be among them (see calibration)
 _PROBE_EXTRA = 1
 
 Labels = Sequence[tuple[str, str | None]]
+
+
+@dataclass(frozen=True)
+class Taught:
+    """What the teacher said of each sampled query: known (a decision came back) and the
+    entity id or ``None`` (not in the catalog); what all of it cost."""
+
+    known: list[bool]
+    golds: list[str | None]
+    usage: Usage
+
+
+#: The teacher: sampled queries and the candidates production would show -> its answers.
+Teacher = Callable[[list[str], list[list[Candidate]]], Awaitable[Taught]]
 
 
 @dataclass(frozen=True)
@@ -79,6 +104,12 @@ class Targets:
 
     matched: float
     novel: float
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def check_labels(training_data: Labels, max_chars: int) -> list[tuple[str, str | None]]:
@@ -139,8 +170,16 @@ class Fitter:
         *,
         show_progress: bool,
         options: dict[str, Any],
+        workload: Sequence[str] = (),
+        label_budget: int = 0,
+        teacher: Teacher | None = None,
     ) -> RoutePolicy:
-        """One fit; returns the routing policy it leaves behind."""
+        """One fit; returns the routing policy it leaves behind.
+
+        ``workload`` (normalized queries of the job), ``label_budget`` and ``teacher`` (the
+        production LLM call): a stratified sample of the workload is labelled by the LLM
+        and calibrates the routes on the user's own mentions (see :meth:`_teach_async`).
+        """
         unknown = set(options) - FIT_OPTIONS
         if unknown:
             raise ConfigError(f"fit: unknown option(s) {', '.join(sorted(unknown))}")
@@ -163,7 +202,108 @@ class Fitter:
             calibration = self._user_calibration(targets)
         if calibration is None:
             calibration = await self._calibrate_on_probes(targets)
+        taught = workload and label_budget > 0 and teacher is not None
+        if taught and calibration.source != "user":
+            assert teacher is not None
+            calibration, model = await self._teach_async(
+                calibration, calibrate_on, workload, label_budget, teacher, targets
+            )
+        elif not calibrate_on and (saved := self._saved_policy(targets)) is not None:
+            # fit without labels or workload over an index a labelled fit saved (a Ray
+            # actor, a restart): that fit's routes, not a label-free estimate
+            calibration, model = saved
+        if calibrate_on or taught:
+            self._save_policy(targets, calibration, model)
         return self._adopt(calibration, model, targets)
+
+    def _policy_key(self, targets: Targets) -> str:
+        """What a labelled fit's routes depend on: the catalog, encoder and settings."""
+        parts = [self._probe_key(targets), self.settings.fingerprint()]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    def _save_policy(
+        self, targets: Targets, calibration: Calibration, model: RouteModel | None
+    ) -> None:
+        """Keep a labelled fit's routes (and routing model) beside the index."""
+        if self.index_dir is None:
+            return
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        payload = {"key": self._policy_key(targets), "calibration": calibration.model_dump()}
+        _atomic_write(self.index_dir / POLICY_FILE, json.dumps(payload, indent=2).encode())
+        model_file = self.index_dir / ROUTE_MODEL_FILE
+        if model is None:
+            model_file.unlink(missing_ok=True)
+        else:
+            _atomic_write(model_file, pickle.dumps(model))
+
+    def _saved_policy(self, targets: Targets) -> tuple[Calibration, RouteModel | None] | None:
+        """The routes a labelled fit saved for this catalog and these settings, if any."""
+        if self.index_dir is None or not (self.index_dir / POLICY_FILE).exists():
+            return None
+        try:
+            data = json.loads((self.index_dir / POLICY_FILE).read_text(encoding="utf-8"))
+            if data.get("key") != self._policy_key(targets):
+                return None
+            calibration = Calibration.model_validate(data["calibration"])
+            model_file = self.index_dir / ROUTE_MODEL_FILE
+            model = pickle.loads(model_file.read_bytes()) if model_file.exists() else None
+        except (OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+            log.warning("nem_llm: the saved routes in %s are unreadable (%s)", self.index_dir, exc)
+            return None
+        return calibration, model
+
+    async def _teach_async(
+        self,
+        base: Calibration,
+        labels: Sequence[tuple[str, str | None]],
+        workload: Sequence[str],
+        budget: int,
+        teacher: Teacher,
+        targets: Targets,
+    ) -> tuple[Calibration, RouteModel | None]:
+        """Calibrate on the workload with the LLM as the teacher.
+
+        A stratified sample of ``budget`` workload queries (:func:`stratified_sample`,
+        drawn from at most ``_WORKLOAD_POOL`` of them) is adjudicated by ``teacher`` (the
+        production call and prompt; its answers land in the decision cache, so the job
+        never pays for them twice). The answers are labels: a route they prove at the
+        Wilson bound opens on them; a route of ``base`` (probes, labels) stays open unless
+        they show it worse than its target (:func:`teacher_check`); with enough of them,
+        the routing model is fit on them (and any labels given). ``labelled`` and
+        ``label_usage`` in the calibration say how many were labelled and what it cost.
+        """
+        rng = random.Random(_WORKLOAD_SEED)
+        pool = list(dict.fromkeys(workload))
+        if len(pool) > _WORKLOAD_POOL:
+            pool = rng.sample(pool, _WORKLOAD_POOL)
+        k = max(self.settings.top_k, 2)
+        found = await self.retriever.retrieve_many_async(pool, k)
+        feats = [features(q, c, detail=False) for q, c in zip(pool, found, strict=True)]
+        picked = stratified_sample(feats, budget, seed=_WORKLOAD_SEED)
+        queries = [pool[i] for i, _ in picked]
+        shown = [found[i][: self.settings.top_k] for i, _ in picked]
+        taught = await teacher(queries, shown)
+        kept = [j for j, known in enumerate(taught.known) if known]
+        examples = labelled_examples(
+            [found[picked[j][0]] for j in kept],
+            [queries[j] for j in kept],
+            [taught.golds[j] for j in kept],
+            [picked[j][1] for j in kept],
+        )
+        info = {"labelled": len(examples), "label_usage": taught.usage}
+        if not examples:
+            return base.model_copy(update=info), None
+        own = estimate(
+            examples, matched_target=targets.matched, novel_target=targets.novel, source="workload"
+        )
+        cal = merge_routes(own, teacher_check(base, examples)).model_copy(update=info)
+        if labels:  # labels given to fit count too (weight 1, as the sample's mean)
+            given = await self.retriever.retrieve_many_async([q for q, _ in labels], k)
+            examples += labelled_examples(given, [q for q, _ in labels], [g for _, g in labels])
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.retriever.executor, lambda: with_route_model(cal, examples)
+        )
 
     def _adopt(
         self, calibration: Calibration, model: RouteModel | None, targets: Targets

@@ -556,10 +556,10 @@ def learn_labels(
             novel.add(key)
             continue
         if gold not in catalog.by_id:
-            msg = f"training_data[{i}]: unknown entity id {gold!r} (skipped)"
+            msg = f"training_data[{i}]: unknown entity id {gold!r}"
             if strict:
                 raise ConfigError(msg)
-            problems.append(msg)
+            problems.append(f"{msg} (skipped)")
             continue
         own = {fold(f) for f in catalog.entities[catalog.by_id[gold]].surface_forms()}
         forms = aliases.setdefault(gold, [])

@@ -220,9 +220,15 @@ def route(
         )
         return Route("adjudicate", why, top, margin, "name_guard")
     if thresholds.accept > 1:
-        why = "the auto-match route is closed (accept_threshold > 1)"
+        why = "the auto-match route's score rule is closed (accept_threshold > 1)"
+        if thresholds.exact:
+            why += "; only an exact hit on a name or alias matches alone"
         if thresholds.novel <= 0:
-            why = "both auto routes are closed"
+            why = (
+                "both auto routes are closed"
+                if not thresholds.exact
+                else why + ("; the auto-novel route is closed")
+            )
         return Route("adjudicate", why, top, margin, "closed")
     if top >= thresholds.accept:
         why = f"top score {top:.3f} is high but only {margin:.3f} ahead of the runner-up"

@@ -71,6 +71,13 @@ def lognormal_sigma(p50: float, p99: float) -> float:
     return math.log(p99 / p50) / Z99
 
 
+#: How the oracle's errors fall (see ``SimConfig.error_profile``).
+ErrorProfile = Literal["uniform", "difficulty"]
+#: ``error_profile="difficulty"``: the error rate's factor when the gold entity is the
+#: first candidate, another candidate, or none of them (an absent entity)
+DIFFICULTY = {"first": 0.2, "other": 2.5, "absent": 1.5}
+
+
 @dataclass(frozen=True, kw_only=True)
 class SimConfig:
     """Settings of the OpenAI-compatible LLM simulator (seeded, so runs are reproducible).
@@ -108,6 +115,11 @@ class SimConfig:
             (required for the oracle policy).
         oracle_error_rate: Probability that the oracle answers a wrong allowed value
             (in the rewrite call: a random other entity's name).
+        error_profile: ``"uniform"``: every answer is wrong at ``oracle_error_rate``;
+            ``"difficulty"``: errors concentrate on ambiguous requests, as a real model's
+            do: the rate is scaled by :data:`DIFFICULTY` (x0.2 when the gold entity is the
+            first candidate, x2.5 when it is another one, x1.5 when it is not among them).
+            Plumbing for tests of calibration with an imperfect teacher, not a model.
         catalog_path: Catalog file (JSONL/CSV, as ``load_catalog`` reads it) the oracle
             takes names from to answer the rewrite call (tool ``CatalogNames``) and the
             ``names`` of an adjudication that asks for them with its "none" (one error draw
@@ -140,6 +152,7 @@ class SimConfig:
     gold_path: str | None = None
     oracle_error_rate: float = 0.0
     catalog_path: str | None = None
+    error_profile: ErrorProfile = "uniform"
 
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -192,6 +205,10 @@ class SimConfig:
         if self.gold_path is not None and not isinstance(self.gold_path, str):
             raise ConfigError(f"gold_path must be a string path, got {self.gold_path!r}")
         _check_rate("oracle_error_rate", self.oracle_error_rate)
+        if self.error_profile not in ("uniform", "difficulty"):
+            raise ConfigError(
+                f"error_profile must be 'uniform' or 'difficulty', got {self.error_profile!r}"
+            )
         if self.catalog_path is not None and not isinstance(self.catalog_path, str):
             raise ConfigError(f"catalog_path must be a string path, got {self.catalog_path!r}")
 

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from ..catalog import load_catalog
 from .batches import BatchEndpoints, BatchSimConfig
-from .config import SimConfig, sample_latency
+from .config import DIFFICULTY, SimConfig, sample_latency
 from .protocol import (
     NONE_ID,
     BadRequest,
@@ -356,6 +356,9 @@ class SimServer:
         known, gold = lookup_gold(self._gold, parsed.query)
         right = gold if known and gold is not None and gold in allowed else NONE_ID
         rate = self.config.oracle_error_rate
+        if self.config.error_profile == "difficulty":
+            where = "absent" if right == NONE_ID else "first" if allowed[0] == right else "other"
+            rate = min(1.0, rate * DIFFICULTY[where])
         if rate > 0 and self._rng.random() < rate:
             wrong = [a for a in allowed if a != right]
             if NONE_ID not in allowed and right != NONE_ID:
