@@ -83,8 +83,10 @@ class Comparison:
         spec: the field and its kind.
         labels: level names, index 0 "null", the last "exact".
         near, close: number fields: absolute differences counted as near and as close.
-        frequencies: each catalog value's share of the catalog's non-missing values (for
-            term-frequency adjustments of the exact level).
+        frequencies: each value's share of the non-missing values (for term-frequency
+            adjustments of the exact level).
+        coincidence: the chance that two distinct catalog entities have equal values (the
+            exact level's u among random pairs), at least one in ``N(N-1)+1``.
     """
 
     spec: FieldSpec
@@ -92,6 +94,7 @@ class Comparison:
     near: float = 0.0
     close: float = 0.0
     frequencies: dict[str, float] = field(default_factory=dict)
+    coincidence: float = 1e-6
 
     @property
     def exact_level(self) -> int:
@@ -210,18 +213,28 @@ def _sets(column: Column, grams: int) -> list[frozenset[str]]:
     return column.sets
 
 
-def comparison_for(spec: FieldSpec, catalog: Sequence[Any], *, seed: int = 0) -> Comparison:
+def comparison_for(
+    spec: FieldSpec, catalog: Sequence[Any], *, others: Sequence[Any] = (), seed: int = 0
+) -> Comparison:
     """The comparison of one field, fitted to the catalog's raw values of it.
 
     Number fields learn ``near`` and ``close`` from the differences of random pairs of
     catalog values (the 2% and 10% quantiles, at least the smallest non-zero difference),
-    so "near" means the same on any scale. Every kind learns each value's frequency.
+    so "near" means the same on any scale. Every kind learns each value's frequency, over
+    the catalog's values and ``others`` (the queries' values, as Splink counts term
+    frequencies over both sides of a link): an address five queries share is weak
+    evidence even if one entity has it.
     """
     labels = LEVELS[spec.kind]
     normalized = [normalize_value(v, spec.kind) for v in catalog]
     present = [v for v in normalized if v is not None]
     counts = Counter(present)
-    total = max(len(present), 1)
+    n = len(present)
+    same = sum(k * (k - 1) for k in counts.values())
+    coincidence = (same + 1.0) / (n * (n - 1) + 1.0)
+    counts.update(v for v in (normalize_value(x, spec.kind) for x in others) if v is not None)
+    present_total = sum(counts.values())
+    total = max(present_total, 1)
     frequencies = {v: k / total for v, k in counts.items()}
     near = close = 0.0
     if spec.kind == "number" and present:
@@ -233,4 +246,6 @@ def comparison_for(spec: FieldSpec, catalog: Sequence[Any], *, seed: int = 0) ->
         step = float(positive.min()) if len(positive) else 0.0
         near = max(float(np.quantile(diffs, 0.02)), step)
         close = max(float(np.quantile(diffs, 0.10)), 2 * near)
-    return Comparison(spec, labels, near=near, close=close, frequencies=frequencies)
+    return Comparison(
+        spec, labels, near=near, close=close, frequencies=frequencies, coincidence=coincidence
+    )

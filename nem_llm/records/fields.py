@@ -173,7 +173,7 @@ def infer_kind(values: Sequence[str]) -> tuple[FieldKind, str]:
     if share(_code_like) >= 0.9:
         return "code", "short values made mostly of digits (codes, phone numbers)"
     distinct = len(set(folded))
-    if distinct <= max(2, min(50, int(math.sqrt(n)))):
+    if n >= 20 and distinct <= min(50, int(math.sqrt(n))):
         return "category", f"{distinct} distinct values over {n} entities"
     tokens = sorted(len(v.split()) for v in folded)
     lengths_sorted = sorted(len(v) for v in folded)

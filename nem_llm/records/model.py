@@ -53,6 +53,11 @@ Records = Sequence[Mapping[str, Any]]
 
 #: Pseudo-counts added to every level when m and u are counted (keeps rare levels finite).
 PSEUDO_COUNT = 0.5
+#: EM estimates maximum a posteriori: priors worth this many queries (m: distributed as
+#: :func:`_initial_m`; u from candidates: as the random pairs' u; rho: one half) decide
+#: where the data are too few to (a catalog of a few entities, a handful of queries) and
+#: fade as queries accumulate.
+PRIOR_QUERIES = 10.0
 #: rho stays within these bounds (neither route is ever certain a priori).
 RHO_BOUNDS = (0.001, 0.999)
 _LOG2 = math.log(2.0)
@@ -127,7 +132,11 @@ class RecordModel:
         comparisons: one per compared field (kind ``skip`` fields are left out).
         m, u: per field, the probability of each level among matches / non-matches
             (index 0, the null level, is 1 in both: no evidence).
-        rho: the share of queries whose entity is among their candidates.
+        rho: the share of queries whose entity is among their candidates (``exclusive``),
+            or of candidate pairs that match (not ``exclusive``).
+        exclusive: a query is at most one entity (entity matching: its candidates compete
+            for one match); ``False`` for deduplication, where a record may have several
+            duplicates and each pair is judged alone.
         entities: the catalog size ``N``.
         u_source: ``"random"``: ``u`` describes random pairs and one pair's prior is
             ``rho / N``; ``"candidates"``: ``u`` describes the non-matching candidates
@@ -135,9 +144,9 @@ class RecordModel:
             query's number of candidates).
         catalog: the catalog's normalised columns, by field.
         frequencies: per field, each entity's value's share of the catalog's values.
-        coincidence: per field, the chance that two random catalog values are equal
-            (``sum tf**2``): an exact match on a value of frequency ``tf`` weighs
-            ``log2(coincidence / tf)`` more than the average exact match.
+        mean_frequency: per field, the frequency of the average value (``sum tf**2``): an
+            exact match on a value of frequency ``tf`` weighs ``log2(mean_frequency /
+            tf)`` more than the exact level's average.
         specs: every field's spec, the skipped ones included (with why).
         report: how the fit went.
     """
@@ -148,9 +157,10 @@ class RecordModel:
     rho: float
     entities: int
     u_source: USource = "random"
+    exclusive: bool = True
     catalog: Mapping[str, Column] = field(default_factory=dict, repr=False)
     frequencies: tuple[Floats, ...] = field(default=(), repr=False)
-    coincidence: tuple[float, ...] = ()
+    mean_frequency: tuple[float, ...] = ()
     specs: tuple[FieldSpec, ...] = ()
     report: FitReport | None = None
     term_frequencies: bool = True
@@ -187,7 +197,7 @@ class RecordModel:
         ei = np.asarray(entity, dtype=np.int64)
         levels = self.levels(queries, qi, ei)
         contributions = self._log_bf(levels, ei) / _LOG2
-        prior = _log_prior(qi, self.rho, self.entities, self.u_source) / _LOG2
+        prior = _log_prior(qi, self.rho, self.entities, self.u_source, self.exclusive) / _LOG2
         # log2 odds of the pair's prior p: log2(p / (1 - p))
         prior_weight = prior - np.log1p(-np.exp2(prior)) / _LOG2
         weight = prior_weight + contributions.sum(axis=1)
@@ -210,8 +220,8 @@ class RecordModel:
         """
         n = int(queries if queries is not None else (scores.query.max() + 1 if len(scores) else 0))
         log_bf = scores.contributions.sum(axis=1) * _LOG2
-        prior = _log_prior(scores.query, self.rho, self.entities, self.u_source)
-        pair, none = _posterior(log_bf, prior, scores.query, n, self.rho)
+        prior = _log_prior(scores.query, self.rho, self.entities, self.u_source, self.exclusive)
+        pair, none = _posterior(log_bf, prior, scores.query, n, self.rho, self.exclusive)
         return Posteriors(pair, none, n)
 
     def explain(self, scores: PairScores, k: int) -> list[tuple[str, str, float]]:
@@ -223,7 +233,7 @@ class RecordModel:
 
     def _log_bf(self, levels: npt.NDArray[np.int8], entity: Ints) -> Floats:
         tf = self.frequencies if self.term_frequencies else None
-        return _log_bf(self.comparisons, self.m, self.u, levels, entity, tf, self.coincidence)
+        return _log_bf(self.comparisons, self.m, self.u, levels, entity, tf, self.mean_frequency)
 
 
 def _is_columns(value: Any) -> bool:
@@ -269,13 +279,13 @@ def _log_bf(
     levels: npt.NDArray[np.int8],
     entity: Ints,
     frequencies: Sequence[Floats] | None,
-    coincidence: Sequence[float] = (),
+    mean_frequency: Sequence[float] = (),
 ) -> Floats:
     """Natural-log Bayes factors ``log m/u`` per pair and field (term-frequency adjusted).
 
     With ``frequencies``, an exact match on value ``v`` has ``u = u_exact * tf(v) /
-    coincidence``: the level's u scaled by how much rarer ``v`` is than the average value
-    (``coincidence``: the chance two random values are equal, ``sum tf**2``).
+    mean_frequency``: the level's u scaled by how much rarer ``v`` is than the average
+    value.
     """
     out = np.zeros(levels.shape, dtype=np.float64)
     for f, c in enumerate(comparisons):
@@ -284,13 +294,18 @@ def _log_bf(
         if frequencies is not None:
             exact = np.flatnonzero(lv == c.exact_level)
             if len(exact):
-                tf = frequencies[f][entity[exact]] / coincidence[f]
+                tf = frequencies[f][entity[exact]] / mean_frequency[f]
                 out[exact, f] -= np.log(tf)
     return out
 
 
-def _log_prior(query: Ints, rho: float, entities: int, u_source: USource) -> Floats:
-    """Natural-log prior of each pair: ``rho / N`` (random u) or ``rho / k`` (candidate u)."""
+def _log_prior(
+    query: Ints, rho: float, entities: int, u_source: USource, exclusive: bool
+) -> Floats:
+    """Natural-log prior of each pair: ``rho / N`` (random u) or ``rho / k`` (candidate u);
+    ``rho`` itself when pairs are judged alone (not ``exclusive``)."""
+    if not exclusive:
+        return np.full(len(query), math.log(rho))
     if u_source == "random":
         return np.full(len(query), math.log(rho / entities))
     k = np.bincount(query)[query]
@@ -298,9 +313,16 @@ def _log_prior(query: Ints, rho: float, entities: int, u_source: USource) -> Flo
 
 
 def _posterior(
-    log_bf: Floats, log_prior: Floats, query: Ints, queries: int, rho: float
+    log_bf: Floats, log_prior: Floats, query: Ints, queries: int, rho: float, exclusive: bool
 ) -> tuple[Floats, Floats]:
-    """(per pair, per query none) posteriors: a query is at most one of its candidates."""
+    """(per pair, per query none) posteriors: a query is at most one of its candidates
+    (``exclusive``), or each pair on its own (``none``: no pair of the query matches)."""
+    if not exclusive:
+        odds = log_prior - np.log1p(-np.exp(log_prior)) + log_bf
+        pair = np.asarray(0.5 * (1.0 + np.tanh(odds / 2.0)), dtype=np.float64)
+        log_miss = np.bincount(query, weights=np.log1p(-np.minimum(pair, 1 - 1e-12)),
+                               minlength=queries)  # fmt: skip
+        return pair, np.exp(log_miss)
     log_none = math.log1p(-rho)
     w = log_prior + log_bf
     top = np.full(queries, log_none)
@@ -337,7 +359,8 @@ def fit_record_model(
     fields: Sequence[FieldSpec] | None = None,
     kinds: Mapping[str, FieldKind] | None = None,
     labels: Mapping[int, int | None] | None = None,
-    u_source: USource = "random",
+    u_source: USource = "candidates",
+    exclusive: bool = True,
     random_pairs: int = 50_000,
     term_frequencies: bool = True,
     max_iterations: int = 200,
@@ -356,9 +379,15 @@ def fit_record_model(
             ``entities`` with ``kinds`` as overrides.
         labels: known answers, query position -> entity position (or ``None``: not in
             the catalog). Their posteriors are fixed during EM.
-        u_source: where ``u`` comes from (see :class:`RecordModel`): ``"random"`` pairs
-            (Fellegi-Sunter, Splink), or the non-matching ``"candidates"`` (by EM,
-            starting from the random pairs' u).
+        u_source: where ``u`` comes from (see :class:`RecordModel`): the non-matching
+            ``"candidates"`` (the default: by EM, starting from the random pairs' u), or
+            ``"random"`` pairs only (Fellegi-Sunter as Splink does it). Retrieval picks
+            candidates that agree more than random pairs do (same street, same city),
+            and ``u`` from random pairs counts that agreement as evidence of a match; on
+            the development record sets ``"candidates"`` estimated m and u closer to the
+            labelled truth (docs/records.md).
+        exclusive: a query is at most one of its candidates (entity matching); ``False``
+            judges each pair alone (deduplication).
         random_pairs: how many random pairs estimate ``u``.
         term_frequencies: adjust the exact level by the value's frequency.
         exclude_self: random pairs never pair a record with itself (deduplication, where
@@ -385,11 +414,17 @@ def fit_record_model(
     if not compared:
         raise ValueError("no field to compare: every field is missing or skipped")
     comparisons = tuple(
-        comparison_for(s, [e.get(s.name) for e in entities], seed=seed) for s in compared
+        comparison_for(
+            s,
+            [e.get(s.name) for e in entities],
+            others=[] if exclude_self else [q.get(s.name) for q in queries],
+            seed=seed,
+        )
+        for s in compared
     )
     catalog = _columns(comparisons, entities)
     frequencies = tuple(_frequencies(c, catalog[c.spec.name]) for c in comparisons)
-    coincidence = tuple(
+    mean_frequency = tuple(
         max(float(sum(v * v for v in c.frequencies.values())), 1e-12) for c in comparisons
     )
     tf = frequencies if term_frequencies else None
@@ -416,8 +451,10 @@ def fit_record_model(
         fixed_pair = (gold_of[qi] == ei).astype(np.float64)
 
     # EM: m, rho (and u from the candidates), a query being at most one of its candidates
-    m = [_initial_m(n) for n in sizes]
-    u = _random_u(u_random, m, 0.0, comparisons, coincidence)
+    m_prior = [_initial_m(n) for n in sizes]
+    m = list(m_prior)
+    u = _random_u(u_random, m, 0.0, comparisons)
+    u_start = list(u)
     rho = 0.5
     pair = np.zeros(len(qi))
     converged = False
@@ -425,16 +462,24 @@ def fit_record_model(
     active = max(int(in_pairs.sum()), 1)
     for iterations in range(1, max_iterations + 1):  # noqa: B007
         if u_source == "random":
-            u = _random_u(u_random, m, rho / n_entities, comparisons, coincidence)
-        log_bf = _log_bf(comparisons, m, u, levels, ei, tf, coincidence).sum(axis=1)
-        prior = _log_prior(qi, rho, n_entities, u_source)
-        pair, _ = _posterior(log_bf, prior, qi, n_queries, rho)
+            u = _random_u(u_random, m, rho / n_entities, comparisons)
+        log_bf = _log_bf(comparisons, m, u, levels, ei, tf, mean_frequency).sum(axis=1)
+        prior = _log_prior(qi, rho, n_entities, u_source, exclusive)
+        pair, _ = _posterior(log_bf, prior, qi, n_queries, rho, exclusive)
         if fixed_pair is not None:
             pair = np.where(labelled[qi], fixed_pair, pair)
-        new_m = [_normalise(_count(levels[:, f], n, pair)) for f, n in enumerate(sizes)]
+        new_m = [
+            _normalise(_count(levels[:, f], n, pair) + PRIOR_QUERIES * _levels_only(m_prior[f]))
+            for f, n in enumerate(sizes)
+        ]
         if u_source == "candidates":
-            u = [_normalise(_count(levels[:, f], n, 1.0 - pair)) for f, n in enumerate(sizes)]
-        new_rho = float(np.clip(pair.sum() / active, *RHO_BOUNDS))
+            u = [
+                _normalise(_count(levels[:, f], n, 1.0 - pair) + PRIOR_QUERIES * _levels_only(ur))
+                for f, (n, ur) in enumerate(zip(sizes, u_start, strict=True))
+            ]
+        trials = active if exclusive else max(len(qi), 1)
+        new_rho = float(np.clip((pair.sum() + PRIOR_QUERIES / 2) / (trials + PRIOR_QUERIES),
+                                *RHO_BOUNDS))  # fmt: skip
         change = max(
             max(float(np.abs(a - b).max()) for a, b in zip(new_m, m, strict=True)),
             abs(new_rho - rho),
@@ -444,7 +489,7 @@ def fit_record_model(
             converged = True
             break
     if u_source == "random":
-        u = _random_u(u_random, m, rho / n_entities, comparisons, coincidence)
+        u = _random_u(u_random, m, rho / n_entities, comparisons)
     report = FitReport(
         iterations=iterations,
         converged=converged,
@@ -460,9 +505,10 @@ def fit_record_model(
         rho=rho,
         entities=n_entities,
         u_source=u_source,
+        exclusive=exclusive,
         catalog=catalog,
         frequencies=frequencies,
-        coincidence=coincidence,
+        mean_frequency=mean_frequency,
         specs=specs,
         report=report,
         term_frequencies=term_frequencies,
@@ -500,16 +546,17 @@ def _random_u(
     m: Sequence[Floats],
     lam: float,
     comparisons: Sequence[Comparison],
-    coincidence: Sequence[float],
 ) -> list[Floats]:
     """u per field from random-pair counts, with the expected matches among them removed.
 
     Random pairs hold a share ``lam`` of matches, distributed as ``m``: ``u = (counts -
     lam * n * m) / (1 - lam)``. The exact level is not counted: too rare to count on
-    random pairs, it is the catalog's ``coincidence`` (two random values equal).
+    random pairs, it is the comparison's ``coincidence`` (two distinct catalog entities
+    share a value).
     """
     out: list[Floats] = []
-    for c, mf, comp, exact_u in zip(counts, m, comparisons, coincidence, strict=True):
+    for c, mf, comp in zip(counts, m, comparisons, strict=True):
+        exact_u = comp.coincidence
         clean = np.maximum(c - lam * c[1:].sum() * _levels_only(mf), 0.0)
         clean[comp.exact_level] = 0.0
         u = _normalise(clean)

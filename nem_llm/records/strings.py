@@ -68,7 +68,7 @@ def jaro_winkler(
     when the Jaro similarity exceeds 0.7, as in Winkler (1990) and most libraries.
 
     Example:
-        >>> [round(x, 3) for x in jaro_winkler(["martha", "dwayne"], ["marhta", "duane"])]
+        >>> jaro_winkler(["martha", "dwayne"], ["marhta", "duane"]).round(3).tolist()
         [0.961, 0.84]
     """
     if len(left) != len(right):
