@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .fields import FieldKind, FieldSpec, normalize_value
-from .strings import edit_distance, jaro_winkler, set_jaccard, token_sets
+from .strings import edit_distance, jaro_winkler, set_jaccard, set_overlap, token_sets
 
 __all__ = ["LEVELS", "Column", "Comparison", "comparison_for"]
 
@@ -62,14 +62,14 @@ class Column:
     """One field of a set of records, normalised once and compared many times.
 
     ``values[i]`` is record ``i``'s normalised value (``None``: missing); ``numbers`` its
-    numeric value (number fields); ``sets`` its words or trigrams (name and text fields),
-    built on first use.
+    numeric value (number fields); ``cache`` what comparisons derive from the values
+    (word sets, trigram sets), built on first use.
     """
 
     values: npt.NDArray[np.object_]
     present: npt.NDArray[np.bool_]
     numbers: npt.NDArray[np.float64] | None = None
-    sets: list[frozenset[str]] | None = None
+    cache: dict[str, list[frozenset[str]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -142,7 +142,7 @@ def _name_levels(c: Comparison, left: Column, right: Column, li: Ints, ri: Ints)
     a = list(left.values[li])
     b = list(right.values[ri])
     jw = jaro_winkler(a, b)
-    ls, rs = _sets(left, 0), _sets(right, 0)
+    ls, rs = _sets(left, "words"), _sets(right, "words")
     same_words = np.fromiter((ls[i] == rs[j] for i, j in zip(li, ri, strict=True)), bool, len(li))
     within = np.fromiter(
         (bool(ls[i]) and bool(rs[j]) and (ls[i] <= rs[j] or rs[j] <= ls[i])
@@ -156,10 +156,20 @@ def _name_levels(c: Comparison, left: Column, right: Column, li: Ints, ri: Ints)
 
 
 def _text_levels(c: Comparison, left: Column, right: Column, li: Ints, ri: Ints) -> Levels:
-    sim = set_jaccard(_sets(left, _TRIGRAMS), _sets(right, _TRIGRAMS), li, ri)
+    # similar: trigram Jaccard, or the share of the shorter value's words (two or more)
+    # found in the longer ("854 7th ave. between 54th and 55th sts." vs "854 seventh ave.")
+    sim = set_jaccard(_sets(left, "trigrams"), _sets(right, "trigrams"), li, ri)
+    inter, nl, nr = set_overlap(_sets(left, "words"), _sets(right, "words"), li, ri)
+    shorter = np.minimum(nl, nr)
+    contained = np.where(shorter >= 2, inter / np.maximum(shorter, 1), 0.0)
+    sim = np.maximum(sim, contained)
     out = np.ones(len(li), dtype=np.int8)
     for level, cut in enumerate(_TEXT_CUTS, start=2):
         out[sim >= cut] = level
+    # numbers are identifiers (a house number, a volume, "part 2"): both sides have some
+    # and share none -> they disagree, however alike the words
+    num_inter, num_l, num_r = set_overlap(_sets(left, "numbers"), _sets(right, "numbers"), li, ri)
+    out[(num_l > 0) & (num_r > 0) & (num_inter == 0)] = 1
     return out
 
 
@@ -206,11 +216,18 @@ _KIND_LEVELS: dict[str, Callable[[Comparison, Column, Column, Ints, Ints], Level
 }
 
 
-def _sets(column: Column, grams: int) -> list[frozenset[str]]:
-    """The column's word sets (``grams=0``) or trigram sets, built once per column."""
-    if column.sets is None:
-        column.sets = token_sets([v or "" for v in column.values], grams=grams)
-    return column.sets
+def _sets(column: Column, what: str) -> list[frozenset[str]]:
+    """The column's word, trigram or number sets (``what``), built once per column."""
+    found = column.cache.get(what)
+    if found is None:
+        values = [v or "" for v in column.values]
+        if what == "numbers":
+            words = _sets(column, "words")
+            found = [frozenset(w for w in s if w.isdigit()) for s in words]
+        else:
+            found = token_sets(values, grams=_TRIGRAMS if what == "trigrams" else 0)
+        column.cache[what] = found
+    return found
 
 
 def comparison_for(

@@ -22,8 +22,9 @@ __all__ = [
     "codepoints",
     "edit_distance",
     "jaro_winkler",
-    "token_sets",
     "set_jaccard",
+    "set_overlap",
+    "token_sets",
 ]
 
 #: Strings are compared on their first MAX_CHARS characters (Jaro-Winkler and edit
@@ -215,17 +216,16 @@ def token_sets(values: Sequence[str], *, grams: int = 0) -> list[frozenset[str]]
     return out
 
 
-def set_jaccard(
+def set_overlap(
     left: Sequence[frozenset[str]],
     right: Sequence[frozenset[str]],
     left_index: Ints,
     right_index: Ints,
-) -> Floats:
-    """Jaccard similarity ``|A & B| / |A | B|`` of ``left[left_index[i]]`` and ``right[right_index[i]]``.
+) -> tuple[Floats, Ints, Ints]:
+    """``|A & B|``, ``|A|`` and ``|B|`` of ``A = left[left_index[i]]``, ``B = right[right_index[i]]``.
 
     The sets are turned into one sparse incidence matrix per side (one column per distinct
-    token), so each pair costs a row-wise product, not a Python set operation. Two empty
-    sets score 0.
+    token), so each pair costs a row-wise product, not a Python set operation.
     """
     from scipy import sparse
 
@@ -242,9 +242,25 @@ def set_jaccard(
     width = max(len(vocab), 1)
     lm = sparse.csr_matrix(mats[0], shape=(len(left), width))
     rm = sparse.csr_matrix(mats[1], shape=(len(right), width))
-    sizes_l = np.diff(lm.indptr)[left_index]
-    sizes_r = np.diff(rm.indptr)[right_index]
+    sizes_l = np.diff(lm.indptr)[left_index].astype(np.int64)
+    sizes_r = np.diff(rm.indptr)[right_index].astype(np.int64)
     inter = np.asarray(lm[left_index].multiply(rm[right_index]).sum(axis=1)).ravel()
+    return inter.astype(np.float64), sizes_l, sizes_r
+
+
+def set_jaccard(
+    left: Sequence[frozenset[str]],
+    right: Sequence[frozenset[str]],
+    left_index: Ints,
+    right_index: Ints,
+) -> Floats:
+    """Jaccard similarity ``|A & B| / |A | B|`` of the pairs (two empty sets score 0).
+
+    Example:
+        >>> sets = [frozenset("ab"), frozenset("bc")]
+        >>> set_jaccard(sets, sets, np.array([0]), np.array([1])).tolist()
+        [0.3333333333333333]
+    """
+    inter, sizes_l, sizes_r = set_overlap(left, right, left_index, right_index)
     union = sizes_l + sizes_r - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    return np.asarray(np.where(union > 0, inter / np.maximum(union, 1), 0.0), dtype=np.float64)
