@@ -2,20 +2,29 @@
 
 A query's outcomes are "its entity is candidate j" (one per candidate) and "none of them"
 (``RecordModel.posteriors``; they add up to 1, because a query is at most one entity).
-The rule decides the most probable outcome when it holds more than ``min_probability`` of
-the mass, and leaves the query undecided otherwise (for the LLM or a reviewer):
+Each query's most probable outcome is its candidate decision; which of those are taken
+without a reviewer (or the LLM) is decided per route, matched and novel:
 
-- **why the posterior, not the pair's own probability**: two near-identical candidates
-  (a catalog duplicate, the same paper listed twice) each look like a match on their
-  own; against each other neither holds more than half, so the query is undecided, not
-  matched at random.
-- **why more than half by default**: then the decided outcome is more probable than
-  every other outcome taken together; on the development record sets this decided 98-100%
-  of the queries with link precision >= 0.995 and no labels (``docs/records.md``). It
-  needs no tuning per catalog; a stricter ``min_probability`` trades coverage for
-  precision where the fields say less (one field, or correlated ones).
-- **with labels**, :func:`cut_for_precision` picks the lowest cut whose decided labelled
-  queries reach a target precision, counting one unseen error against it.
+- **the model's own expected precision**: a route's decisions are taken most probable
+  first, as long as the mean posterior of everything taken stays at or above
+  ``target_precision`` (0.99): the expected share of right decisions, if the posteriors
+  are calibrated. Where the fields speak clearly nearly every query is decided; where
+  they do not, the least certain wait. No cut is tuned to a catalog: the cut is where
+  the expected error of the route would pass ``1 - target_precision`` on this run's
+  queries.
+- **never a coin flip**: an outcome is taken only when it holds at least
+  ``min_probability`` (0.5) of the mass, so it is more probable than all the others
+  together.
+- **why the posterior, not a pair's own probability**: two near-identical candidates (a
+  catalog duplicate, the same paper listed twice) each look like a match alone; against
+  each other neither holds more than half, so the query waits.
+- **with labels**, :func:`cut_for_precision` picks the lowest posterior at which labelled
+  decisions reach the target, counting one unseen error against it.
+
+The posteriors are only as calibrated as the model: fields that repeat each other's
+evidence make them overconfident (``infer_fields`` skips a field that joins others). On
+the development record sets this rule decided 98-100% of the queries with link
+precision 1.0 and no labels (``docs/records.md``).
 
 Pure: arrays in, arrays out.
 """
@@ -31,14 +40,16 @@ import numpy.typing as npt
 
 from .model import Posteriors
 
-__all__ = ["Decision", "Decisions", "cut_for_precision", "decide"]
+__all__ = ["Decision", "Decisions", "cut_for_precision", "decide", "expected_precision_cut"]
 
 Decision = Literal["matched", "novel", "undecided"]
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
 
-#: The default cut: the decided outcome holds more than half of the probability.
+#: The floor: the decided outcome holds at least half of the probability.
 DEFAULT_MIN_PROBABILITY = 0.5
+#: What each route's decisions must be expected to reach (their mean posterior).
+DEFAULT_TARGET_PRECISION = 0.99
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,7 @@ def decide(
     query: Sequence[int] | Ints,
     entity: Sequence[int] | Ints,
     *,
+    target_precision: float | None = DEFAULT_TARGET_PRECISION,
     min_probability: float = DEFAULT_MIN_PROBABILITY,
     novel_min_probability: float | None = None,
 ) -> Decisions:
@@ -83,17 +95,23 @@ def decide(
     Args:
         posteriors: ``RecordModel.posteriors`` of the scored pairs.
         query, entity: the pairs' query and entity positions (as scored).
-        min_probability: a match is decided when its candidate's posterior is at least
-            this (and is the most probable outcome).
+        target_precision: each route (matched, novel) takes its decisions, most probable
+            first, while their mean posterior stays at or above this; ``None`` takes
+            every decision above the cuts.
+        min_probability: a match is never decided below this posterior (and only when it
+            is the most probable outcome).
         novel_min_probability: the same for "none" (default: ``min_probability``).
 
     Raises:
-        ValueError: a cut outside [0.5, 1] (below one half, two outcomes could pass).
+        ValueError: a cut outside [0.5, 1] (below one half, two outcomes could pass), or
+            a target outside (0, 1].
     """
     novel_cut = min_probability if novel_min_probability is None else novel_min_probability
     for name, cut in (("min_probability", min_probability), ("novel", novel_cut)):
         if not 0.5 <= cut <= 1.0:
             raise ValueError(f"{name} must be in [0.5, 1], got {cut!r}")
+    if target_precision is not None and not 0.0 < target_precision <= 1.0:
+        raise ValueError(f"target_precision must be in (0, 1], got {target_precision!r}")
     qi = np.asarray(query, dtype=np.int64)
     ei = np.asarray(entity, dtype=np.int64)
     n = posteriors.queries
@@ -109,6 +127,11 @@ def decide(
         best_p[qi[chosen]] = posteriors.pair[chosen]
     best_entity = np.where(best_pair >= 0, ei[np.maximum(best_pair, 0)] if len(ei) else -1, -1)
     none = posteriors.none
+    if target_precision is not None:
+        match_side = (best_pair >= 0) & (best_p > none)
+        min_probability = max(min_probability,
+                              expected_precision_cut(best_p[match_side], target_precision))
+        novel_cut = max(novel_cut, expected_precision_cut(none[~match_side], target_precision))
     matched = (best_pair >= 0) & (best_p >= min_probability) & (best_p > none)
     novel = ~matched & (none >= novel_cut) & (none >= best_p)
     status: tuple[Decision, ...] = tuple(
@@ -123,6 +146,22 @@ def decide(
         none_probability=np.asarray(none, dtype=np.float64),
         pair=best_pair,
     )
+
+
+def expected_precision_cut(probabilities: Floats, target: float) -> float:
+    """The lowest posterior at which decisions taken most probable first keep a mean
+    posterior (their expected precision) of at least ``target``; above 1 if none does.
+
+    Example:
+        >>> expected_precision_cut(np.array([1.0, 1.0, 0.98, 0.6]), 0.99)
+        0.98
+    """
+    p = np.sort(np.asarray(probabilities, dtype=np.float64))[::-1]
+    if not len(p):
+        return 1.0
+    mean = np.cumsum(p) / np.arange(1, len(p) + 1)
+    ok = np.flatnonzero(mean >= target)
+    return float(p[ok[-1]]) if len(ok) else float(np.nextafter(1.0, 2.0))
 
 
 def cut_for_precision(

@@ -28,6 +28,7 @@ probability of each candidate and of "none". Pure: records in, arrays out.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ class RecordModel:
         mean_frequency: per field, the frequency of the average value (``sum tf**2``): an
             exact match on a value of frequency ``tf`` weighs ``log2(mean_frequency /
             tf)`` more than the exact level's average.
+        dependence: fields read given another field (``None``: all independent).
         specs: every field's spec, the skipped ones included (with why).
         report: how the fit went.
     """
@@ -161,6 +163,7 @@ class RecordModel:
     catalog: Mapping[str, Column] = field(default_factory=dict, repr=False)
     frequencies: tuple[Floats, ...] = field(default=(), repr=False)
     mean_frequency: tuple[float, ...] = ()
+    dependence: Dependence | None = None
     specs: tuple[FieldSpec, ...] = ()
     report: FitReport | None = None
     term_frequencies: bool = True
@@ -233,7 +236,8 @@ class RecordModel:
 
     def _log_bf(self, levels: npt.NDArray[np.int8], entity: Ints) -> Floats:
         tf = self.frequencies if self.term_frequencies else None
-        return _log_bf(self.comparisons, self.m, self.u, levels, entity, tf, self.mean_frequency)
+        return _log_bf(self.comparisons, self.m, self.u, levels, entity, tf, self.mean_frequency,
+                       self.dependence)  # fmt: skip
 
 
 def _is_columns(value: Any) -> bool:
@@ -280,17 +284,25 @@ def _log_bf(
     entity: Ints,
     frequencies: Sequence[Floats] | None,
     mean_frequency: Sequence[float] = (),
+    tree: Dependence | None = None,
 ) -> Floats:
     """Natural-log Bayes factors ``log m/u`` per pair and field (term-frequency adjusted).
 
     With ``frequencies``, an exact match on value ``v`` has ``u = u_exact * tf(v) /
     mean_frequency``: the level's u scaled by how much rarer ``v`` is than the average
-    value.
+    value. With a dependence ``tree``, a field with a parent reads ``m`` and ``u`` given
+    its parent's level (where both are present).
     """
     out = np.zeros(levels.shape, dtype=np.float64)
     for f, c in enumerate(comparisons):
         lv = levels[:, f].astype(np.int64)
         out[:, f] = np.log(m[f][lv]) - np.log(u[f][lv])
+        if tree is not None and tree.parents[f] >= 0:
+            pv = levels[:, tree.parents[f]].astype(np.int64)
+            both = np.flatnonzero((pv > 0) & (lv > 0))
+            mg, ug = tree.m_given[f], tree.u_given[f]
+            assert mg is not None and ug is not None
+            out[both, f] = np.log(mg[pv[both], lv[both]]) - np.log(ug[pv[both], lv[both]])
         if frequencies is not None:
             exact = np.flatnonzero(lv == c.exact_level)
             if len(exact):
@@ -361,6 +373,7 @@ def fit_record_model(
     labels: Mapping[int, int | None] | None = None,
     u_source: USource = "candidates",
     exclusive: bool = True,
+    dependence: bool = False,
     random_pairs: int = 50_000,
     term_frequencies: bool = True,
     max_iterations: int = 200,
@@ -388,6 +401,8 @@ def fit_record_model(
             labelled truth (docs/records.md).
         exclusive: a query is at most one of its candidates (entity matching); ``False``
             judges each pair alone (deduplication).
+        dependence: with ``u_source="candidates"``, learn which fields depend on each
+            other (a Chow-Liu tree of :class:`Dependence`) and read them given each other.
         random_pairs: how many random pairs estimate ``u``.
         term_frequencies: adjust the exact level by the value's frequency.
         exclude_self: random pairs never pair a record with itself (deduplication, where
@@ -450,46 +465,25 @@ def fit_record_model(
                 gold_of[q] = gold
         fixed_pair = (gold_of[qi] == ei).astype(np.float64)
 
-    # EM: m, rho (and u from the candidates), a query being at most one of its candidates
+    # EM: m, rho (and u from the candidates), a query being at most one of its candidates;
+    # then, where the fields turn out to depend on each other, once more with that known
     m_prior = [_initial_m(n) for n in sizes]
-    m = list(m_prior)
-    u = _random_u(u_random, m, 0.0, comparisons)
-    u_start = list(u)
-    rho = 0.5
-    pair = np.zeros(len(qi))
-    converged = False
-    iterations = 0
-    active = max(int(in_pairs.sum()), 1)
-    for iterations in range(1, max_iterations + 1):  # noqa: B007
-        if u_source == "random":
-            u = _random_u(u_random, m, rho / n_entities, comparisons)
-        log_bf = _log_bf(comparisons, m, u, levels, ei, tf, mean_frequency).sum(axis=1)
-        prior = _log_prior(qi, rho, n_entities, u_source, exclusive)
-        pair, _ = _posterior(log_bf, prior, qi, n_queries, rho, exclusive)
-        if fixed_pair is not None:
-            pair = np.where(labelled[qi], fixed_pair, pair)
-        new_m = [
-            _normalise(_count(levels[:, f], n, pair) + PRIOR_QUERIES * _levels_only(m_prior[f]))
-            for f, n in enumerate(sizes)
-        ]
-        if u_source == "candidates":
-            u = [
-                _normalise(_count(levels[:, f], n, 1.0 - pair) + PRIOR_QUERIES * _levels_only(ur))
-                for f, (n, ur) in enumerate(zip(sizes, u_start, strict=True))
-            ]
-        trials = active if exclusive else max(len(qi), 1)
-        new_rho = float(np.clip((pair.sum() + PRIOR_QUERIES / 2) / (trials + PRIOR_QUERIES),
-                                *RHO_BOUNDS))  # fmt: skip
-        change = max(
-            max(float(np.abs(a - b).max()) for a, b in zip(new_m, m, strict=True)),
-            abs(new_rho - rho),
-        )
-        m, rho = new_m, new_rho
-        if change < tolerance:
-            converged = True
-            break
-    if u_source == "random":
-        u = _random_u(u_random, m, rho / n_entities, comparisons)
+    u_start = _random_u(u_random, m_prior, 0.0, comparisons)
+    state = _EMState(list(m_prior), list(u_start), 0.5, None)
+    em = _EM(
+        comparisons, levels, qi, ei, n_queries, n_entities, sizes, m_prior, u_start, u_random,
+        u_source, exclusive, tf, mean_frequency, labelled, fixed_pair, max_iterations, tolerance,
+    )  # fmt: skip
+    state, iterations, converged = em.run(state, None)
+    if dependence and u_source == "candidates" and len(sizes) > 1:
+        parents, information = _dependence_tree(levels, sizes, em.posterior(state))
+        if any(p >= 0 for p in parents):
+            state, more, converged = em.run(state, parents)
+            iterations += more
+            assert state.tree is not None
+            state = _EMState(state.m, state.u, state.rho,
+                             dataclasses.replace(state.tree, information=information))  # fmt: skip
+    m, u, rho = state.m, state.u, state.rho
     report = FitReport(
         iterations=iterations,
         converged=converged,
@@ -509,10 +503,214 @@ def fit_record_model(
         catalog=catalog,
         frequencies=frequencies,
         mean_frequency=mean_frequency,
+        dependence=state.tree,
         specs=specs,
         report=report,
         term_frequencies=term_frequencies,
     )
+
+
+@dataclass(frozen=True)
+class Dependence:
+    """Which fields depend on which among matches and non-matches, and how.
+
+    A Chow-Liu tree over the fields: ``parents[f]`` is the field ``f`` is read given
+    (-1: none); ``m_given[f]`` and ``u_given[f]`` are ``(parent levels, levels)`` tables
+    of ``f``'s level given its parent's (row 0 and column 0, the null levels, unused).
+    Fellegi-Sunter multiplies the fields' evidence as if independent; two fields that
+    move together (an address and its city: the same street is nearly always the same
+    city, match or not) would count the same evidence twice.
+    """
+
+    parents: tuple[int, ...]
+    m_given: tuple[Floats | None, ...]
+    u_given: tuple[Floats | None, ...]
+    information: tuple[float, ...] = ()
+
+
+#: A field gets a parent only if it shares at least this much information with it (bits,
+#: within the match and non-match classes, weighted by their sizes): below it the fields
+#: are taken as independent, as Fellegi-Sunter does.
+MIN_INFORMATION = 0.02
+
+
+def _joint(a: Ints, b: Ints, na: int, nb: int, weights: Floats) -> Floats:
+    """Weighted counts of (level a, level b) over pairs where both are present."""
+    keep = (a > 0) & (b > 0)
+    flat = a[keep] * nb + b[keep]
+    return np.bincount(flat, weights=weights[keep], minlength=na * nb).reshape(na, nb)
+
+
+def _information(joint: Floats) -> float:
+    """Mutual information (bits) of a table of counts."""
+    total = joint.sum()
+    if total <= 0:
+        return 0.0
+    p = joint / total
+    pa = p.sum(axis=1, keepdims=True)
+    pb = p.sum(axis=0, keepdims=True)
+    nz = p > 0
+    return float((p[nz] * np.log2(p[nz] / (pa @ pb)[nz])).sum())
+
+
+def _dependence_tree(
+    levels: npt.NDArray[np.int8], sizes: Sequence[int], match: Floats
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(parents, information) of a maximum spanning tree of class-conditional information."""
+    n_fields = len(sizes)
+    lv = [levels[:, f].astype(np.int64) for f in range(n_fields)]
+    edges: list[tuple[float, int, int]] = []
+    for f in range(n_fields):
+        for g in range(f + 1, n_fields):
+            info = 0.0
+            for weights in (match, 1.0 - match):
+                joint = _joint(lv[f], lv[g], sizes[f], sizes[g], weights)
+                info += _information(joint) * joint.sum()
+            info /= max(len(match), 1)
+            if info >= MIN_INFORMATION:
+                edges.append((info, f, g))
+    # Kruskal: strongest edges first, no cycles
+    component = list(range(n_fields))
+
+    def find(x: int) -> int:
+        while component[x] != x:
+            x = component[x]
+        return x
+
+    neighbours: dict[int, list[tuple[int, float]]] = {f: [] for f in range(n_fields)}
+    for info, f, g in sorted(edges, reverse=True):
+        rf, rg = find(f), find(g)
+        if rf != rg:
+            component[rf] = rg
+            neighbours[f].append((g, info))
+            neighbours[g].append((f, info))
+    parents = [-1] * n_fields
+    information = [0.0] * n_fields
+    seen: set[int] = set()
+    for root in range(n_fields):
+        if root in seen:
+            continue
+        seen.add(root)
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            for child, info in neighbours[node]:
+                if child not in seen:
+                    seen.add(child)
+                    parents[child] = node
+                    information[child] = info
+                    stack.append(child)
+    return tuple(parents), tuple(information)
+
+
+def _conditional(
+    levels: npt.NDArray[np.int8],
+    sizes: Sequence[int],
+    parents: Sequence[int],
+    weights: Floats,
+    marginal: Sequence[Floats],
+) -> tuple[Floats | None, ...]:
+    """Per field with a parent: P(level | parent's level), shrunk toward its marginal."""
+    out: list[Floats | None] = []
+    for f, g in enumerate(parents):
+        if g < 0:
+            out.append(None)
+            continue
+        joint = _joint(levels[:, g].astype(np.int64), levels[:, f].astype(np.int64),
+                       sizes[g], sizes[f], weights)  # fmt: skip
+        prior = _levels_only(marginal[f])
+        table = joint + PRIOR_QUERIES * prior[None, :]
+        table[:, 0] = 0.0
+        table /= np.maximum(table.sum(axis=1, keepdims=True), 1e-300)
+        table[:, 0] = 1.0
+        out.append(table)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class _EMState:
+    m: list[Floats]
+    u: list[Floats]
+    rho: float
+    tree: Dependence | None
+
+
+@dataclass(frozen=True)
+class _EM:
+    """Expectation maximisation over the candidate pairs (see :func:`fit_record_model`)."""
+
+    comparisons: Sequence[Comparison]
+    levels: npt.NDArray[np.int8]
+    qi: Ints
+    ei: Ints
+    n_queries: int
+    n_entities: int
+    sizes: Sequence[int]
+    m_prior: Sequence[Floats]
+    u_start: Sequence[Floats]
+    u_random: Sequence[Floats]
+    u_source: USource
+    exclusive: bool
+    tf: Sequence[Floats] | None
+    mean_frequency: Sequence[float]
+    labelled: npt.NDArray[np.bool_]
+    fixed_pair: Floats | None
+    max_iterations: int
+    tolerance: float
+
+    def posterior(self, state: _EMState) -> Floats:
+        """E-step: each candidate pair's posterior of being its query's match."""
+        log_bf = _log_bf(self.comparisons, state.m, state.u, self.levels, self.ei, self.tf,
+                         self.mean_frequency, state.tree).sum(axis=1)  # fmt: skip
+        prior = _log_prior(self.qi, state.rho, self.n_entities, self.u_source, self.exclusive)
+        pair, _ = _posterior(log_bf, prior, self.qi, self.n_queries, state.rho, self.exclusive)
+        if self.fixed_pair is not None:
+            pair = np.where(self.labelled[self.qi], self.fixed_pair, pair)
+        return pair
+
+    def run(
+        self, state: _EMState, parents: Sequence[int] | None
+    ) -> tuple[_EMState, int, bool]:
+        """Iterate from ``state`` until m and rho move less than the tolerance."""
+        sizes, levels = self.sizes, self.levels
+        active = max(int(np.unique(self.qi).size), 1)
+        trials = active if self.exclusive else max(len(self.qi), 1)
+        iterations = 0
+        for iterations in range(1, self.max_iterations + 1):  # noqa: B007
+            if self.u_source == "random":
+                lam = state.rho / self.n_entities
+                state = _EMState(state.m, _random_u(self.u_random, state.m, lam,
+                                                    self.comparisons), state.rho, state.tree)  # fmt: skip  # noqa: E501
+            pair = self.posterior(state)
+            m = [
+                _normalise(_count(levels[:, f], n, pair)
+                           + PRIOR_QUERIES * _levels_only(self.m_prior[f]))  # fmt: skip
+                for f, n in enumerate(sizes)
+            ]
+            u = state.u
+            if self.u_source == "candidates":
+                u = [
+                    _normalise(_count(levels[:, f], n, 1.0 - pair)
+                               + PRIOR_QUERIES * _levels_only(self.u_start[f]))  # fmt: skip
+                    for f, n in enumerate(sizes)
+                ]
+            tree = None
+            if parents is not None:
+                tree = Dependence(
+                    tuple(parents),
+                    _conditional(levels, sizes, parents, pair, m),
+                    _conditional(levels, sizes, parents, 1.0 - pair, u),
+                )
+            rho = float(np.clip((pair.sum() + PRIOR_QUERIES / 2) / (trials + PRIOR_QUERIES),
+                                *RHO_BOUNDS))  # fmt: skip
+            change = max(
+                max(float(np.abs(a - b).max()) for a, b in zip(m, state.m, strict=True)),
+                abs(rho - state.rho),
+            )
+            state = _EMState(m, u, rho, tree)
+            if change < self.tolerance and (parents is None or iterations > 1):
+                return state, iterations, True
+        return state, iterations, False
 
 
 def _random_pair_counts(
