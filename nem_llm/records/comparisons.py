@@ -53,6 +53,20 @@ LEVELS: dict[FieldKind, tuple[str, ...]] = {
     "skip": ("null",),
 }
 
+#: Before the catalog says otherwise: the chance that two distinct entities have equal
+#: values of a field of each kind (a name is rarely shared; a category often). Worth
+#: ``PRIOR_PAIRS`` pairs of entities: negligible from a few hundred entities on.
+COINCIDENCE: dict[str, float] = {
+    "name": 0.01,
+    "text": 0.001,
+    "code": 0.001,
+    "date": 0.001,
+    "number": 0.01,
+    "category": 0.2,
+    "skip": 1.0,
+}
+PRIOR_PAIRS = 10.0
+
 _TEXT_CUTS = (0.25, 0.45, 0.65, 0.85)
 _TRIGRAMS = 3
 
@@ -86,7 +100,7 @@ class Comparison:
         frequencies: each value's share of the non-missing values (for term-frequency
             adjustments of the exact level).
         coincidence: the chance that two distinct catalog entities have equal values (the
-            exact level's u among random pairs), at least one in ``N(N-1)+1``.
+            exact level's u among random pairs), with the kind's prior (``COINCIDENCE``).
     """
 
     spec: FieldSpec
@@ -248,7 +262,8 @@ def comparison_for(
     counts = Counter(present)
     n = len(present)
     same = sum(k * (k - 1) for k in counts.values())
-    coincidence = (same + 1.0) / (n * (n - 1) + 1.0)
+    # what the catalog shows, and where it shows little (a few entities) what the kind says
+    coincidence = (same + PRIOR_PAIRS * COINCIDENCE[spec.kind]) / (n * (n - 1) + PRIOR_PAIRS)
     counts.update(v for v in (normalize_value(x, spec.kind) for x in others) if v is not None)
     present_total = sum(counts.values())
     total = max(present_total, 1)

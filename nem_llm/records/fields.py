@@ -193,10 +193,14 @@ def _share(values: Sequence[str]) -> Any:
 
 
 def _code_like(value: str) -> bool:
-    """A short value of at most three parts, at least half of its characters digits."""
+    """A short value of at most three parts, at least half of its characters digits or a
+    digit in every part ("310-475-3585", "SW1A 1AA", "AB-1234")."""
     alnum = [ch for ch in value if ch.isalnum()]
-    if not alnum or len(value.split()) > 3:
+    parts = value.split()
+    if not alnum or len(parts) > 3:
         return False
+    if all(any(ch.isdigit() for ch in part) for part in parts):
+        return True
     return sum(ch.isdigit() for ch in alnum) >= 0.5 * len(alnum)
 
 

@@ -353,10 +353,10 @@ def _count(levels: npt.NDArray[np.int8], size: int, weights: Floats | None) -> F
     return counts
 
 
-def _normalise(counts: Floats) -> Floats:
+def _normalise(counts: Floats, pseudo: float = PSEUDO_COUNT) -> Floats:
     """Probabilities over the non-null levels (with pseudo-counts); the null level is 1."""
     out = counts.copy()
-    out[1:] += PSEUDO_COUNT
+    out[1:] += pseudo
     out[1:] /= out[1:].sum()
     out[0] = 1.0
     return out
@@ -682,16 +682,17 @@ class _EM:
                 state = _EMState(state.m, _random_u(self.u_random, state.m, lam,
                                                     self.comparisons), state.rho, state.tree)  # fmt: skip  # noqa: E501
             pair = self.posterior(state)
+            # the priors stand in for pseudo-counts
             m = [
                 _normalise(_count(levels[:, f], n, pair)
-                           + PRIOR_QUERIES * _levels_only(self.m_prior[f]))  # fmt: skip
+                           + PRIOR_QUERIES * _levels_only(self.m_prior[f]), 0.0)  # fmt: skip
                 for f, n in enumerate(sizes)
             ]
             u = state.u
             if self.u_source == "candidates":
                 u = [
                     _normalise(_count(levels[:, f], n, 1.0 - pair)
-                               + PRIOR_QUERIES * _levels_only(self.u_start[f]))  # fmt: skip
+                               + PRIOR_QUERIES * _levels_only(self.u_start[f]), 0.0)  # fmt: skip
                     for f, n in enumerate(sizes)
                 ]
             tree = None
