@@ -33,9 +33,16 @@ import numpy as np
 import numpy.typing as npt
 
 from .fields import FieldKind, FieldSpec, normalize_value
-from .strings import edit_distance, jaro_winkler, set_jaccard, set_overlap, token_sets
+from .strings import (
+    codepoints,
+    edit_distance,
+    jaro_winkler,
+    matrix_overlap,
+    token_matrix,
+    token_sets,
+)
 
-__all__ = ["LEVELS", "Column", "Comparison", "comparison_for"]
+__all__ = ["COINCIDENCE", "LEVELS", "Column", "Comparison", "comparison_for", "fit_comparison"]
 
 Ints = npt.NDArray[np.int64]
 Levels = npt.NDArray[np.int8]
@@ -83,7 +90,7 @@ class Column:
     values: npt.NDArray[np.object_]
     present: npt.NDArray[np.bool_]
     numbers: npt.NDArray[np.float64] | None = None
-    cache: dict[str, list[frozenset[str]]] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -118,7 +125,19 @@ class Comparison:
     def prepare(self, raw: Sequence[Any]) -> Column:
         """Normalise raw attribute values (any type; ``None`` = missing) of this field."""
         kind = self.spec.kind
-        values = np.array([normalize_value(v, kind) for v in raw] + [None], dtype=object)[:-1]
+        seen: dict[tuple[type, Any], str | None] = {}  # values repeat (a city, a year): normalise each once
+
+        def norm(value: Any) -> str | None:
+            key = (type(value), value)  # True and 1 are equal keys, not equal values
+            try:
+                return seen[key]
+            except KeyError:
+                out = seen[key] = normalize_value(value, kind)
+                return out
+            except TypeError:  # unhashable (a list)
+                return normalize_value(value, kind)
+
+        values = np.array([norm(v) for v in raw] + [None], dtype=object)[:-1]
         present = np.array([v is not None for v in values], dtype=bool)
         column = Column(values, present)
         if kind == "number":
@@ -156,14 +175,9 @@ def _name_levels(c: Comparison, left: Column, right: Column, li: Ints, ri: Ints)
     a = list(left.values[li])
     b = list(right.values[ri])
     jw = jaro_winkler(a, b)
-    ls, rs = _sets(left, "words"), _sets(right, "words")
-    same_words = np.fromiter((ls[i] == rs[j] for i, j in zip(li, ri, strict=True)), bool, len(li))
-    within = np.fromiter(
-        (bool(ls[i]) and bool(rs[j]) and (ls[i] <= rs[j] or rs[j] <= ls[i])
-         for i, j in zip(li, ri, strict=True)),
-        bool,
-        len(li),
-    )  # fmt: skip
+    inter, nl, nr = matrix_overlap(_matrix(left, "words"), _matrix(right, "words"), li, ri)
+    same_words = (inter == nl) & (inter == nr)
+    within = (inter > 0) & (inter == np.minimum(nl, nr))
     return np.select(
         [(jw >= 0.92) | same_words, within, jw >= 0.80], [4, 3, 2], default=1
     ).astype(np.int8)
@@ -172,8 +186,10 @@ def _name_levels(c: Comparison, left: Column, right: Column, li: Ints, ri: Ints)
 def _text_levels(c: Comparison, left: Column, right: Column, li: Ints, ri: Ints) -> Levels:
     # similar: trigram Jaccard, or the share of the shorter value's words (two or more)
     # found in the longer ("854 7th ave. between 54th and 55th sts." vs "854 seventh ave.")
-    sim = set_jaccard(_sets(left, "trigrams"), _sets(right, "trigrams"), li, ri)
-    inter, nl, nr = set_overlap(_sets(left, "words"), _sets(right, "words"), li, ri)
+    inter, nl, nr = matrix_overlap(_matrix(left, "trigrams"), _matrix(right, "trigrams"), li, ri)
+    union = nl + nr - inter
+    sim = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    inter, nl, nr = matrix_overlap(_matrix(left, "words"), _matrix(right, "words"), li, ri)
     shorter = np.minimum(nl, nr)
     contained = np.where(shorter >= 2, inter / np.maximum(shorter, 1), 0.0)
     sim = np.maximum(sim, contained)
@@ -182,7 +198,8 @@ def _text_levels(c: Comparison, left: Column, right: Column, li: Ints, ri: Ints)
         out[sim >= cut] = level
     # numbers are identifiers (a house number, a volume, "part 2"): both sides have some
     # and share none -> they disagree, however alike the words
-    num_inter, num_l, num_r = set_overlap(_sets(left, "numbers"), _sets(right, "numbers"), li, ri)
+    num_inter, num_l, num_r = matrix_overlap(_matrix(left, "numbers"), _matrix(right, "numbers"),
+                                             li, ri)  # fmt: skip
     out[(num_l > 0) & (num_r > 0) & (num_inter == 0)] = 1
     return out
 
@@ -196,15 +213,12 @@ def _date_levels(c: Comparison, left: Column, right: Column, li: Ints, ri: Ints)
     a = list(left.values[li])
     b = list(right.values[ri])
     d = edit_distance(a, b, cap=2)
-    swapped = np.fromiter(
-        (len(x) == 8 and len(y) == 8 and x[:4] == y[:4] and x[4:6] == y[6:] and x[6:] == y[4:6]
-         for x, y in zip(a, b, strict=True)),
-        bool,
-        len(a),
-    )  # fmt: skip
-    year = np.fromiter(
-        (len(x) >= 4 and x[:4] == y[:4] for x, y in zip(a, b, strict=True)), bool, len(a)
-    )
+    # YYYYMMDD digits side by side: the same year, and day and month swapped
+    ca, la = codepoints(a, 8)
+    cb, lb = codepoints(b, 8)
+    year = (la >= 4) & (lb >= 4) & (ca[:, :4] == cb[:, :4]).all(axis=1)
+    swapped = (year & (la == 8) & (lb == 8) & (ca[:, 4:6] == cb[:, 6:8]).all(axis=1)
+               & (ca[:, 6:8] == cb[:, 4:6]).all(axis=1))  # fmt: skip
     return np.select([(d <= 1) | swapped, year], [3, 2], default=1).astype(np.int8)
 
 
@@ -232,7 +246,7 @@ _KIND_LEVELS: dict[str, Callable[[Comparison, Column, Column, Ints, Ints], Level
 
 def _sets(column: Column, what: str) -> list[frozenset[str]]:
     """The column's word, trigram or number sets (``what``), built once per column."""
-    found = column.cache.get(what)
+    found: list[frozenset[str]] | None = column.cache.get(what)
     if found is None:
         values = [v or "" for v in column.values]
         if what == "numbers":
@@ -242,6 +256,14 @@ def _sets(column: Column, what: str) -> list[frozenset[str]]:
             found = token_sets(values, grams=_TRIGRAMS if what == "trigrams" else 0)
         column.cache[what] = found
     return found
+
+
+def _matrix(column: Column, what: str) -> Any:
+    """The column's sets of ``what`` as a sparse matrix (``token_matrix``), built once."""
+    key = f"{what}:matrix"
+    if key not in column.cache:
+        column.cache[key] = token_matrix(_sets(column, what))
+    return column.cache[key]
 
 
 def comparison_for(
@@ -256,21 +278,30 @@ def comparison_for(
     frequencies over both sides of a link): an address five queries share is weak
     evidence even if one entity has it.
     """
+    blank = Comparison(spec, LEVELS[spec.kind])
+    other = blank.prepare(others) if len(others) else None
+    return fit_comparison(spec, blank.prepare(catalog), other, seed=seed)
+
+
+def fit_comparison(
+    spec: FieldSpec, catalog: Column, others: Column | None = None, *, seed: int = 0
+) -> Comparison:
+    """:func:`comparison_for` from already prepared columns (``Comparison.prepare`` of any
+    comparison of the same kind: preparing reads only the kind)."""
     labels = LEVELS[spec.kind]
-    normalized = [normalize_value(v, spec.kind) for v in catalog]
-    present = [v for v in normalized if v is not None]
+    present = [v for v in catalog.values[catalog.present]]
     counts = Counter(present)
     n = len(present)
     same = sum(k * (k - 1) for k in counts.values())
     # what the catalog shows, and where it shows little (a few entities) what the kind says
     coincidence = (same + PRIOR_PAIRS * COINCIDENCE[spec.kind]) / (n * (n - 1) + PRIOR_PAIRS)
-    counts.update(v for v in (normalize_value(x, spec.kind) for x in others) if v is not None)
-    present_total = sum(counts.values())
-    total = max(present_total, 1)
+    if others is not None:
+        counts.update(v for v in others.values[others.present])
+    total = max(sum(counts.values()), 1)
     frequencies = {v: k / total for v, k in counts.items()}
     near = close = 0.0
-    if spec.kind == "number" and present:
-        numbers = np.array([float(v) for v in present])
+    if spec.kind == "number" and catalog.numbers is not None and n:
+        numbers = catalog.numbers[catalog.present]
         rng = np.random.default_rng(seed)
         diffs = np.abs(numbers[rng.integers(0, len(numbers), 20_000)]
                        - numbers[rng.integers(0, len(numbers), 20_000)])  # fmt: skip

@@ -35,14 +35,18 @@ FieldKind = Literal["name", "text", "number", "date", "code", "category", "skip"
 #: Every kind; ``skip``: the field is not compared (derived from others, or empty).
 FIELD_KINDS: tuple[str, ...] = get_args(FieldKind)
 
-# how many values of a field the rules read (a seeded spread over the catalog)
-_SAMPLE = 5000
+# how many values of a field the rules read (a spread over the catalog)
+_SAMPLE = 1000
 _DATE_FORMATS = (
     re.compile(r"^(\d{4})(\d{2})(\d{2})$"),  # 19651013
     re.compile(r"^(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})(?:[ T].*)?$"),  # 1965-10-13
     re.compile(r"^(\d{1,2})[-/.](\d{1,2})[-/.](\d{4})$"),  # 13/10/1965 (day or month first)
 )
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+# folded text is ASCII: these are its letters and digits
+_NOT_ALNUM = re.compile(r"[^a-z0-9]+")
+_NOT_DIGIT = re.compile(r"[^0-9]+")
+_APOSTROPHES = re.compile(r"['`]")
 
 
 @dataclass(frozen=True)
@@ -134,18 +138,17 @@ def normalize_value(value: Any, kind: FieldKind) -> str | None:
     text = as_text(value)
     if text is None or kind == "skip":
         return None
-    folded = fold(text)
+    folded = text.lower() if text.isascii() else fold(text)
     if kind == "code":
-        out = "".join(ch for ch in folded if ch.isalnum())
+        out = _NOT_ALNUM.sub("", folded)
     elif kind == "date":
-        out = _date_digits(folded.strip()) or "".join(ch for ch in folded if ch.isdigit())
+        out = _date_digits(folded.strip()) or _NOT_DIGIT.sub("", folded)
     elif kind == "number":
         cleaned = folded.replace(",", "").replace(" ", "")
         out = cleaned if _NUMBER.match(cleaned) else ""
     else:
         # apostrophes join ("o'brien" is "obrien"), other punctuation separates
-        joined = folded.replace("'", "").replace("`", "")
-        out = " ".join("".join(ch if ch.isalnum() else " " for ch in joined).split())
+        out = " ".join(_NOT_ALNUM.sub(" ", _APOSTROPHES.sub("", folded)).split())
     return out or None
 
 
@@ -154,7 +157,7 @@ def infer_kind(values: Sequence[str]) -> tuple[FieldKind, str]:
     n = len(values)
     if n == 0:
         return "skip", "no entity has a value"
-    folded = [fold(v).strip() for v in values]
+    folded = [(v.lower() if v.isascii() else fold(v)).strip() for v in values]
     share = _share(folded)
     if share(lambda v: _date_digits(v) is not None) >= 0.9:
         return "date", "at least 90% of its values read as dates"
@@ -210,7 +213,7 @@ def _derived_from(
     """Other fields whose values, joined with spaces, give this one's (in >= 90% of rows)."""
     own = columns[name]
     others = [k for k in columns if k != name and kinds.get(k) in {"name", "text", "category"}]
-    rows = [i for i, v in enumerate(own) if v is not None][:1000]
+    rows = [i for i, v in enumerate(own) if v is not None][:300]
     if not rows:
         return None
     for size in (2, 3):

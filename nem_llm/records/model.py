@@ -37,7 +37,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from .comparisons import Column, Comparison, comparison_for
+from .comparisons import LEVELS, Column, Comparison, fit_comparison
 from .fields import FieldKind, FieldSpec, infer_fields
 
 __all__ = [
@@ -149,6 +149,7 @@ class RecordModel:
             exact match on a value of frequency ``tf`` weighs ``log2(mean_frequency /
             tf)`` more than the exact level's average.
         dependence: fields read given another field (``None``: all independent).
+        fitted: the candidate pairs fit on and their levels (:meth:`fitted_scores`).
         specs: every field's spec, the skipped ones included (with why).
         report: how the fit went.
     """
@@ -167,6 +168,7 @@ class RecordModel:
     specs: tuple[FieldSpec, ...] = ()
     report: FitReport | None = None
     term_frequencies: bool = True
+    fitted: tuple[Ints, Ints, npt.NDArray[np.int8]] | None = field(default=None, repr=False)
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -198,7 +200,17 @@ class RecordModel:
         """
         qi = np.asarray(query, dtype=np.int64)
         ei = np.asarray(entity, dtype=np.int64)
-        levels = self.levels(queries, qi, ei)
+        return self._scores(qi, ei, self.levels(queries, qi, ei))
+
+    def fitted_scores(self) -> PairScores:
+        """Scores of the candidate pairs the model was fit on (their levels are kept: no
+        comparison runs again)."""
+        if self.fitted is None:
+            raise ValueError("this model keeps no fitted pairs")
+        qi, ei, levels = self.fitted
+        return self._scores(qi, ei, levels)
+
+    def _scores(self, qi: Ints, ei: Ints, levels: npt.NDArray[np.int8]) -> PairScores:
         contributions = self._log_bf(levels, ei) / _LOG2
         prior = _log_prior(qi, self.rho, self.entities, self.u_source, self.exclusive) / _LOG2
         # log2 odds of the pair's prior p: log2(p / (1 - p))
@@ -374,7 +386,7 @@ def fit_record_model(
     u_source: USource = "candidates",
     exclusive: bool = True,
     dependence: bool = False,
-    random_pairs: int = 50_000,
+    random_pairs: int = 10_000,
     term_frequencies: bool = True,
     max_iterations: int = 200,
     tolerance: float = 1e-6,
@@ -428,22 +440,20 @@ def fit_record_model(
     compared = [s for s in specs if s.kind != "skip"]
     if not compared:
         raise ValueError("no field to compare: every field is missing or skipped")
+    # each field's values normalised once: the comparisons fit on them and compare them
+    blanks = [Comparison(s, LEVELS[s.kind]) for s in compared]
+    catalog = {b.spec.name: b.prepare([e.get(b.spec.name) for e in entities]) for b in blanks}
+    qcols = (catalog if queries is entities
+             else {b.spec.name: b.prepare([q.get(b.spec.name) for q in queries]) for b in blanks})  # fmt: skip  # noqa: E501
     comparisons = tuple(
-        comparison_for(
-            s,
-            [e.get(s.name) for e in entities],
-            others=[] if exclude_self else [q.get(s.name) for q in queries],
-            seed=seed,
-        )
+        fit_comparison(s, catalog[s.name], None if exclude_self else qcols[s.name], seed=seed)
         for s in compared
     )
-    catalog = _columns(comparisons, entities)
     frequencies = tuple(_frequencies(c, catalog[c.spec.name]) for c in comparisons)
     mean_frequency = tuple(
         max(float(sum(v * v for v in c.frequencies.values())), 1e-12) for c in comparisons
     )
     tf = frequencies if term_frequencies else None
-    qcols = _columns(comparisons, queries)
     sizes = [len(c.labels) for c in comparisons]
 
     u_random = _random_pair_counts(
@@ -507,6 +517,7 @@ def fit_record_model(
         specs=specs,
         report=report,
         term_frequencies=term_frequencies,
+        fitted=(qi, ei, levels),
     )
 
 

@@ -12,7 +12,10 @@ at the cost of one retrieval needs.
 
 from __future__ import annotations
 
+import re
+import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -23,9 +26,13 @@ __all__ = [
     "edit_distance",
     "jaro_winkler",
     "set_jaccard",
+    "matrix_overlap",
     "set_overlap",
+    "token_matrix",
     "token_sets",
 ]
+
+_NON_WORD = re.compile(r"[^\w]+|_")
 
 #: Strings are compared on their first MAX_CHARS characters (Jaro-Winkler and edit
 #: distance are for short values: names, codes, dates; long text goes to ``set_jaccard``).
@@ -49,7 +56,7 @@ def codepoints(values: Sequence[str], width: int | None = None) -> tuple[Ints, I
         return np.zeros((0, width), dtype=np.int64), np.zeros(0, dtype=np.int64)
     arr = np.asarray(values, dtype=f"<U{width}")
     codes = arr.view(np.uint32).reshape(n, width).astype(np.int64)
-    lengths = np.minimum(np.fromiter((len(v) for v in values), dtype=np.int64, count=n), width)
+    lengths = np.char.str_len(arr).astype(np.int64)
     return codes, lengths
 
 
@@ -84,11 +91,8 @@ def jaro_winkler(
 
 def _buckets(left: Sequence[str], right: Sequence[str]) -> list[tuple[Ints, int]]:
     """Pair positions grouped by the width their longer string needs (8, 16, MAX_CHARS)."""
-    longest = np.fromiter(
-        (max(len(x), len(y)) for x, y in zip(left, right, strict=True)),
-        dtype=np.int64,
-        count=len(left),
-    )
+    longest = np.maximum(np.char.str_len(np.asarray(left, dtype=str)),
+                         np.char.str_len(np.asarray(right, dtype=str)))  # fmt: skip
     out: list[tuple[Ints, int]] = []
     low = -1
     for width in (8, 16, MAX_CHARS):
@@ -199,21 +203,67 @@ def token_sets(values: Sequence[str], *, grams: int = 0) -> list[frozenset[str]]
     Tokens are runs of letters and digits; n-grams are taken of each token padded with a
     space on both sides, so "pine hill" and "pinehill" share most of theirs.
     """
+    seen: dict[str, frozenset[str]] = {}  # values repeat (cities, states): split each once
     out: list[frozenset[str]] = []
     for value in values:
-        tokens = "".join(ch if ch.isalnum() else " " for ch in value).split()
-        if grams <= 0:
-            out.append(frozenset(tokens))
-            continue
-        found: set[str] = set()
-        for token in tokens:
-            padded = f" {token} "
-            if len(padded) <= grams:
-                found.add(padded)
-            for k in range(len(padded) - grams + 1):
-                found.add(padded[k : k + grams])
-        out.append(frozenset(found))
+        found = seen.get(value)
+        if found is None:
+            tokens = _NON_WORD.sub(" ", value).split()
+            if grams <= 0:
+                found = frozenset(tokens)
+            else:
+                grams_of: set[str] = set()
+                for token in tokens:
+                    padded = f" {token} "
+                    if len(padded) <= grams:
+                        grams_of.add(padded)
+                    grams_of.update(padded[k : k + grams] for k in range(len(padded) - grams + 1))
+                found = frozenset(grams_of)
+            seen[value] = found
+        out.append(found)
     return out
+
+
+def token_matrix(sets: Sequence[frozenset[str]]) -> Any:
+    """The sets as a sparse 0/1 matrix (scipy CSR), one row per set.
+
+    A token's column is its CRC-32, the same in every matrix and every process, so the
+    matrices of two columns built apart can be multiplied row by row; two tokens share a
+    column with a chance of about one in four billion.
+    """
+    from scipy import sparse
+
+    ids: dict[str, int] = {}
+    indptr = np.zeros(len(sets) + 1, dtype=np.int64)
+    indices: list[int] = []
+    for i, tokens in enumerate(sets):
+        for t in tokens:
+            col = ids.get(t)
+            if col is None:
+                col = ids[t] = zlib.crc32(t.encode("utf-8"))
+            indices.append(col)
+        indptr[i + 1] = len(indices)
+    data = np.ones(len(indices), dtype=np.float64)
+    # duplicate columns within a row (a CRC collision) are summed: clip back to 0/1
+    matrix = sparse.csr_matrix(
+        (data, np.asarray(indices, dtype=np.int64), indptr), shape=(len(sets), 2**32)
+    )
+    matrix.sum_duplicates()
+    matrix.data = np.minimum(matrix.data, 1.0)
+    return matrix
+
+
+def matrix_overlap(
+    left: Any, right: Any, left_index: Ints, right_index: Ints
+) -> tuple[Floats, Ints, Ints]:
+    """``|A & B|``, ``|A|``, ``|B|`` of rows ``left[left_index[i]]`` and ``right[right_index[i]]``
+    of two :func:`token_matrix` matrices."""
+    sizes_l = np.diff(left.indptr)[left_index].astype(np.int64)
+    sizes_r = np.diff(right.indptr)[right_index].astype(np.int64)
+    if not len(left_index):
+        return np.zeros(0), sizes_l, sizes_r
+    inter = np.asarray(left[left_index].multiply(right[right_index]).sum(axis=1)).ravel()
+    return inter.astype(np.float64), sizes_l, sizes_r
 
 
 def set_overlap(
@@ -224,28 +274,10 @@ def set_overlap(
 ) -> tuple[Floats, Ints, Ints]:
     """``|A & B|``, ``|A|`` and ``|B|`` of ``A = left[left_index[i]]``, ``B = right[right_index[i]]``.
 
-    The sets are turned into one sparse incidence matrix per side (one column per distinct
-    token), so each pair costs a row-wise product, not a Python set operation.
+    The sets become sparse incidence matrices (:func:`token_matrix`), so each pair costs a
+    row-wise product, not a Python set operation.
     """
-    from scipy import sparse
-
-    vocab: dict[str, int] = {}
-    mats = []
-    for sets in (left, right):
-        indptr = [0]
-        indices: list[int] = []
-        for s in sets:
-            indices.extend(vocab.setdefault(t, len(vocab)) for t in s)
-            indptr.append(len(indices))
-        data = np.ones(len(indices), dtype=np.float64)
-        mats.append((data, np.asarray(indices, dtype=np.int64), np.asarray(indptr)))
-    width = max(len(vocab), 1)
-    lm = sparse.csr_matrix(mats[0], shape=(len(left), width))
-    rm = sparse.csr_matrix(mats[1], shape=(len(right), width))
-    sizes_l = np.diff(lm.indptr)[left_index].astype(np.int64)
-    sizes_r = np.diff(rm.indptr)[right_index].astype(np.int64)
-    inter = np.asarray(lm[left_index].multiply(rm[right_index]).sum(axis=1)).ravel()
-    return inter.astype(np.float64), sizes_l, sizes_r
+    return matrix_overlap(token_matrix(left), token_matrix(right), left_index, right_index)
 
 
 def set_jaccard(
