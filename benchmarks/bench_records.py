@@ -61,7 +61,7 @@ FIELDS = {
 
 # Each peer configured as its documentation suggests for such data: blocking keys (the
 # "*_key" columns are derived in `_peer_rows`), comparisons, and EM training blocks.
-SPLINK = {
+SPLINK: dict[str, dict[str, Any]] = {
     "febrl4": {
         "comparisons": [
             ("NameComparison", "first", {}),
@@ -69,7 +69,11 @@ SPLINK = {
             ("JaroWinklerAtThresholds", "address", {"score_threshold_or_thresholds": [0.9, 0.7]}),
             ("NameComparison", "suburb", {}),
             ("ExactMatch", "state", {}),
-            ("DamerauLevenshteinAtThresholds", "postcode", {"distance_threshold_or_thresholds": [1, 2]}),  # noqa: E501
+            (
+                "DamerauLevenshteinAtThresholds",
+                "postcode",
+                {"distance_threshold_or_thresholds": [1, 2]},
+            ),
             ("DamerauLevenshteinAtThresholds", "dob", {"distance_threshold_or_thresholds": [1, 2]}),
         ],
         "tf": ["first", "last", "suburb"],
@@ -80,7 +84,11 @@ SPLINK = {
     },
     "dblp_acm": {
         "comparisons": [
-            ("JaroWinklerAtThresholds", "title", {"score_threshold_or_thresholds": [0.95, 0.88, 0.7]}),  # noqa: E501
+            (
+                "JaroWinklerAtThresholds",
+                "title",
+                {"score_threshold_or_thresholds": [0.95, 0.88, 0.7]},
+            ),
             ("JaroWinklerAtThresholds", "authors", {"score_threshold_or_thresholds": [0.9, 0.7]}),
             ("ExactMatch", "year", {}),
         ],
@@ -105,17 +113,30 @@ SPLINK = {
 }
 # recordlinkage: the same blocks; string fields by Jaro-Winkler >= 0.85, the rest exact
 # (binary features, as ECM needs)
-RECORDLINKAGE = {
-    "febrl4": {"strings": ["first", "last", "address", "suburb"], "exact": ["state", "postcode", "dob"]},  # noqa: E501
+RECORDLINKAGE: dict[str, dict[str, list[str]]] = {
+    "febrl4": {
+        "strings": ["first", "last", "address", "suburb"],
+        "exact": ["state", "postcode", "dob"],
+    },
     "dblp_acm": {"strings": ["title", "authors"], "exact": ["year"]},
     "restaurants": {"strings": ["name", "addr", "city"], "exact": []},
 }
 # GoldenMatch "weighted": one weighted Jaro-Winkler matchkey (weights), blocking columns
-GOLDENMATCH = {
-    "febrl4": {"fuzzy": {"first": 0.2, "last": 0.25, "address": 0.15, "suburb": 0.1,
-                         "postcode": 0.1, "dob": 0.2}, "blocking": ["postcode"]},
+GOLDENMATCH: dict[str, dict[str, Any]] = {
+    "febrl4": {
+        "fuzzy": {
+            "first": 0.2,
+            "last": 0.25,
+            "address": 0.15,
+            "suburb": 0.1,
+            "postcode": 0.1,
+            "dob": 0.2,
+        },
+        "blocking": ["postcode"],
+    },
     "dblp_acm": {"fuzzy": {"title": 0.7, "authors": 0.2, "year": 0.1}, "blocking": ["year"]},
-    "restaurants": {"fuzzy": {"name": 0.5, "addr": 0.35, "city": 0.15}, "blocking": ["city"]},
+    # city blocking loses half the pairs here ("new york" vs "new york city")
+    "restaurants": {"fuzzy": {"name": 0.5, "addr": 0.35, "city": 0.15}, "blocking": ["name_key"]},
 }
 
 
@@ -124,12 +145,15 @@ GOLDENMATCH = {
 
 def load(data: Path, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The catalog and queries of one record set."""
+
     def read(path: Path) -> list[dict[str, Any]]:
         with path.open(encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]
 
-    return (read(data / f"{name}_records_catalog.jsonl"),
-            read(data / f"{name}_records_queries.jsonl"))  # fmt: skip
+    return (
+        read(data / f"{name}_records_catalog.jsonl"),
+        read(data / f"{name}_records_queries.jsonl"),
+    )
 
 
 def labelled_half(n: int, seed: int = SEED) -> list[int]:
@@ -149,7 +173,7 @@ def candidate_id(candidate: Any) -> str:
 
 
 def score(
-    decisions: Sequence[str | None | bool], golds: Sequence[str | None], rows: Sequence[int]
+    decisions: Sequence[str | bool | None], golds: Sequence[str | None], rows: Sequence[int]
 ) -> dict[str, float]:
     """Accuracy, link precision and recall, review share over ``rows``.
 
@@ -177,8 +201,9 @@ def pair_recall(pairs: set[tuple[int, str]], golds: Sequence[str | None]) -> flo
 # ----------------------------------------------------------------------------- nem_llm
 
 
-def retrieve(catalog: list[dict[str, Any]], queries: list[dict[str, Any]], top_k: int,
-             encoder: str | None) -> tuple[list[list[str]], float]:  # fmt: skip
+def retrieve(
+    catalog: list[dict[str, Any]], queries: list[dict[str, Any]], top_k: int, encoder: str | None
+) -> tuple[list[list[str]], float]:
     """nem_llm's retrieval (the blocking step): each query's top-k entity ids, CPU seconds."""
     from nem_llm import Matcher
 
@@ -186,8 +211,15 @@ def retrieve(catalog: list[dict[str, Any]], queries: list[dict[str, Any]], top_k
         # thresholds given: fit builds the index and skips the probe calibration, which
         # only routing needs
         options: dict[str, Any] = {"encoder": encoder} if encoder else {}
-        matcher = Matcher(catalog, llm=False, index_description=True, accept_threshold=0.9,
-                          margin=0.05, novel_threshold=0.3, **options)  # fmt: skip
+        matcher = Matcher(
+            catalog,
+            llm=False,
+            index_description=True,
+            accept_threshold=0.9,
+            margin=0.05,
+            novel_threshold=0.3,
+            **options,
+        )
         try:
             await matcher.fit_async(show_progress=False)
             found = await matcher.retrieve_async([q["query"] for q in queries], top_k=top_k)
@@ -206,7 +238,7 @@ def nem_llm_field_model(
     candidates: list[list[str]],
     labels: dict[int, str | None] | None,
     **options: Any,
-) -> tuple[list[str | None | bool], float]:
+) -> tuple[list[str | bool | None], float]:
     """nem_llm's record model on the candidate pairs: decisions per query, CPU seconds."""
     import numpy as np
 
@@ -224,7 +256,7 @@ def nem_llm_field_model(
     model = fit_record_model(entities, records, qi, ei, labels=label_pos, **options)
     scores = model.score(records, qi, ei)
     decided = decide(model.posteriors(scores, len(records)), qi, ei)
-    out: list[str | None | bool] = []
+    out: list[str | bool | None] = []
     for q, status in enumerate(decided.status):
         if status == "matched":
             out.append(catalog[int(decided.entity[q])]["id"])
@@ -240,7 +272,10 @@ def ensure_peers_venv(venv: Path) -> Path:
     """The peers' interpreter, creating the virtualenv and installing them if missing."""
     python = venv / "bin" / "python"
     check = "import splink, goldenmatch, recordlinkage"
-    if python.exists() and subprocess.run([python, "-c", check], capture_output=True).returncode == 0:  # noqa: E501
+    if (
+        python.exists()
+        and subprocess.run([python, "-c", check], capture_output=True).returncode == 0
+    ):
         return python
     print(f"creating the peers' virtualenv in {venv} ({', '.join(PEER_PACKAGES)})", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -254,10 +289,19 @@ def run_peer(python: Path, peer: str, payload: dict[str, Any]) -> dict[str, Any]
         src, dst = Path(tmp) / "in.json", Path(tmp) / "out.json"
         src.write_text(json.dumps(payload))
         proc = subprocess.run(
-            [python, str(Path(__file__).resolve()), "--worker", peer, "--input", str(src),
-             "--output", str(dst)],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                python,
+                str(Path(__file__).resolve()),
+                "--worker",
+                peer,
+                "--input",
+                str(src),
+                "--output",
+                str(dst),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             return {"error": " / ".join(tail)}
@@ -284,11 +328,17 @@ def _peer_rows(set_name: str, rows: list[dict[str, Any]], prefix: str) -> list[d
 # The worker functions run inside the peers' interpreter: they import only the peer.
 
 
-def _worker_splink(p: dict[str, Any], labels: dict[int, str | None] | None,
-                   pairs: list[list[int]] | None) -> dict[str, Any]:  # fmt: skip
+def _worker_splink(
+    p: dict[str, Any], labels: dict[int, str | None] | None, pairs: list[list[int]] | None
+) -> dict[str, Any]:
     import pandas as pd
-    import splink.comparison_library as cl
-    from splink import DuckDBAPI, Linker, SettingsCreator, block_on
+    import splink.comparison_library as cl  # type: ignore[import-not-found]
+    from splink import (  # type: ignore[import-not-found, unused-ignore]
+        DuckDBAPI,
+        Linker,
+        SettingsCreator,
+        block_on,
+    )
 
     cfg = SPLINK[p["set"]]
     left = pd.DataFrame(p["query_rows"])
@@ -300,7 +350,7 @@ def _worker_splink(p: dict[str, Any], labels: dict[int, str | None] | None,
         left["cand"] = [cands.get(i, []) for i in range(len(left))]
         right["cand"] = [[] for _ in range(len(right))]
         # a join on "the entity is among the query's candidates" (either side may be l)
-        rule = ("list_contains(l.cand, r.unique_id) or list_contains(r.cand, l.unique_id)")
+        rule = "list_contains(l.cand, r.unique_id) or list_contains(r.cand, l.unique_id)"
         blocking = [rule]
         training = [rule]
     else:
@@ -320,11 +370,13 @@ def _worker_splink(p: dict[str, Any], labels: dict[int, str | None] | None,
     )
     db = DuckDBAPI()
     linker = Linker(
-        [db.register(left, dataset_display_name="queries"),
-         db.register(right, dataset_display_name="entities")],
+        [
+            db.register(left, dataset_display_name="queries"),
+            db.register(right, dataset_display_name="entities"),
+        ],
         settings,
         log_level=None,
-    )  # fmt: skip
+    )
     linker.training.estimate_probability_two_random_records_match(
         [block_on(*rule) for rule in cfg["deterministic"]], recall=cfg["recall"]
     )
@@ -332,9 +384,16 @@ def _worker_splink(p: dict[str, Any], labels: dict[int, str | None] | None,
     for rule in training:
         linker.training.estimate_parameters_using_expectation_maximisation(rule)
     if labels:
-        rows = [{"source_dataset_l": "queries", "unique_id_l": f"q{q}",
-                 "source_dataset_r": "entities", "unique_id_r": f"e{g}"}
-                for q, g in labels.items() if g is not None]  # fmt: skip
+        rows = [
+            {
+                "source_dataset_l": "queries",
+                "unique_id_l": f"q{q}",
+                "source_dataset_r": "entities",
+                "unique_id_r": f"e{g}",
+            }
+            for q, g in labels.items()
+            if g is not None
+        ]
         table = db.register(pd.DataFrame(rows), dataset_display_name="labels")
         linker.training.estimate_m_from_pairwise_labels(table)
     predictions = linker.inference.predict().as_pandas_dataframe()
@@ -342,21 +401,21 @@ def _worker_splink(p: dict[str, Any], labels: dict[int, str | None] | None,
     found: set[tuple[int, int]] = set()
     for row in predictions.itertuples():
         a, b = str(row.unique_id_l), str(row.unique_id_r)
-        q, e = (a, b) if a.startswith("q") else (b, a)
-        qn, en = int(q[1:]), int(e[1:])
+        q_id, e_id = (a, b) if a.startswith("q") else (b, a)
+        qn, en = int(q_id[1:]), int(e_id[1:])
         found.add((qn, en))
         prob = float(row.match_probability)
         if prob > best.get(qn, (-1.0, -1))[0]:
             best[qn] = (prob, en)
-    decisions = [best[q][1] if q in best and best[q][0] >= 0.5 else None
-                 for q in range(len(left))]  # fmt: skip
+    decisions = [best[q][1] if q in best and best[q][0] >= 0.5 else None for q in range(len(left))]
     return {"decisions": decisions, "pairs": sorted(found)}
 
 
-def _worker_recordlinkage(p: dict[str, Any], labels: dict[int, str | None] | None,
-                          pairs: list[list[int]] | None) -> dict[str, Any]:  # fmt: skip
+def _worker_recordlinkage(
+    p: dict[str, Any], labels: dict[int, str | None] | None, pairs: list[list[int]] | None
+) -> dict[str, Any]:
     import pandas as pd
-    import recordlinkage as rl
+    import recordlinkage as rl  # type: ignore[import-not-found]
 
     cfg = RECORDLINKAGE[p["set"]]
     left = pd.DataFrame(p["query_rows"]).set_index("unique_id")
@@ -388,25 +447,29 @@ def _worker_recordlinkage(p: dict[str, Any], labels: dict[int, str | None] | Non
         q, e = int(a[1:]), int(b[1:])
         if value > best.get(q, (-1.0, -1))[0]:
             best[q] = (float(value), e)
-    decisions = [best[q][1] if q in best and best[q][0] >= 0.5 else None
-                 for q in range(len(left))]  # fmt: skip
+    decisions = [best[q][1] if q in best and best[q][0] >= 0.5 else None for q in range(len(left))]
     found = sorted({(int(a[1:]), int(b[1:])) for a, b in links})
     return {"decisions": decisions, "pairs": found}
 
 
-def _worker_goldenmatch(p: dict[str, Any], labels: dict[int, str | None] | None,
-                        pairs: list[list[int]] | None, weighted: bool) -> dict[str, Any]:  # fmt: skip  # noqa: E501
+def _worker_goldenmatch(
+    p: dict[str, Any],
+    labels: dict[int, str | None] | None,
+    pairs: list[list[int]] | None,
+    weighted: bool,
+) -> dict[str, Any]:
+    import goldenmatch as gm  # type: ignore[import-not-found]
     import pyarrow as pa
-
-    import goldenmatch as gm
 
     left = pa.Table.from_pylist(p["query_rows"])
     right = pa.Table.from_pylist(p["entity_rows"])
     keys = ["unique_id", "title_key", "name_key", "addr_key"]
     if weighted:
+        # blocking keys stay columns of the frames, out of the scoring
         cfg = GOLDENMATCH[p["set"]]
-        result = gm.match_df(left, right, fuzzy=cfg["fuzzy"], blocking=cfg["blocking"],
-                             exclude_columns=keys)  # fmt: skip
+        result = gm.match_df(
+            left, right, fuzzy=cfg["fuzzy"], blocking=cfg["blocking"], exclude_columns=keys
+        )
     else:
         result = gm.match_df(left, right, exclude_columns=keys)
     best: dict[int, tuple[float, int]] = {}
@@ -427,7 +490,9 @@ PEERS: dict[str, Callable[..., dict[str, Any]]] = {
         p, labels, p["candidate_pairs"]
     ),
     "recordlinkage (ECM; labels: logistic regression)": _worker_recordlinkage,
-    "goldenmatch zero-config": lambda p, labels, pairs: _worker_goldenmatch(p, labels, pairs, False),  # noqa: E501
+    "goldenmatch zero-config": lambda p, labels, pairs: _worker_goldenmatch(
+        p, labels, pairs, False
+    ),
     "goldenmatch weighted": lambda p, labels, pairs: _worker_goldenmatch(p, labels, pairs, True),
 }
 # peers that take no labels
@@ -526,8 +591,20 @@ def main() -> int:
         "",
     ]
     print("\n".join(header), flush=True)
-    results = Table(["set", "method", "labels", "queries", "accuracy", "link P", "link R",
-                     "review", "CPU s", "load"])  # fmt: skip
+    results = Table(
+        [
+            "set",
+            "method",
+            "labels",
+            "queries",
+            "accuracy",
+            "link P",
+            "link R",
+            "review",
+            "CPU s",
+            "load",
+        ]
+    )
     blocking = Table(["set", "blocking", "pairs", "pair recall", "CPU s"], live=False)
     for set_name in args.sets.split(","):
         catalog, queries = load(args.data, set_name)
@@ -539,13 +616,28 @@ def main() -> int:
         labels = {q: golds[q] for q in half}
         candidates, retrieval_cpu = retrieve(catalog, queries, args.top_k, args.encoder)
         pairs = {(q, e) for q, ids in enumerate(candidates) for e in ids}
-        blocking.add(set_name, f"nem_llm retrieval, top {args.top_k}", len(pairs),
-                     pair_recall(pairs, golds), retrieval_cpu)  # fmt: skip
+        blocking.add(
+            set_name,
+            f"nem_llm retrieval, top {args.top_k}",
+            len(pairs),
+            pair_recall(pairs, golds),
+            retrieval_cpu,
+        )
         for label_name, given, rows in (("none", None, everyone), ("half", labels, evaluated)):
             decisions, cpu = nem_llm_field_model(catalog, queries, candidates, given)
             m = score(decisions, golds, rows)
-            results.add(set_name, "nem_llm field model", label_name, len(rows), m["accuracy"],
-                        m["precision"], m["recall"], m["review"], cpu, os.getloadavg()[0])  # fmt: skip  # noqa: E501
+            results.add(
+                set_name,
+                "nem_llm field model",
+                label_name,
+                len(rows),
+                m["accuracy"],
+                m["precision"],
+                m["recall"],
+                m["review"],
+                cpu,
+                os.getloadavg()[0],
+            )
         if python is None:
             continue
         position = {e["id"]: i for i, e in enumerate(catalog)}
@@ -566,20 +658,50 @@ def main() -> int:
                     }
                 out = run_peer(python, peer, labelled_payload)
                 if "error" in out:
-                    results.add(set_name, peer, label_name, len(rows), None, None, None, None,
-                                None, f"failed: {out['error'][:200]}")  # fmt: skip
+                    results.add(
+                        set_name,
+                        peer,
+                        label_name,
+                        len(rows),
+                        None,
+                        None,
+                        None,
+                        None,
+                        None,
+                        f"failed: {out['error'][:200]}",
+                    )
                     continue
                 decisions = [None if d is None else catalog[int(d)]["id"] for d in out["decisions"]]
                 m = score(decisions, golds, rows)
-                results.add(set_name, peer, label_name, len(rows), m["accuracy"], m["precision"],
-                            m["recall"], m["review"], out["cpu"], os.getloadavg()[0])  # fmt: skip
-                if label_name == "none" and out.get("pairs") is not None and "candidates" not in peer:  # noqa: E501
+                results.add(
+                    set_name,
+                    peer,
+                    label_name,
+                    len(rows),
+                    m["accuracy"],
+                    m["precision"],
+                    m["recall"],
+                    m["review"],
+                    out["cpu"],
+                    os.getloadavg()[0],
+                )
+                if (
+                    label_name == "none"
+                    and out.get("pairs") is not None
+                    and "candidates" not in peer
+                ):
                     found = {(q, catalog[e]["id"]) for q, e in out["pairs"]}
-                    blocking.add(set_name, f"{peer}: its blocking rules", len(found),
-                                 pair_recall(found, golds), None)  # fmt: skip
+                    blocking.add(
+                        set_name,
+                        f"{peer}: its blocking rules",
+                        len(found),
+                        pair_recall(found, golds),
+                        None,
+                    )
     print("\n" + "\n".join(blocking.lines), flush=True)
-    text = "\n".join([*header, "## Linkage", "", *results.lines, "", "## Blocking", "",
-                      *blocking.lines, ""])  # fmt: skip
+    text = "\n".join(
+        [*header, "## Linkage", "", *results.lines, "", "## Blocking", "", *blocking.lines, ""]
+    )
     if args.save:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text, encoding="utf-8")

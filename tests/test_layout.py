@@ -3,7 +3,8 @@
 cli -> integrations -> jobs -> matcher -> retrieval, llm -> base modules. ``sim`` and
 ``testing`` sit beside the base (the simulator needs only ``errors``); nothing below
 ``jobs`` may import ``jobs``, nothing below ``matcher`` the matcher, and ``retrieval`` and
-``llm`` do not import each other.
+``llm`` do not import each other. ``records`` (the field-by-field model) is pure and sits
+on the base: retrieval, the matcher, jobs, integrations and the CLI may import it.
 """
 
 from __future__ import annotations
@@ -19,23 +20,36 @@ BASE = {"models", "config", "errors", "text", "catalog", "_sqlite", "_sync", "_g
 # layer of a module -> the layers it may import
 ALLOWED: dict[str, set[str]] = {
     "base": {"base"},
+    "records": {"base", "records"},
     "sim": {"base", "sim"},
-    "retrieval": {"base", "retrieval"},
+    "retrieval": {"base", "records", "retrieval"},
     "llm": {"base", "llm"},
-    "matcher": {"base", "retrieval", "llm", "matcher"},
+    "matcher": {"base", "records", "retrieval", "llm", "matcher"},
     "testing": {"base", "sim", "testing"},
-    "jobs": {"base", "sim", "testing", "retrieval", "llm", "matcher", "jobs"},
+    "jobs": {"base", "sim", "testing", "records", "retrieval", "llm", "matcher", "jobs"},
     "integrations": {
         "base",
         "sim",
         "testing",
+        "records",
         "retrieval",
         "llm",
         "matcher",
         "jobs",
         "integrations",
     },
-    "cli": {"base", "sim", "testing", "retrieval", "llm", "matcher", "jobs", "integrations", "cli"},
+    "cli": {
+        "base",
+        "sim",
+        "testing",
+        "records",
+        "retrieval",
+        "llm",
+        "matcher",
+        "jobs",
+        "integrations",
+        "cli",
+    },
     "init": {"base", "matcher"},
 }
 
@@ -51,7 +65,7 @@ def _layer(parts: list[str]) -> str:
     head = parts[0]
     if head == "__init__" and len(parts) == 1:
         return "init"
-    if head in {"retrieval", "llm", "jobs", "integrations", "sim"}:
+    if head in {"records", "retrieval", "llm", "jobs", "integrations", "sim"}:
         return head
     if head in BASE:
         return "base"

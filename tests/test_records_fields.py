@@ -47,8 +47,11 @@ def test_a_handful_of_entities_is_never_read_as_a_category() -> None:
 
 
 def test_short_values_are_names_and_long_or_numbered_ones_text() -> None:
-    names = [f"{first} {last}" for first in ("ann", "bo", "cy", "di", "ed", "flo")
-             for last in ("lee", "chen", "o'brien", "roe", "smith", "ng")]  # fmt: skip
+    names = [
+        f"{first} {last}"
+        for first in ("ann", "bo", "cy", "di", "ed", "flo")
+        for last in ("lee", "chen", "o'brien", "roe", "smith", "ng")
+    ]
     assert _kind(names) == "name"
     titles = ["Fast algorithms for projected clustering in high dimensional spaces"] * 3
     assert _kind(titles) == "text"
@@ -56,8 +59,10 @@ def test_short_values_are_names_and_long_or_numbered_ones_text() -> None:
 
 
 def test_a_field_that_joins_two_others_is_skipped_with_the_reason() -> None:
-    rows = [{"name": f"{f} {l}", "first": f, "last": l}
-            for f, l in [("ann", "lee"), ("bo", "chen"), ("cy", "roe")] * 5]  # fmt: skip
+    rows = [
+        {"name": f"{first} {last}", "first": first, "last": last}
+        for first, last in [("ann", "lee"), ("bo", "chen"), ("cy", "roe")] * 5
+    ]
     specs = {s.name: s for s in infer_fields(rows)}
     assert specs["name"].kind == "skip"
     assert "first + last" in specs["name"].reason
@@ -67,8 +72,11 @@ def test_a_field_that_joins_two_others_is_skipped_with_the_reason() -> None:
 def test_kinds_given_by_name_override_inference() -> None:
     rows = [{"zip": "02139", "notes": "called twice"}] * 3
     specs = infer_fields(rows, kinds={"zip": "text", "notes": "skip", "vip": "category"})
-    assert [(s.name, s.kind) for s in specs] == [("zip", "text"), ("notes", "skip"),
-                                                  ("vip", "category")]  # fmt: skip
+    assert [(s.name, s.kind) for s in specs] == [
+        ("zip", "text"),
+        ("notes", "skip"),
+        ("vip", "category"),
+    ]
 
 
 def test_an_unknown_kind_is_refused() -> None:
@@ -103,18 +111,31 @@ def test_name_levels_from_exact_to_else_and_null() -> None:
         ["mitchell", "jonathan", "hotel bel air", "white", "mason", "anna", None],  # type: ignore[list-item]
         ["Mitchell", "jonathon", "bel air hotel", "mitchell white", "maxon", "zed", "anna"],
     )
-    assert got == ["exact", "jw>=0.92 or same words", "jw>=0.92 or same words",
-                   "words within", "jw>=0.80", "else", "null"]  # fmt: skip
+    assert got == [
+        "exact",
+        "jw>=0.92 or same words",
+        "jw>=0.92 or same words",
+        "words within",
+        "jw>=0.80",
+        "else",
+        "null",
+    ]
 
 
 def test_date_levels_read_typos_swaps_and_the_year() -> None:
-    got = _levels("date", ["19650101"], ["19651013", "19651013", "19651013", "19651013"],
-                  ["1965-10-13", "19651031", "19651310", "19650501"])  # fmt: skip
+    got = _levels(
+        "date",
+        ["19650101"],
+        ["19651013", "19651013", "19651013", "19651013"],
+        ["1965-10-13", "19651031", "19651310", "19650501"],
+    )
     assert got == ["exact", "1 edit or swap", "1 edit or swap", "same year"]
 
 
 def test_code_levels_count_edits() -> None:
-    got = _levels("code", ["4223"], ["4223", "4223", "4223", "4223"], ["4223", "4232", "4332", "9999"])
+    got = _levels(
+        "code", ["4223"], ["4223", "4223", "4223", "4223"], ["4223", "4232", "4332", "9999"]
+    )
     assert got == ["exact", "1 edit", "2 edits", "else"]
 
 

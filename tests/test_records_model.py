@@ -16,11 +16,34 @@ import pytest
 from nem_llm.records import decide, fit_record_model
 from nem_llm.records.fields import FieldSpec
 
-FIRST = ["anna", "ben", "carla", "dmitri", "elena", "farid", "greta", "hiro", "ines", "jonas",
-         "kofi", "lena", "marek", "nadia", "oskar", "priya", "quinn", "rosa", "sven", "tariq"]  # fmt: skip
+FIRST = [
+    "anna",
+    "ben",
+    "carla",
+    "dmitri",
+    "elena",
+    "farid",
+    "greta",
+    "hiro",
+    "ines",
+    "jonas",
+    "kofi",
+    "lena",
+    "marek",
+    "nadia",
+    "oskar",
+    "priya",
+    "quinn",
+    "rosa",
+    "sven",
+    "tariq",
+]
 # a few surnames are very common, most are rare (term frequencies matter)
-LAST = ["smith"] * 12 + ["nguyen"] * 8 + [f"sur{chr(97 + i)}{chr(97 + j)}" for i in range(8)
-                                          for j in range(10)]  # fmt: skip
+LAST = (
+    ["smith"] * 12
+    + ["nguyen"] * 8
+    + [f"sur{chr(97 + i)}{chr(97 + j)}" for i in range(8) for j in range(10)]
+)
 
 
 def _typo(word: str, rng: random.Random) -> str:
@@ -53,8 +76,9 @@ def _noisy(person: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     return out
 
 
-def _candidates(queries: list[dict[str, Any]], catalog: list[dict[str, Any]], k: int = 10
-                ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def _candidates(
+    queries: list[dict[str, Any]], catalog: list[dict[str, Any]], k: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
     """A stand-in for retrieval: each query's k entities sharing the most field values."""
     qi, ei = [], []
     for q, record in enumerate(queries):
@@ -107,8 +131,9 @@ def test_the_share_of_queries_with_a_match_is_learned(people: dict[str, Any]) ->
 
 
 def test_u_from_random_pairs_only_also_links(people: dict[str, Any]) -> None:
-    model = fit_record_model(people["catalog"], people["queries"], people["qi"], people["ei"],
-                             u_source="random")  # fmt: skip
+    model = fit_record_model(
+        people["catalog"], people["queries"], people["qi"], people["ei"], u_source="random"
+    )
     scores = model.score(people["queries"], people["qi"], people["ei"])
     decided = decide(model.posteriors(scores), people["qi"], people["ei"])
     accuracy, precision = _accuracy(decided, people["gold"])
@@ -171,8 +196,9 @@ def test_two_identical_candidates_share_the_probability_and_the_query_waits() ->
 def test_labels_fix_their_queries_and_teach_the_weights(people: dict[str, Any]) -> None:
     gold = people["gold"]
     labels = {q: gold[q] for q in range(0, len(gold), 2)}
-    model = fit_record_model(people["catalog"], people["queries"], people["qi"], people["ei"],
-                             labels=labels)  # fmt: skip
+    model = fit_record_model(
+        people["catalog"], people["queries"], people["qi"], people["ei"], labels=labels
+    )
     assert model.report is not None and model.report.labelled == len(labels)
     scores = model.score(people["queries"], people["qi"], people["ei"])
     decided = decide(model.posteriors(scores), people["qi"], people["ei"])
@@ -189,16 +215,33 @@ def test_a_tiny_catalog_still_links_an_exact_record() -> None:
 
 
 def test_records_written_in_another_script_link_to_their_latin_entities() -> None:
-    cities = ["moskva", "sankt peterburg", "novosibirsk", "ekaterinburg", "kazan",
-              "samara", "omsk", "rostov", "ufa", "perm"]  # fmt: skip
+    cities = [
+        "moskva",
+        "sankt peterburg",
+        "novosibirsk",
+        "ekaterinburg",
+        "kazan",
+        "samara",
+        "omsk",
+        "rostov",
+        "ufa",
+        "perm",
+    ]
     cyrillic = {"moskva": "Москва", "kazan": "Казань", "omsk": "Омск"}
-    catalog = [{"name": f"{FIRST[i]} {LAST[20 + i]}", "city": c, "phone": f"+7 495 {1000 + i}"}
-               for i, c in enumerate(cities)]  # fmt: skip
+    catalog = [
+        {"name": f"{FIRST[i]} {LAST[20 + i]}", "city": c, "phone": f"+7 495 {1000 + i}"}
+        for i, c in enumerate(cities)
+    ]
     queries = []
     for i, city in enumerate(cities):
         if city in cyrillic:
-            queries.append({"name": catalog[i]["name"].title(), "city": cyrillic[city],
-                            "phone": f"+7 (495) {1000 + i}"})  # fmt: skip
+            queries.append(
+                {
+                    "name": catalog[i]["name"].title(),
+                    "city": cyrillic[city],
+                    "phone": f"+7 (495) {1000 + i}",
+                }
+            )
     queries.append({"name": "Иван Петров", "city": "Тверь", "phone": "+7 (482) 2000"})
     qi = np.repeat(np.arange(len(queries)), len(catalog))
     ei = np.tile(np.arange(len(catalog)), len(queries))
@@ -211,8 +254,10 @@ def test_records_written_in_another_script_link_to_their_latin_entities() -> Non
 
 def test_part_numbers_one_digit_apart_are_different_parts() -> None:
     rng = random.Random(3)
-    catalog = [{"part": f"AX-{n:05d}", "maker": rng.choice(["acme", "globex", "initech"])}
-               for n in rng.sample(range(10_000, 99_999), 200)]  # fmt: skip
+    catalog = [
+        {"part": f"AX-{n:05d}", "maker": rng.choice(["acme", "globex", "initech"])}
+        for n in rng.sample(range(10_000, 99_999), 200)
+    ]
     queries = [dict(catalog[i]) for i in range(100)]
     # each query's candidates: itself and its part number's neighbours by one digit
     qi, ei = [], []
@@ -237,8 +282,9 @@ def test_pairs_judged_alone_for_deduplication(people: dict[str, Any]) -> None:
     catalog = people["catalog"][:100]
     qi, ei = _candidates(catalog, catalog, k=5)
     keep = qi != ei
-    model = fit_record_model(catalog, catalog, qi[keep], ei[keep], exclusive=False,
-                             exclude_self=True)  # fmt: skip
+    model = fit_record_model(
+        catalog, catalog, qi[keep], ei[keep], exclusive=False, exclude_self=True
+    )
     scores = model.score(catalog, qi[keep], ei[keep])
     same = [catalog[a] == catalog[b] for a, b in zip(qi[keep], ei[keep], strict=True)]
     assert all(p > 0.5 for p, s in zip(scores.probability, same, strict=True) if s)

@@ -51,8 +51,15 @@ Levels = npt.NDArray[np.int8]
 #: always "exact" (the level term-frequency adjustments apply to).
 LEVELS: dict[FieldKind, tuple[str, ...]] = {
     "name": ("null", "else", "jw>=0.80", "words within", "jw>=0.92 or same words", "exact"),
-    "text": ("null", "else", "jaccard>=0.25", "jaccard>=0.45", "jaccard>=0.65",
-             "jaccard>=0.85", "exact"),  # fmt: skip
+    "text": (
+        "null",
+        "else",
+        "jaccard>=0.25",
+        "jaccard>=0.45",
+        "jaccard>=0.65",
+        "jaccard>=0.85",
+        "exact",
+    ),
     "code": ("null", "else", "2 edits", "1 edit", "exact"),
     "date": ("null", "else", "same year", "1 edit or swap", "exact"),
     "number": ("null", "else", "close", "near", "exact"),
@@ -125,7 +132,9 @@ class Comparison:
     def prepare(self, raw: Sequence[Any]) -> Column:
         """Normalise raw attribute values (any type; ``None`` = missing) of this field."""
         kind = self.spec.kind
-        seen: dict[tuple[type, Any], str | None] = {}  # values repeat (a city, a year): normalise each once
+        seen: dict[
+            tuple[type, Any], str | None
+        ] = {}  # values repeat (a city, a year): normalise each once
 
         def norm(value: Any) -> str | None:
             key = (type(value), value)  # True and 1 are equal keys, not equal values
@@ -165,8 +174,9 @@ class Comparison:
         levels[exact] = self.exact_level
         todo = np.flatnonzero(~exact)
         if len(todo):
-            levels[todo] = _KIND_LEVELS[self.spec.kind](self, left, right, li[rows][todo],
-                                                        ri[rows][todo])  # fmt: skip
+            levels[todo] = _KIND_LEVELS[self.spec.kind](
+                self, left, right, li[rows][todo], ri[rows][todo]
+            )
         out[rows] = levels
         return out
 
@@ -178,9 +188,9 @@ def _name_levels(c: Comparison, left: Column, right: Column, li: Ints, ri: Ints)
     inter, nl, nr = matrix_overlap(_matrix(left, "words"), _matrix(right, "words"), li, ri)
     same_words = (inter == nl) & (inter == nr)
     within = (inter > 0) & (inter == np.minimum(nl, nr))
-    return np.select(
-        [(jw >= 0.92) | same_words, within, jw >= 0.80], [4, 3, 2], default=1
-    ).astype(np.int8)
+    return np.select([(jw >= 0.92) | same_words, within, jw >= 0.80], [4, 3, 2], default=1).astype(
+        np.int8
+    )
 
 
 def _text_levels(c: Comparison, left: Column, right: Column, li: Ints, ri: Ints) -> Levels:
@@ -198,8 +208,9 @@ def _text_levels(c: Comparison, left: Column, right: Column, li: Ints, ri: Ints)
         out[sim >= cut] = level
     # numbers are identifiers (a house number, a volume, "part 2"): both sides have some
     # and share none -> they disagree, however alike the words
-    num_inter, num_l, num_r = matrix_overlap(_matrix(left, "numbers"), _matrix(right, "numbers"),
-                                             li, ri)  # fmt: skip
+    num_inter, num_l, num_r = matrix_overlap(
+        _matrix(left, "numbers"), _matrix(right, "numbers"), li, ri
+    )
     out[(num_l > 0) & (num_r > 0) & (num_inter == 0)] = 1
     return out
 
@@ -217,8 +228,13 @@ def _date_levels(c: Comparison, left: Column, right: Column, li: Ints, ri: Ints)
     ca, la = codepoints(a, 8)
     cb, lb = codepoints(b, 8)
     year = (la >= 4) & (lb >= 4) & (ca[:, :4] == cb[:, :4]).all(axis=1)
-    swapped = (year & (la == 8) & (lb == 8) & (ca[:, 4:6] == cb[:, 6:8]).all(axis=1)
-               & (ca[:, 6:8] == cb[:, 4:6]).all(axis=1))  # fmt: skip
+    swapped = (
+        year
+        & (la == 8)
+        & (lb == 8)
+        & (ca[:, 4:6] == cb[:, 6:8]).all(axis=1)
+        & (ca[:, 6:8] == cb[:, 4:6]).all(axis=1)
+    )
     return np.select([(d <= 1) | swapped, year], [3, 2], default=1).astype(np.int8)
 
 
@@ -303,8 +319,10 @@ def fit_comparison(
     if spec.kind == "number" and catalog.numbers is not None and n:
         numbers = catalog.numbers[catalog.present]
         rng = np.random.default_rng(seed)
-        diffs = np.abs(numbers[rng.integers(0, len(numbers), 20_000)]
-                       - numbers[rng.integers(0, len(numbers), 20_000)])  # fmt: skip
+        diffs = np.abs(
+            numbers[rng.integers(0, len(numbers), 20_000)]
+            - numbers[rng.integers(0, len(numbers), 20_000)]
+        )
         positive = diffs[diffs > 0]
         step = float(positive.min()) if len(positive) else 0.0
         near = max(float(np.quantile(diffs, 0.02)), step)

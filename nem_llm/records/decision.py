@@ -13,8 +13,9 @@ without a reviewer (or the LLM) is decided per route, matched and novel:
   the expected error of the route would pass ``1 - target_precision`` on this run's
   queries.
 - **never a coin flip**: an outcome is taken only when it holds at least
-  ``min_probability`` (0.5) of the mass, so it is more probable than all the others
-  together.
+  ``min_probability`` (2/3) of the mass: it is at least twice as probable as all the
+  others together, however sure the rest of the route is (the mean alone would let a
+  few 55% guesses ride on many certain decisions).
 - **why the posterior, not a pair's own probability**: two near-identical candidates (a
   catalog duplicate, the same paper listed twice) each look like a match alone; against
   each other neither holds more than half, so the query waits.
@@ -46,8 +47,9 @@ Decision = Literal["matched", "novel", "undecided"]
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
 
-#: The floor: the decided outcome holds at least half of the probability.
-DEFAULT_MIN_PROBABILITY = 0.5
+#: The floor: the decided outcome is at least twice as probable as all the others
+#: together (odds 2:1).
+DEFAULT_MIN_PROBABILITY = 2 / 3
 #: What each route's decisions must be expected to reach (their mean posterior).
 DEFAULT_TARGET_PRECISION = 0.99
 
@@ -129,8 +131,9 @@ def decide(
     none = posteriors.none
     if target_precision is not None:
         match_side = (best_pair >= 0) & (best_p > none)
-        min_probability = max(min_probability,
-                              expected_precision_cut(best_p[match_side], target_precision))
+        min_probability = max(
+            min_probability, expected_precision_cut(best_p[match_side], target_precision)
+        )
         novel_cut = max(novel_cut, expected_precision_cut(none[~match_side], target_precision))
     matched = (best_pair >= 0) & (best_p >= min_probability) & (best_p > none)
     novel = ~matched & (none >= novel_cut) & (none >= best_p)
@@ -160,7 +163,10 @@ def expected_precision_cut(probabilities: Floats, target: float) -> float:
     if not len(p):
         return 1.0
     mean = np.cumsum(p) / np.arange(1, len(p) + 1)
-    ok = np.flatnonzero(mean >= target)
+    # a cut takes every decision at its value: only the end of a run of equal values counts
+    last = np.ones(len(p), dtype=bool)
+    last[:-1] = p[1:] != p[:-1]
+    ok = np.flatnonzero((mean >= target) & last)
     return float(p[ok[-1]]) if len(ok) else float(np.nextafter(1.0, 2.0))
 
 

@@ -248,8 +248,16 @@ class RecordModel:
 
     def _log_bf(self, levels: npt.NDArray[np.int8], entity: Ints) -> Floats:
         tf = self.frequencies if self.term_frequencies else None
-        return _log_bf(self.comparisons, self.m, self.u, levels, entity, tf, self.mean_frequency,
-                       self.dependence)  # fmt: skip
+        return _log_bf(
+            self.comparisons,
+            self.m,
+            self.u,
+            levels,
+            entity,
+            tf,
+            self.mean_frequency,
+            self.dependence,
+        )
 
 
 def _is_columns(value: Any) -> bool:
@@ -344,8 +352,9 @@ def _posterior(
     if not exclusive:
         odds = log_prior - np.log1p(-np.exp(log_prior)) + log_bf
         pair = np.asarray(0.5 * (1.0 + np.tanh(odds / 2.0)), dtype=np.float64)
-        log_miss = np.bincount(query, weights=np.log1p(-np.minimum(pair, 1 - 1e-12)),
-                               minlength=queries)  # fmt: skip
+        log_miss = np.bincount(
+            query, weights=np.log1p(-np.minimum(pair, 1 - 1e-12)), minlength=queries
+        )
         return pair, np.exp(log_miss)
     log_none = math.log1p(-rho)
     w = log_prior + log_bf
@@ -359,8 +368,8 @@ def _posterior(
 
 def _count(levels: npt.NDArray[np.int8], size: int, weights: Floats | None) -> Floats:
     """Weighted counts of each level 1..size-1 (level 0, null, is not counted)."""
-    counts = np.bincount(levels.astype(np.int64), weights=weights, minlength=size)[:size]
-    counts = counts.astype(np.float64)
+    raw = np.bincount(levels.astype(np.int64), weights=weights, minlength=size)[:size]
+    counts: Floats = raw.astype(np.float64)
     counts[0] = 0.0
     return counts
 
@@ -443,8 +452,11 @@ def fit_record_model(
     # each field's values normalised once: the comparisons fit on them and compare them
     blanks = [Comparison(s, LEVELS[s.kind]) for s in compared]
     catalog = {b.spec.name: b.prepare([e.get(b.spec.name) for e in entities]) for b in blanks}
-    qcols = (catalog if queries is entities
-             else {b.spec.name: b.prepare([q.get(b.spec.name) for q in queries]) for b in blanks})  # fmt: skip  # noqa: E501
+    qcols = (
+        catalog
+        if queries is entities
+        else {b.spec.name: b.prepare([q.get(b.spec.name) for q in queries]) for b in blanks}
+    )
     comparisons = tuple(
         fit_comparison(s, catalog[s.name], None if exclude_self else qcols[s.name], seed=seed)
         for s in compared
@@ -481,9 +493,25 @@ def fit_record_model(
     u_start = _random_u(u_random, m_prior, 0.0, comparisons)
     state = _EMState(list(m_prior), list(u_start), 0.5, None)
     em = _EM(
-        comparisons, levels, qi, ei, n_queries, n_entities, sizes, m_prior, u_start, u_random,
-        u_source, exclusive, tf, mean_frequency, labelled, fixed_pair, max_iterations, tolerance,
-    )  # fmt: skip
+        comparisons,
+        levels,
+        qi,
+        ei,
+        n_queries,
+        n_entities,
+        sizes,
+        m_prior,
+        u_start,
+        u_random,
+        u_source,
+        exclusive,
+        tf,
+        mean_frequency,
+        labelled,
+        fixed_pair,
+        max_iterations,
+        tolerance,
+    )
     state, iterations, converged = em.run(state, None)
     if dependence and u_source == "candidates" and len(sizes) > 1:
         parents, information = _dependence_tree(levels, sizes, em.posterior(state))
@@ -491,8 +519,12 @@ def fit_record_model(
             state, more, converged = em.run(state, parents)
             iterations += more
             assert state.tree is not None
-            state = _EMState(state.m, state.u, state.rho,
-                             dataclasses.replace(state.tree, information=information))  # fmt: skip
+            state = _EMState(
+                state.m,
+                state.u,
+                state.rho,
+                dataclasses.replace(state.tree, information=information),
+            )
     m, u, rho = state.m, state.u, state.rho
     report = FitReport(
         iterations=iterations,
@@ -549,7 +581,8 @@ def _joint(a: Ints, b: Ints, na: int, nb: int, weights: Floats) -> Floats:
     """Weighted counts of (level a, level b) over pairs where both are present."""
     keep = (a > 0) & (b > 0)
     flat = a[keep] * nb + b[keep]
-    return np.bincount(flat, weights=weights[keep], minlength=na * nb).reshape(na, nb)
+    counts = np.bincount(flat, weights=weights[keep], minlength=na * nb).astype(np.float64)
+    return np.asarray(counts.reshape(na, nb), dtype=np.float64)
 
 
 def _information(joint: Floats) -> float:
@@ -627,8 +660,13 @@ def _conditional(
         if g < 0:
             out.append(None)
             continue
-        joint = _joint(levels[:, g].astype(np.int64), levels[:, f].astype(np.int64),
-                       sizes[g], sizes[f], weights)  # fmt: skip
+        joint = _joint(
+            levels[:, g].astype(np.int64),
+            levels[:, f].astype(np.int64),
+            sizes[g],
+            sizes[f],
+            weights,
+        )
         prior = _levels_only(marginal[f])
         table = joint + PRIOR_QUERIES * prior[None, :]
         table[:, 0] = 0.0
@@ -671,39 +709,54 @@ class _EM:
 
     def posterior(self, state: _EMState) -> Floats:
         """E-step: each candidate pair's posterior of being its query's match."""
-        log_bf = _log_bf(self.comparisons, state.m, state.u, self.levels, self.ei, self.tf,
-                         self.mean_frequency, state.tree).sum(axis=1)  # fmt: skip
+        log_bf = _log_bf(
+            self.comparisons,
+            state.m,
+            state.u,
+            self.levels,
+            self.ei,
+            self.tf,
+            self.mean_frequency,
+            state.tree,
+        ).sum(axis=1)
         prior = _log_prior(self.qi, state.rho, self.n_entities, self.u_source, self.exclusive)
         pair, _ = _posterior(log_bf, prior, self.qi, self.n_queries, state.rho, self.exclusive)
         if self.fixed_pair is not None:
             pair = np.where(self.labelled[self.qi], self.fixed_pair, pair)
         return pair
 
-    def run(
-        self, state: _EMState, parents: Sequence[int] | None
-    ) -> tuple[_EMState, int, bool]:
+    def run(self, state: _EMState, parents: Sequence[int] | None) -> tuple[_EMState, int, bool]:
         """Iterate from ``state`` until m and rho move less than the tolerance."""
         sizes, levels = self.sizes, self.levels
         active = max(int(np.unique(self.qi).size), 1)
         trials = active if self.exclusive else max(len(self.qi), 1)
         iterations = 0
-        for iterations in range(1, self.max_iterations + 1):  # noqa: B007
+        for iterations in range(1, self.max_iterations + 1):
             if self.u_source == "random":
                 lam = state.rho / self.n_entities
-                state = _EMState(state.m, _random_u(self.u_random, state.m, lam,
-                                                    self.comparisons), state.rho, state.tree)  # fmt: skip  # noqa: E501
+                state = _EMState(
+                    state.m,
+                    _random_u(self.u_random, state.m, lam, self.comparisons),
+                    state.rho,
+                    state.tree,
+                )
             pair = self.posterior(state)
             # the priors stand in for pseudo-counts
             m = [
-                _normalise(_count(levels[:, f], n, pair)
-                           + PRIOR_QUERIES * _levels_only(self.m_prior[f]), 0.0)  # fmt: skip
+                _normalise(
+                    _count(levels[:, f], n, pair) + PRIOR_QUERIES * _levels_only(self.m_prior[f]),
+                    0.0,
+                )
                 for f, n in enumerate(sizes)
             ]
             u = state.u
             if self.u_source == "candidates":
                 u = [
-                    _normalise(_count(levels[:, f], n, 1.0 - pair)
-                               + PRIOR_QUERIES * _levels_only(self.u_start[f]), 0.0)  # fmt: skip
+                    _normalise(
+                        _count(levels[:, f], n, 1.0 - pair)
+                        + PRIOR_QUERIES * _levels_only(self.u_start[f]),
+                        0.0,
+                    )
                     for f, n in enumerate(sizes)
                 ]
             tree = None
@@ -713,8 +766,9 @@ class _EM:
                     _conditional(levels, sizes, parents, pair, m),
                     _conditional(levels, sizes, parents, 1.0 - pair, u),
                 )
-            rho = float(np.clip((pair.sum() + PRIOR_QUERIES / 2) / (trials + PRIOR_QUERIES),
-                                *RHO_BOUNDS))  # fmt: skip
+            rho = float(
+                np.clip((pair.sum() + PRIOR_QUERIES / 2) / (trials + PRIOR_QUERIES), *RHO_BOUNDS)
+            )
             change = max(
                 max(float(np.abs(a - b).max()) for a, b in zip(m, state.m, strict=True)),
                 abs(rho - state.rho),

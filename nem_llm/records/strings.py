@@ -25,8 +25,8 @@ __all__ = [
     "codepoints",
     "edit_distance",
     "jaro_winkler",
-    "set_jaccard",
     "matrix_overlap",
+    "set_jaccard",
     "set_overlap",
     "token_matrix",
     "token_sets",
@@ -84,15 +84,17 @@ def jaro_winkler(
     out = np.zeros(len(left))
     # the work grows with the square of the width: short pairs run in their own buckets
     for rows, width in _buckets(left, right):
-        out[rows] = _jaro_winkler([left[i] for i in rows], [right[i] for i in rows], width,
-                                  prefix_weight)
+        out[rows] = _jaro_winkler(
+            [left[i] for i in rows], [right[i] for i in rows], width, prefix_weight
+        )
     return out
 
 
 def _buckets(left: Sequence[str], right: Sequence[str]) -> list[tuple[Ints, int]]:
     """Pair positions grouped by the width their longer string needs (8, 16, MAX_CHARS)."""
-    longest = np.maximum(np.char.str_len(np.asarray(left, dtype=str)),
-                         np.char.str_len(np.asarray(right, dtype=str)))  # fmt: skip
+    longest = np.maximum(
+        np.char.str_len(np.asarray(left, dtype=str)), np.char.str_len(np.asarray(right, dtype=str))
+    )
     out: list[tuple[Ints, int]] = []
     low = -1
     for width in (8, 16, MAX_CHARS):
@@ -142,8 +144,7 @@ def _jaro_winkler(
     with np.errstate(divide="ignore", invalid="ignore"):
         jaro = np.where(
             m > 0,
-            (m / np.maximum(la, 1) + m / np.maximum(lb, 1) + (m - half_t) / np.maximum(m, 1))
-            / 3.0,
+            (m / np.maximum(la, 1) + m / np.maximum(lb, 1) + (m - half_t) / np.maximum(m, 1)) / 3.0,
             0.0,
         )
     same_prefix = np.cumprod(a[:, :4] == b[:, :4], axis=1).sum(axis=1)
@@ -272,7 +273,8 @@ def set_overlap(
     left_index: Ints,
     right_index: Ints,
 ) -> tuple[Floats, Ints, Ints]:
-    """``|A & B|``, ``|A|`` and ``|B|`` of ``A = left[left_index[i]]``, ``B = right[right_index[i]]``.
+    """``|A & B|``, ``|A|`` and ``|B|`` of pairs of sets (pair ``i``: ``left[left_index[i]]``,
+    ``right[right_index[i]]``).
 
     The sets become sparse incidence matrices (:func:`token_matrix`), so each pair costs a
     row-wise product, not a Python set operation.
