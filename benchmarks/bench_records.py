@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -623,12 +624,18 @@ def main() -> int:
             pair_recall(pairs, golds),
             retrieval_cpu,
         )
-        for label_name, given, rows in (("none", None, everyone), ("half", labels, evaluated)):
-            decisions, cpu = nem_llm_field_model(catalog, queries, candidates, given)
+        variants: tuple[tuple[str, dict[str, Any]], ...] = (
+            ("nem_llm field model", {}),
+            ("nem_llm field model, u from random pairs", {"u_source": "random"}),
+        )
+        for (method, options), (label_name, given, rows) in itertools.product(
+            variants, (("none", None, everyone), ("half", labels, evaluated))
+        ):
+            decisions, cpu = nem_llm_field_model(catalog, queries, candidates, given, **options)
             m = score(decisions, golds, rows)
             results.add(
                 set_name,
-                "nem_llm field model",
+                method,
                 label_name,
                 len(rows),
                 m["accuracy"],

@@ -10,6 +10,8 @@ The pieces, each pure (values in, values out):
   :class:`RecordModel` scores pairs (match weight, probability, each field's part).
 - ``decision``: matched / novel / undecided per query from its candidates' posteriors.
 - ``dedupe``: clusters of confident links within a catalog and golden records.
+- ``linker``: :class:`RecordLinker`, all of the above behind ``fit`` and ``link`` (what the
+  matcher holds: per query a decision and every candidate's per-field contributions).
 
 Example:
     >>> from nem_llm.records import decide, fit_record_model
@@ -28,21 +30,26 @@ from .comparisons import LEVELS, Column, Comparison, comparison_for
 from .decision import Decision, Decisions, cut_for_precision, decide
 from .dedupe import GoldenRecord, clusters, golden_records
 from .fields import FIELD_KINDS, FieldKind, FieldSpec, infer_fields, infer_kind, normalize_value
+from .linker import CandidateScore, FieldScore, RecordLink, RecordLinker
 from .model import FitReport, PairScores, Posteriors, RecordModel, fit_record_model
 
 __all__ = [
     "FIELD_KINDS",
     "LEVELS",
+    "CandidateScore",
     "Column",
     "Comparison",
     "Decision",
     "Decisions",
     "FieldKind",
+    "FieldScore",
     "FieldSpec",
     "FitReport",
     "GoldenRecord",
     "PairScores",
     "Posteriors",
+    "RecordLink",
+    "RecordLinker",
     "RecordModel",
     "clusters",
     "comparison_for",

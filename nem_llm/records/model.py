@@ -354,13 +354,14 @@ def _posterior(
         pair = np.asarray(0.5 * (1.0 + np.tanh(odds / 2.0)), dtype=np.float64)
         log_miss = np.bincount(
             query, weights=np.log1p(-np.minimum(pair, 1 - 1e-12)), minlength=queries
-        )
+        ).astype(float)
         return pair, np.exp(log_miss)
     log_none = math.log1p(-rho)
     w = log_prior + log_bf
     top = np.full(queries, log_none)
     np.maximum.at(top, query, w)
-    total = np.bincount(query, weights=np.exp(w - top[query]), minlength=queries)
+    # (float even with no pairs: bincount of nothing is an int array)
+    total = np.bincount(query, weights=np.exp(w - top[query]), minlength=queries).astype(float)
     total += np.exp(log_none - top)
     lse = top + np.log(total)
     return np.exp(w - lse[query]), np.exp(log_none - lse)
