@@ -396,6 +396,7 @@ def fit_record_model(
     u_source: USource = "candidates",
     exclusive: bool = True,
     dependence: bool = False,
+    classify: bool = True,
     random_pairs: int = 10_000,
     term_frequencies: bool = True,
     max_iterations: int = 200,
@@ -425,6 +426,13 @@ def fit_record_model(
             judges each pair alone (deduplication).
         dependence: with ``u_source="candidates"``, learn which fields depend on each
             other (a Chow-Liu tree of :class:`Dependence`) and read them given each other.
+        classify: once EM has converged, go on counting m only on the pairs the model
+            links (posterior above one half: classification EM). Soft EM lets the
+            candidates that agree on every field but the one that identifies (same
+            address and city, another restaurant's name; same authors and year, another
+            title) each pass a third of a match into m, which then expects that field to
+            disagree completely in several percent of true matches; counted on linked
+            pairs only, m learns that it almost never does (docs/records.md).
         random_pairs: how many random pairs estimate ``u``.
         term_frequencies: adjust the exact level by the value's frequency.
         exclude_self: random pairs never pair a record with itself (deduplication, where
@@ -514,10 +522,13 @@ def fit_record_model(
         tolerance,
     )
     state, iterations, converged = em.run(state, None)
+    if classify:
+        state, more, converged = em.run(state, None, classify=True)
+        iterations += more
     if dependence and u_source == "candidates" and len(sizes) > 1:
         parents, information = _dependence_tree(levels, sizes, em.posterior(state))
         if any(p >= 0 for p in parents):
-            state, more, converged = em.run(state, parents)
+            state, more, converged = em.run(state, parents, classify=classify)
             iterations += more
             assert state.tree is not None
             state = _EMState(
@@ -726,8 +737,14 @@ class _EM:
             pair = np.where(self.labelled[self.qi], self.fixed_pair, pair)
         return pair
 
-    def run(self, state: _EMState, parents: Sequence[int] | None) -> tuple[_EMState, int, bool]:
-        """Iterate from ``state`` until m and rho move less than the tolerance."""
+    def run(
+        self, state: _EMState, parents: Sequence[int] | None, *, classify: bool = False
+    ) -> tuple[_EMState, int, bool]:
+        """Iterate from ``state`` until m and rho move less than the tolerance.
+
+        ``classify``: m is counted on the pairs the posterior links (above one half),
+        not on every pair by its posterior (classification EM; u and rho stay soft).
+        """
         sizes, levels = self.sizes, self.levels
         active = max(int(np.unique(self.qi).size), 1)
         trials = active if self.exclusive else max(len(self.qi), 1)
@@ -742,10 +759,12 @@ class _EM:
                     state.tree,
                 )
             pair = self.posterior(state)
+            linked = (pair > 0.5).astype(np.float64) if classify else pair
             # the priors stand in for pseudo-counts
             m = [
                 _normalise(
-                    _count(levels[:, f], n, pair) + PRIOR_QUERIES * _levels_only(self.m_prior[f]),
+                    _count(levels[:, f], n, linked)
+                    + PRIOR_QUERIES * _levels_only(self.m_prior[f]),
                     0.0,
                 )
                 for f, n in enumerate(sizes)
@@ -764,7 +783,7 @@ class _EM:
             if parents is not None:
                 tree = Dependence(
                     tuple(parents),
-                    _conditional(levels, sizes, parents, pair, m),
+                    _conditional(levels, sizes, parents, linked, m),
                     _conditional(levels, sizes, parents, 1.0 - pair, u),
                 )
             rho = float(
