@@ -185,9 +185,16 @@ def _name_levels(c: Comparison, left: Column, right: Column, li: Ints, ri: Ints)
     a = list(left.values[li])
     b = list(right.values[ri])
     jw = jaro_winkler(a, b)
-    inter, nl, nr = matrix_overlap(_matrix(left, "words"), _matrix(right, "words"), li, ri)
-    same_words = (inter == nl) & (inter == nr)
-    within = (inter > 0) & (inter == np.minimum(nl, nr))
+    # word sets matter only where a side has two words or more (most names have one)
+    same_words = np.zeros(len(li), dtype=bool)
+    within = np.zeros(len(li), dtype=bool)
+    several = np.flatnonzero(_several_words(left)[li] | _several_words(right)[ri])
+    if len(several):
+        ls, rs = _sets(left, "words"), _sets(right, "words")
+        for k in several.tolist():
+            x, y = ls[li[k]], rs[ri[k]]
+            same_words[k] = x == y
+            within[k] = bool(x & y) and (x <= y or y <= x)
     return np.select([(jw >= 0.92) | same_words, within, jw >= 0.80], [4, 3, 2], default=1).astype(
         np.int8
     )
@@ -271,6 +278,15 @@ def _sets(column: Column, what: str) -> list[frozenset[str]]:
         else:
             found = token_sets(values, grams=_TRIGRAMS if what == "trigrams" else 0)
         column.cache[what] = found
+    return found
+
+
+def _several_words(column: Column) -> npt.NDArray[np.bool_]:
+    """Per value, whether it has a space (normalised values: two words or more)."""
+    if "several" not in column.cache:
+        text = np.asarray([v or "" for v in column.values], dtype=str)
+        column.cache["several"] = np.char.find(text, " ") >= 0
+    found: npt.NDArray[np.bool_] = column.cache["several"]
     return found
 
 

@@ -216,13 +216,15 @@ def _derived_from(
     rows = [i for i, v in enumerate(own) if v is not None][:300]
     if not rows:
         return None
+    def joins(parts: tuple[str, ...], i: int) -> bool:
+        return " ".join(p for p in (columns[k][i] for k in parts) if p is not None) == own[i]
+
+    head = rows[:20]
     for size in (2, 3):
         for parts in permutations(others, size):
-            hits = 0
-            for i in rows:
-                joined = " ".join(p for p in (columns[k][i] for k in parts) if p is not None)
-                hits += joined == own[i]
-            if hits >= 0.9 * len(rows):
+            if sum(joins(parts, i) for i in head) < 0.8 * len(head):
+                continue  # most candidates fail on the first rows already
+            if sum(joins(parts, i) for i in rows) >= 0.9 * len(rows):
                 return parts
     return None
 
