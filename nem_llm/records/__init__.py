@@ -5,9 +5,10 @@ The pieces, each pure (values in, values out):
 - ``fields``: what each attribute holds (:func:`infer_fields`; override by name).
 - ``strings``: vectorised Jaro-Winkler, edit distance and Jaccard over aligned pairs.
 - ``comparisons``: per kind, the comparison levels of two values (null ... exact).
-- ``model``: :func:`fit_record_model` learns m, u and the share of queries with a match
-  by EM over candidate pairs (no labels needed; labels fix their queries); a
-  :class:`RecordModel` scores pairs (match weight, probability, each field's part).
+- ``model``: a :class:`RecordModel` scores pairs (match weight, probability, each field's
+  part) and gives each query's posteriors.
+- ``fit``: :func:`fit_record_model` learns m, u and the share of queries with a match by
+  EM over candidate pairs (no labels needed; labels fix their queries).
 - ``decision``: matched / novel / undecided per query from its candidates' posteriors.
 - ``dedupe``: clusters of confident links within a catalog and golden records.
 - ``linker``: :class:`RecordLinker`, all of the above behind ``fit`` and ``link`` (what the
@@ -30,8 +31,9 @@ from .comparisons import LEVELS, Column, Comparison, comparison_for
 from .decision import Decision, Decisions, cut_for_precision, decide
 from .dedupe import GoldenRecord, clusters, golden_records
 from .fields import FIELD_KINDS, FieldKind, FieldSpec, infer_fields, infer_kind, normalize_value
+from .fit import fit_record_model
 from .linker import CandidateScore, FieldScore, RecordLink, RecordLinker
-from .model import FitReport, PairScores, Posteriors, RecordModel, fit_record_model
+from .model import FitReport, PairScores, Posteriors, RecordModel
 
 __all__ = [
     "FIELD_KINDS",

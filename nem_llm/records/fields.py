@@ -216,6 +216,7 @@ def _derived_from(
     rows = [i for i, v in enumerate(own) if v is not None][:300]
     if not rows:
         return None
+
     def joins(parts: tuple[str, ...], i: int) -> bool:
         return " ".join(p for p in (columns[k][i] for k in parts) if p is not None) == own[i]
 

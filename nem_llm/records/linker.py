@@ -27,7 +27,8 @@ import numpy as np
 
 from .decision import DEFAULT_MIN_PROBABILITY, DEFAULT_TARGET_PRECISION, Decision, decide
 from .fields import FieldKind, FieldSpec
-from .model import RecordModel, fit_record_model
+from .fit import fit_record_model
+from .model import RecordModel
 
 __all__ = ["CandidateScore", "FieldScore", "RecordLink", "RecordLinker"]
 
