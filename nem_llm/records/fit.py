@@ -83,7 +83,7 @@ def fit_record_model(
     exclusive: bool = True,
     dependence: bool = False,
     classify: bool = True,
-    random_pairs: int = 10_000,
+    random_pairs: int | None = None,
     term_frequencies: bool = True,
     max_iterations: int = 200,
     tolerance: float = 1e-6,
@@ -119,7 +119,9 @@ def fit_record_model(
             title) each pass a third of a match into m, which then expects that field to
             disagree completely in several percent of true matches; counted on linked
             pairs only, m learns that it almost never does (docs/records.md).
-        random_pairs: how many random pairs estimate ``u``.
+        random_pairs: how many random pairs estimate ``u`` (default 10,000 with
+            ``u_source="random"``; 2,000 with ``"candidates"``, where they only start EM
+            and stand in where the candidates are few).
         term_frequencies: adjust the exact level by the value's frequency.
         exclude_self: random pairs never pair a record with itself (deduplication, where
             query ``i`` is entity ``i``).
@@ -163,6 +165,8 @@ def fit_record_model(
     tf = frequencies if term_frequencies else None
     sizes = [len(c.labels) for c in comparisons]
 
+    if random_pairs is None:
+        random_pairs = 10_000 if u_source == "random" else 2_000
     u_random = _random_pair_counts(
         comparisons, qcols, catalog, random_pairs, seed=seed, exclude_self=exclude_self
     )

@@ -81,13 +81,26 @@ def jaro_winkler(
     """
     if len(left) != len(right):
         raise ValueError("left and right must have the same length")
-    out = np.zeros(len(left))
+    # candidate pairs repeat (common first names against common first names): each
+    # distinct pair once
+    index: dict[tuple[str, str], int] = {}
+    where = np.fromiter(
+        (index.setdefault(pair, len(index)) for pair in zip(left, right, strict=True)),
+        dtype=np.int64,
+        count=len(left),
+    )
+    distinct_left = [a for a, _ in index]
+    distinct_right = [b for _, b in index]
+    out = np.zeros(len(index))
     # the work grows with the square of the width: short pairs run in their own buckets
-    for rows, width in _buckets(left, right):
+    for rows, width in _buckets(distinct_left, distinct_right):
         out[rows] = _jaro_winkler(
-            [left[i] for i in rows], [right[i] for i in rows], width, prefix_weight
+            [distinct_left[i] for i in rows],
+            [distinct_right[i] for i in rows],
+            width,
+            prefix_weight,
         )
-    return out
+    return out[where]
 
 
 def _buckets(left: Sequence[str], right: Sequence[str]) -> list[tuple[Ints, int]]:
@@ -172,6 +185,34 @@ def edit_distance(left: Sequence[str], right: Sequence[str], *, cap: int = 3) ->
     width = min(MAX_CHARS, max(max(map(len, left)), max(map(len, right)), 1))
     a, la = codepoints(left, width)
     b, lb = codepoints(right, width)
+    # the bag distance (characters one side has more of) is a lower bound: pairs already
+    # past the cap skip the dynamic programme
+    near = np.flatnonzero(_bag_distance(a, la, b, lb) <= cap)
+    out = np.full(n, cap, dtype=np.int64)
+    if len(near):
+        out[near] = _osa(a[near], la[near], b[near], lb[near], width, cap)
+    return out
+
+
+def _bag_distance(a: Ints, la: Ints, b: Ints, lb: Ints) -> Ints:
+    """max(|A - B|, |B - A|) of the pairs' character multisets (a lower bound on edits)."""
+    # each code point hashed into 64 bins: a collision only lowers the bound
+    width = a.shape[1]
+    valid_a = np.arange(width)[None, :] < la[:, None]
+    valid_b = np.arange(width)[None, :] < lb[:, None]
+    rows = np.repeat(np.arange(len(a)) * 64, width)
+    size = len(a) * 64
+    ha = np.bincount(rows + (a % 64).ravel(), weights=valid_a.ravel(), minlength=size)
+    hb = np.bincount(rows + (b % 64).ravel(), weights=valid_b.ravel(), minlength=size)
+    diff = (ha - hb).reshape(len(a), 64)
+    more_a = np.where(diff > 0, diff, 0).sum(axis=1)
+    more_b = np.where(diff < 0, -diff, 0).sum(axis=1)
+    return np.asarray(np.maximum(more_a, more_b), dtype=np.int64)
+
+
+def _osa(a: Ints, la: Ints, b: Ints, lb: Ints, width: int, cap: int) -> Ints:
+    """The capped optimal-string-alignment distance of padded code point rows."""
+    n = len(a)
     a = _pad(a, la, -1)
     b = _pad(b, lb, -2)
     big = width + cap + 1
