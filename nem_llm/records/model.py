@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -171,8 +171,10 @@ class RecordModel:
         self, queries: Records | Mapping[str, Column], query: Ints, entity: Ints
     ) -> npt.NDArray[np.int8]:
         """``(pairs, fields)`` comparison levels of query ``query[k]`` and entity ``entity[k]``."""
-        cols = queries if _is_columns(queries) else self.prepare(queries)  # type: ignore[arg-type]
-        return pair_levels(self.comparisons, cols, self.catalog, query, entity)  # type: ignore[arg-type]
+        if _is_columns(queries):
+            return pair_levels(self.comparisons, queries, self.catalog, query, entity)
+        cols = self.prepare(cast(Records, queries))
+        return pair_levels(self.comparisons, cols, self.catalog, query, entity)
 
     def score(
         self,
@@ -248,7 +250,8 @@ class RecordModel:
         )
 
 
-def _is_columns(value: Any) -> bool:
+def _is_columns(value: Records | Mapping[str, Column]) -> TypeGuard[Mapping[str, Column]]:
+    """Whether ``value`` holds prepared columns (not records)."""
     return isinstance(value, Mapping) and all(isinstance(v, Column) for v in value.values())
 
 
