@@ -105,6 +105,12 @@ def test_edit_distance_agrees_with_the_definition_and_stops_at_the_cap() -> None
     assert edit_distance(left, right, cap=3).tolist() == expected
 
 
+def test_edit_distance_of_long_values_agrees_with_the_definition() -> None:
+    left, right = _random_pairs(300, "0123", 20, seed=3)
+    expected = [min(_osa_reference(a, b), 2) for a, b in zip(left, right, strict=True)]
+    assert edit_distance(left, right, cap=2).tolist() == expected
+
+
 def test_pairs_of_unequal_lengths_are_refused() -> None:
     with pytest.raises(ValueError, match="same length"):
         jaro_winkler(["a"], [])

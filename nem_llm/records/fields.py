@@ -85,6 +85,8 @@ def as_text(value: Any) -> str | None:
     """
     if value is None:
         return None
+    if type(value) is str:  # the common case first
+        return " ".join(value.split()) or None
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):

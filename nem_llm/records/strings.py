@@ -185,9 +185,10 @@ def edit_distance(left: Sequence[str], right: Sequence[str], *, cap: int = 3) ->
     width = min(MAX_CHARS, max(max(map(len, left)), max(map(len, right)), 1))
     a, la = codepoints(left, width)
     b, lb = codepoints(right, width)
-    # the bag distance (characters one side has more of) is a lower bound: pairs already
-    # past the cap skip the dynamic programme
-    near = np.flatnonzero(_bag_distance(a, la, b, lb) <= cap)
+    # the bag distance (characters one side has more of) is a lower bound: on long values
+    # pairs already past the cap skip the dynamic programme (on short ones it costs more
+    # than the programme it saves)
+    near = np.arange(n) if width <= 12 else np.flatnonzero(_bag_distance(a, la, b, lb) <= cap)
     out = np.full(n, cap, dtype=np.int64)
     if len(near):
         out[near] = _osa(a[near], la[near], b[near], lb[near], width, cap)
@@ -254,13 +255,10 @@ def token_sets(values: Sequence[str], *, grams: int = 0) -> list[frozenset[str]]
             if grams <= 0:
                 found = frozenset(tokens)
             else:
-                grams_of: set[str] = set()
-                for token in tokens:
-                    padded = f" {token} "
-                    if len(padded) <= grams:
-                        grams_of.add(padded)
-                    grams_of.update(padded[k : k + grams] for k in range(len(padded) - grams + 1))
-                found = frozenset(grams_of)
+                padded = [f" {token} " for token in tokens]
+                found = frozenset(
+                    p[k : k + grams] for p in padded for k in range(max(len(p) - grams + 1, 1))
+                )
             seen[value] = found
         out.append(found)
     return out
