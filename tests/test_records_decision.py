@@ -77,3 +77,9 @@ def test_labelled_cut_stops_before_the_errors() -> None:
     confidence = [0.99] * 200 + [0.7] * 10
     correct = [True] * 200 + [False] * 10
     assert cut_for_precision(confidence, correct) == 0.99
+
+
+def test_a_pair_held_for_review_leaves_its_query_undecided() -> None:
+    post, qi, ei = _posteriors([[1.0], [1.0]])
+    decided = decide(post, qi, ei, review=[False, True])
+    assert decided.status == ("matched", "undecided")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from nem_llm.records import RecordLinker
@@ -46,3 +48,31 @@ def test_queries_and_candidate_lists_must_align() -> None:
     linker = RecordLinker.fit(CATALOG, QUERIES, CANDIDATES)
     with pytest.raises(ValueError, match="candidate lists"):
         linker.link(QUERIES, CANDIDATES[:1])
+
+
+def test_another_shop_at_a_catalog_address_waits_when_the_name_identifies() -> None:
+    rng = random.Random(11)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "zu", "pe", "si", "do", "ga"]
+
+    def word() -> str:
+        return "".join(rng.choice(syllables) for _ in range(3))
+
+    catalog = [
+        {"name": f"{word()} {word()}", "addr": f"{rng.randint(10, 9999)} {word()} st."}
+        for _ in range(200)
+    ]
+    queries = [dict(e) for e in catalog[:100]]
+    queries += [{"name": f"{word()} {word()}", "addr": e["addr"]} for e in catalog[100:108]]
+    # each query's candidates: its address's entity and four others
+    candidates = [[i, *range(190, 194)] for i in range(108)]
+    plain = RecordLinker.fit(catalog, queries, candidates)
+    named = RecordLinker.fit(catalog, queries, candidates, identifying=["name"])
+    assert [link.status for link in plain.link(queries, candidates)[100:]] == ["matched"] * 8
+    links = named.link(queries, candidates)
+    assert [link.entity for link in links[:100]] == list(range(100))
+    assert "matched" not in [link.status for link in links[100:]]
+
+
+def test_an_identifying_field_must_be_compared() -> None:
+    with pytest.raises(ValueError, match="not compared"):
+        RecordLinker.fit(CATALOG, QUERIES, CANDIDATES, identifying=["email"])

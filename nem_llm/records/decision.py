@@ -91,6 +91,7 @@ def decide(
     target_precision: float | None = DEFAULT_TARGET_PRECISION,
     min_probability: float = DEFAULT_MIN_PROBABILITY,
     novel_min_probability: float | None = None,
+    review: Sequence[bool] | npt.NDArray[np.bool_] | None = None,
 ) -> Decisions:
     """Decide each query from its candidates' posteriors (see the module docstring).
 
@@ -103,6 +104,8 @@ def decide(
         min_probability: a match is never decided below this posterior (and only when it
             is the most probable outcome).
         novel_min_probability: the same for "none" (default: ``min_probability``).
+        review: per pair, whether it may only be matched after review (e.g. an
+            identifying field disagrees completely): its query is undecided instead.
 
     Raises:
         ValueError: a cut outside [0.5, 1] (below one half, two outcomes could pass), or
@@ -136,6 +139,11 @@ def decide(
         )
         novel_cut = max(novel_cut, expected_precision_cut(none[~match_side], target_precision))
     matched = (best_pair >= 0) & (best_p >= min_probability) & (best_p > none)
+    if review is not None:
+        # a pair the caller holds for review is never matched without it
+        held = np.asarray(review, dtype=bool)
+        if len(held):
+            matched &= ~held[np.maximum(best_pair, 0)]
     novel = ~matched & (none >= novel_cut) & (none >= best_p)
     status: tuple[Decision, ...] = tuple(
         "matched" if m else ("novel" if v else "undecided")

@@ -79,11 +79,24 @@ class RecordLinker:
     Args:
         model: the fitted :class:`~nem_llm.records.model.RecordModel`.
         target_precision, min_probability: see :func:`~nem_llm.records.decision.decide`.
+        identifying: fields that identify an entity (the field holding its name): a
+            candidate on which all of them disagree completely (level "else") is never
+            matched without review, however much the other fields agree (another shop at
+            the same address; docs/records.md).
     """
 
     model: RecordModel
     target_precision: float | None = DEFAULT_TARGET_PRECISION
     min_probability: float = DEFAULT_MIN_PROBABILITY
+    identifying: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.identifying if f not in self.model.fields]
+        if unknown:
+            raise ValueError(
+                f"identifying fields {unknown} are not compared "
+                f"(compared: {', '.join(self.model.fields)})"
+            )
 
     @classmethod
     def fit(
@@ -95,18 +108,20 @@ class RecordLinker:
         fields: Sequence[FieldSpec] | None = None,
         kinds: Mapping[str, FieldKind] | None = None,
         labels: Mapping[int, int | None] | None = None,
+        identifying: Sequence[str] = (),
         **options: Any,
     ) -> RecordLinker:
         """Fit on the catalog's attributes and the queries' candidates (entity positions).
 
-        ``labels``: query position -> entity position or ``None`` (absent). Other
-        ``options`` go to :func:`~nem_llm.records.model.fit_record_model`.
+        ``labels``: query position -> entity position or ``None`` (absent).
+        ``identifying``: see the class. Other ``options`` go to
+        :func:`~nem_llm.records.fit.fit_record_model`.
         """
         qi, ei = _pairs(candidates)
         model = fit_record_model(
             catalog, queries, qi, ei, fields=fields, kinds=kinds, labels=labels, **options
         )
-        return cls(model)
+        return cls(model, identifying=tuple(identifying))
 
     def link(self, queries: Records, candidates: Sequence[Sequence[int]]) -> list[RecordLink]:
         """Each query's decision, from its candidates (entity positions in the catalog)."""
@@ -115,12 +130,18 @@ class RecordLinker:
         qi, ei = _pairs(candidates)
         scores = self.model.score(queries, qi, ei)
         post = self.model.posteriors(scores, len(queries))
+        review = None
+        if self.identifying:
+            columns = [self.model.fields.index(f) for f in self.identifying]
+            # level 1 is "else" in every kind; a missing value (0) is no disagreement
+            review = (scores.levels[:, columns] == 1).all(axis=1)
         decided = decide(
             post,
             qi,
             ei,
             target_precision=self.target_precision,
             min_probability=self.min_probability,
+            review=review,
         )
         labels = [c.labels for c in self.model.comparisons]
         per_query: list[list[CandidateScore]] = [[] for _ in queries]
