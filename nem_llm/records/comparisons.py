@@ -9,7 +9,10 @@ kind      levels (low to high, after null)
 ========  =========================================================================
 name      else, Jaro-Winkler >= 0.80, one's words within the other's,
           Jaro-Winkler >= 0.92 or the same words in another order, exact
-text      else, word-trigram Jaccard >= 0.25 / 0.45 / 0.65 / 0.85, exact
+text      else, similarity >= 0.25 / 0.45 / 0.65 / 0.85, exact; the similarity is the
+          Jaccard of the words' character trigrams or, if higher, the share of the
+          shorter value's words (two or more) found in the longer; both sides carrying
+          numbers and sharing none is "else" (a house number, a volume, "part 2")
 code      else, two edits, one edit (a swap of neighbours counts as one), exact
 date      else, same year, one edit or day and month swapped, exact
 number    else, close, near, exact (near and close: within the 2% and 10% quantiles
@@ -18,8 +21,9 @@ category  else, Jaro-Winkler >= 0.90, exact
 ========  =========================================================================
 
 :func:`comparison_for` builds a kind's :class:`Comparison` from the catalog's values (the
-numeric scale, the term frequencies); :meth:`Comparison.levels` compares aligned pairs,
-vectorised. Everything is pure: values in, arrays out.
+numeric scale, the term frequencies, the chance two entities share a value);
+:meth:`Comparison.levels` compares aligned pairs, vectorised. Everything is pure: values
+in, arrays out.
 """
 
 from __future__ import annotations
