@@ -8,7 +8,9 @@ undecided query counts as wrong), link precision and recall, the share left unde
 (review), and CPU seconds; once without labels, once with the labels of a seeded half of
 the queries (evaluated on the other half). A second table compares blocking: the pair
 recall (share of gold pairs among the candidate pairs) of nem_llm's retrieval (top-k of
-each query) against each peer's blocking rules.
+each query) against each peer's blocking rules and a character 3-gram TF-IDF top-k (the
+field model is also run on the latter, its CPU included). A third table deduplicates
+febrl4's catalog and queries pooled (pair precision and recall of the clusters).
 
 The peers run in their own virtualenv (``--peers-venv``, default ``/tmp/nem_llm_peers``),
 which the script creates and fills from PyPI when it is missing, and each peer run is a
