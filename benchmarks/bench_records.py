@@ -178,7 +178,7 @@ def candidate_id(candidate: Any) -> str:
 def score(
     decisions: Sequence[str | bool | None], golds: Sequence[str | None], rows: Sequence[int]
 ) -> dict[str, float]:
-    """Accuracy, link precision and recall, review share over ``rows``.
+    """Accuracy, link precision and recall, novel precision, review share over ``rows``.
 
     A decision is an entity id (linked), ``None`` (novel) or ``False`` (undecided).
     """
@@ -187,9 +187,11 @@ def score(
     right_links = sum(1 for i in links if decisions[i] == golds[i])
     novel_right = sum(1 for i in rows if decisions[i] is None and golds[i] is None)
     with_gold = sum(1 for i in rows if golds[i] is not None)
+    novel = sum(1 for i in rows if decisions[i] is None)
     return {
         "accuracy": (right_links + novel_right) / n if n else 0.0,
         "precision": right_links / len(links) if links else float("nan"),
+        "novel precision": novel_right / novel if novel else float("nan"),
         "recall": right_links / with_gold if with_gold else float("nan"),
         "review": sum(1 for i in rows if decisions[i] is False) / n if n else 0.0,
     }
@@ -680,6 +682,7 @@ def main() -> int:
             "accuracy",
             "link P",
             "link R",
+            "novel P",
             "review",
             "CPU s",
             "load",
@@ -720,6 +723,7 @@ def main() -> int:
                 m["accuracy"],
                 m["precision"],
                 m["recall"],
+                m["novel precision"],
                 m["review"],
                 cpu,
                 os.getloadavg()[0],
@@ -744,6 +748,7 @@ def main() -> int:
             m["accuracy"],
             m["precision"],
             m["recall"],
+            m["novel precision"],
             m["review"],
             cpu + lexical_cpu,
             os.getloadavg()[0],
@@ -778,6 +783,7 @@ def main() -> int:
                         None,
                         None,
                         None,
+                        None,
                         f"failed: {out['error'][:200]}",
                     )
                     continue
@@ -791,6 +797,7 @@ def main() -> int:
                     m["accuracy"],
                     m["precision"],
                     m["recall"],
+                    m["novel precision"],
                     m["review"],
                     out["cpu"],
                     os.getloadavg()[0],

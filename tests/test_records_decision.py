@@ -83,3 +83,10 @@ def test_a_pair_held_for_review_leaves_its_query_undecided() -> None:
     post, qi, ei = _posteriors([[1.0], [1.0]])
     decided = decide(post, qi, ei, review=[False, True])
     assert decided.status == ("matched", "undecided")
+
+
+def test_the_novel_route_has_its_own_target() -> None:
+    # ten sure "none" and one at 0.8: mean 0.98, under 0.99 but over 0.95
+    post, qi, ei = _posteriors([[0.0]] * 10 + [[0.2]])
+    assert decide(post, qi, ei, novel_target_precision=0.99).status[-1] == "undecided"
+    assert decide(post, qi, ei, novel_target_precision=0.95).status[-1] == "novel"

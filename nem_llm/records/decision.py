@@ -6,8 +6,9 @@ Each query's most probable outcome is its candidate decision; which of those are
 without a reviewer (or the LLM) is decided per route, matched and novel:
 
 - **the model's own expected precision**: a route's decisions are taken most probable
-  first, as long as the mean posterior of everything taken stays at or above
-  ``target_precision`` (0.99): the expected share of right decisions, if the posteriors
+  first, as long as the mean posterior of everything taken stays at or above its target
+  (0.99 for matched, 0.95 for novel: the Matcher's ``target_precision`` and
+  ``novel_target_precision``): the expected share of right decisions, if the posteriors
   are calibrated. Where the fields speak clearly nearly every query is decided; where
   they do not, the least certain wait. No cut is tuned to a catalog: the cut is where
   the expected error of the route would pass ``1 - target_precision`` on this run's
@@ -24,7 +25,7 @@ without a reviewer (or the LLM) is decided per route, matched and novel:
 
 The posteriors are only as calibrated as the model: fields that repeat each other's
 evidence make them overconfident (``infer_fields`` skips a field that joins others). On
-the development record sets this rule decided 97-100% of the queries with link
+the development record sets this rule decided 99-100% of the queries with link
 precision 1.0 and no labels (``docs/records.md``).
 
 Pure: arrays in, arrays out.
@@ -50,8 +51,11 @@ Floats = npt.NDArray[np.float64]
 #: The floor: the decided outcome is at least twice as probable as all the others
 #: together (odds 2:1).
 DEFAULT_MIN_PROBABILITY = 2 / 3
-#: What each route's decisions must be expected to reach (their mean posterior).
+#: What each route's decisions must be expected to reach (their mean posterior): the
+#: Matcher's defaults for its auto routes (``target_precision``,
+#: ``novel_target_precision``).
 DEFAULT_TARGET_PRECISION = 0.99
+DEFAULT_NOVEL_TARGET_PRECISION = 0.95
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ def decide(
     entity: Sequence[int] | Ints,
     *,
     target_precision: float | None = DEFAULT_TARGET_PRECISION,
+    novel_target_precision: float | None = DEFAULT_NOVEL_TARGET_PRECISION,
     min_probability: float = DEFAULT_MIN_PROBABILITY,
     novel_min_probability: float | None = None,
     review: Sequence[bool] | npt.NDArray[np.bool_] | None = None,
@@ -98,9 +103,11 @@ def decide(
     Args:
         posteriors: ``RecordModel.posteriors`` of the scored pairs.
         query, entity: the pairs' query and entity positions (as scored).
-        target_precision: each route (matched, novel) takes its decisions, most probable
-            first, while their mean posterior stays at or above this; ``None`` takes
-            every decision above the cuts.
+        target_precision: the matched route takes its decisions, most probable first,
+            while their mean posterior stays at or above this; ``None`` takes every
+            decision above the cuts.
+        novel_target_precision: the same for the novel route (0.95, the Matcher's
+            ``novel_target_precision``: calling a mention novel sends it nowhere wrong).
         min_probability: a match is never decided below this posterior (and only when it
             is the most probable outcome).
         novel_min_probability: the same for "none" (default: ``min_probability``).
@@ -115,8 +122,12 @@ def decide(
     for name, cut in (("min_probability", min_probability), ("novel", novel_cut)):
         if not 0.5 <= cut <= 1.0:
             raise ValueError(f"{name} must be in [0.5, 1], got {cut!r}")
-    if target_precision is not None and not 0.0 < target_precision <= 1.0:
-        raise ValueError(f"target_precision must be in (0, 1], got {target_precision!r}")
+    for name, target in (
+        ("target_precision", target_precision),
+        ("novel_target_precision", novel_target_precision),
+    ):
+        if target is not None and not 0.0 < target <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1], got {target!r}")
     qi = np.asarray(query, dtype=np.int64)
     ei = np.asarray(entity, dtype=np.int64)
     n = posteriors.queries
@@ -132,12 +143,15 @@ def decide(
         best_p[qi[chosen]] = posteriors.pair[chosen]
     best_entity = np.where(best_pair >= 0, ei[np.maximum(best_pair, 0)] if len(ei) else -1, -1)
     none = posteriors.none
+    match_side = (best_pair >= 0) & (best_p > none)
     if target_precision is not None:
-        match_side = (best_pair >= 0) & (best_p > none)
         min_probability = max(
             min_probability, expected_precision_cut(best_p[match_side], target_precision)
         )
-        novel_cut = max(novel_cut, expected_precision_cut(none[~match_side], target_precision))
+    if novel_target_precision is not None:
+        novel_cut = max(
+            novel_cut, expected_precision_cut(none[~match_side], novel_target_precision)
+        )
     matched = (best_pair >= 0) & (best_p >= min_probability) & (best_p > none)
     if review is not None:
         # a pair the caller holds for review is never matched without it

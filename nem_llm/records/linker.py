@@ -25,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from .decision import DEFAULT_MIN_PROBABILITY, DEFAULT_TARGET_PRECISION, Decision, decide
+from .decision import (
+    DEFAULT_MIN_PROBABILITY,
+    DEFAULT_NOVEL_TARGET_PRECISION,
+    DEFAULT_TARGET_PRECISION,
+    Decision,
+    decide,
+)
 from .fields import FieldKind, FieldSpec
 from .fit import fit_record_model
 from .model import RecordModel
@@ -78,7 +84,8 @@ class RecordLinker:
 
     Args:
         model: the fitted :class:`~nem_llm.records.model.RecordModel`.
-        target_precision, min_probability: see :func:`~nem_llm.records.decision.decide`.
+        target_precision, novel_target_precision, min_probability: see
+            :func:`~nem_llm.records.decision.decide`.
         identifying: fields that identify an entity (the field holding its name): a
             candidate on which all of them disagree completely (level "else") is never
             matched without review, however much the other fields agree (another shop at
@@ -87,6 +94,7 @@ class RecordLinker:
 
     model: RecordModel
     target_precision: float | None = DEFAULT_TARGET_PRECISION
+    novel_target_precision: float | None = DEFAULT_NOVEL_TARGET_PRECISION
     min_probability: float = DEFAULT_MIN_PROBABILITY
     identifying: tuple[str, ...] = ()
 
@@ -140,6 +148,7 @@ class RecordLinker:
             qi,
             ei,
             target_precision=self.target_precision,
+            novel_target_precision=self.novel_target_precision,
             min_probability=self.min_probability,
             review=review,
         )
