@@ -11,9 +11,12 @@ from nem_llm.records.strings import (
     codepoints,
     edit_distance,
     jaro_winkler,
+    matrix_overlap,
     set_jaccard,
     set_overlap,
+    token_matrix,
     token_sets,
+    trigram_matrix,
 )
 
 
@@ -137,3 +140,16 @@ def test_set_overlap_and_jaccard_of_indexed_pairs() -> None:
     assert inter.tolist() == [2.0, 3.0, 0.0]
     assert (nl.tolist(), nr.tolist()) == ([3, 3, 0], [3, 3, 0])
     assert set_jaccard(sets, sets, li, ri).tolist() == [0.5, 1.0, 0.0]
+
+
+def test_trigram_matrix_holds_the_same_sets_as_token_sets() -> None:
+    values = ["8 stanley street, miami", "pine hill", "pinehill", "", "a", "ünïcode  wörd"]
+    by_sets = token_matrix(token_sets(values, grams=3))
+    by_numpy = trigram_matrix(values)
+    everything = np.repeat(np.arange(len(values)), len(values))
+    against = np.tile(np.arange(len(values)), len(values))
+    assert (
+        matrix_overlap(by_sets, by_sets, everything, against)[0].tolist()
+        == matrix_overlap(by_numpy, by_numpy, everything, against)[0].tolist()
+    )
+    assert np.diff(by_numpy.indptr).tolist() == [len(t) for t in token_sets(values, grams=3)]

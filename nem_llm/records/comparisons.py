@@ -44,6 +44,7 @@ from .strings import (
     matrix_overlap,
     token_matrix,
     token_sets,
+    trigram_matrix,
 )
 
 __all__ = ["COINCIDENCE", "LEVELS", "Column", "Comparison", "comparison_for", "fit_comparison"]
@@ -298,7 +299,10 @@ def _matrix(column: Column, what: str) -> Any:
     """The column's sets of ``what`` as a sparse matrix (``token_matrix``), built once."""
     key = f"{what}:matrix"
     if key not in column.cache:
-        column.cache[key] = token_matrix(_sets(column, what))
+        if what == "trigrams":  # the same sets, built in numpy
+            column.cache[key] = trigram_matrix([v or "" for v in column.values])
+        else:
+            column.cache[key] = token_matrix(_sets(column, what))
     return column.cache[key]
 
 

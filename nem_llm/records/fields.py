@@ -36,7 +36,7 @@ FieldKind = Literal["name", "text", "number", "date", "code", "category", "skip"
 FIELD_KINDS: tuple[str, ...] = get_args(FieldKind)
 
 # how many values of a field the rules read (a spread over the catalog)
-_SAMPLE = 1000
+_SAMPLE = 500
 _DATE_FORMATS = (
     re.compile(r"^(\d{4})(\d{2})(\d{2})$"),  # 19651013
     re.compile(r"^(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})(?:[ T].*)?$"),  # 1965-10-13
