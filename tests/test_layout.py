@@ -1,9 +1,11 @@
 """The package layout: imports run downward only (see the README's Layout section).
 
-cli -> integrations -> jobs -> matcher -> matching -> retrieval, llm -> base modules. ``sim`` and
+cli -> integrations -> jobs -> matcher -> matching -> retrieval, llm -> base modules. ``sim``
+and
 ``testing`` sit beside the base (the simulator needs only ``errors``); nothing below
 ``jobs`` may import ``jobs``, nothing below ``matcher`` the matcher, and ``retrieval`` and
-``llm`` do not import each other.
+``llm`` do not import each other. ``records`` (the field-by-field model) is pure and sits
+on the base: retrieval, the matcher, jobs, integrations and the CLI may import it.
 """
 
 from __future__ import annotations
@@ -19,17 +21,29 @@ BASE = {"models", "config", "errors", "text", "catalog", "settings", "_sqlite", 
 # layer of a module -> the layers it may import
 ALLOWED: dict[str, set[str]] = {
     "base": {"base"},
+    "records": {"base", "records"},
     "sim": {"base", "sim"},
-    "retrieval": {"base", "retrieval"},
+    "retrieval": {"base", "records", "retrieval"},
     "llm": {"base", "llm"},
-    "matching": {"base", "retrieval", "llm", "matching"},
-    "matcher": {"base", "retrieval", "llm", "matching", "matcher"},
+    "matching": {"base", "records", "retrieval", "llm", "matching"},
+    "matcher": {"base", "records", "retrieval", "llm", "matching", "matcher"},
     "testing": {"base", "sim", "testing"},
-    "jobs": {"base", "sim", "testing", "retrieval", "llm", "matching", "matcher", "jobs"},
+    "jobs": {
+        "base",
+        "sim",
+        "testing",
+        "records",
+        "retrieval",
+        "llm",
+        "matching",
+        "matcher",
+        "jobs",
+    },
     "integrations": {
         "base",
         "sim",
         "testing",
+        "records",
         "retrieval",
         "llm",
         "matching",
@@ -41,6 +55,7 @@ ALLOWED: dict[str, set[str]] = {
         "base",
         "sim",
         "testing",
+        "records",
         "retrieval",
         "llm",
         "matching",
@@ -62,7 +77,7 @@ def _layer(parts: list[str]) -> str:
     head = parts[0]
     if head == "__init__" and len(parts) == 1:
         return "init"
-    if head in {"retrieval", "llm", "matching", "jobs", "integrations", "sim"}:
+    if head in {"records", "retrieval", "llm", "matching", "jobs", "integrations", "sim"}:
         return head
     if head in BASE:
         return "base"
