@@ -67,7 +67,7 @@ from nem_llm.testing import FakeEmbedder
 catalog, queries, out, base_url, poll = sys.argv[1:6]
 job = MatchJob(catalog=Path(catalog), queries=Path(queries), out=Path(out),
                settings=MatcherSettings(base_url=base_url,
-               accept_threshold=1.5, novel_threshold=0.0))
+               accept_threshold=1.5, novel_threshold=0.0, label_budget=0))
 summary = asyncio.run(run_batch_api_job(
     job, options=BatchApiOptions(poll_interval=float(poll)),
     matcher_factory=partial(Matcher, embedder=FakeEmbedder())))

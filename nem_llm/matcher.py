@@ -15,6 +15,7 @@ private event loop thread (see ``_sync.LoopThread``), so the logic exists once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 from collections.abc import (
@@ -65,10 +66,12 @@ from .retrieval.route_model import RouteModel
 from .settings import MatcherSettings
 from .text import validate_query
 
-__all__ = ["Matcher", "ProgressCallback", "Where"]
+__all__ = ["Matcher", "ProgressCallback", "Query", "Where"]
 
 ProgressCallback = Callable[[int, int | None], Awaitable[None] | None]
-Queries = Iterable[str] | AsyncIterable[str]
+#: A query: its text, or a record ``{"query": text, "attributes": {field: value}}``.
+Query = str | Mapping[str, Any]
+Queries = Iterable[Query] | AsyncIterable[Query]
 
 T = TypeVar("T")
 
@@ -209,9 +212,7 @@ class Matcher:
 
     @route_model.setter
     def route_model(self, model: RouteModel | None) -> None:
-        self.policy = RoutePolicy(
-            thresholds=self.policy.thresholds, calibration=self.policy.calibration, model=model
-        ).with_learned(self.policy.learned)
+        self.policy = dataclasses.replace(self.policy, model=model)
 
     @property
     def learned(self) -> LearnedLabels | None:
@@ -239,7 +240,7 @@ class Matcher:
         show_progress: bool = True,
         target_precision: float | None = None,
         novel_target_precision: float | None = None,
-        workload: Iterable[str] | None = None,
+        workload: Iterable[str | Mapping[str, Any]] | None = None,
         label_budget: int | None = None,
         **kwargs: Any,
     ) -> Matcher:
@@ -262,7 +263,9 @@ class Matcher:
         (except thresholds set in the settings). An auto route opens only where it is
         expected to reach its target precision; ``matcher.calibration`` says why not.
 
-        ``workload``: the queries you are about to match. With an LLM configured, a
+        ``workload``: the queries you are about to match (texts, or records
+        ``{"query": ..., "attributes": {...}}``: a workload of records fits the field model
+        that routes them field by field, without labels). With an LLM configured, a
         stratified sample of ``label_budget`` of them (default: the settings', 200 when
         unset) is adjudicated by the production call and prompt (the answers go to the
         decision cache: never paid twice) and the answers calibrate the routes on your own
@@ -276,12 +279,8 @@ class Matcher:
             novel=self._target("novel_target_precision", novel_target_precision),
         )
         labels = check_labels(training_data or (), self.settings.max_query_chars)
-        budget = label_budget
-        if budget is None:
-            budget = self.settings.resolved_label_budget(self.llm_configured)
-        if budget < 0:
-            raise ConfigError(f"label_budget must be >= 0, got {budget}")
-        queries = valid_queries(workload or (), self.settings.max_query_chars) if budget else []
+        budget = self.settings.resolved_label_budget(self.llm_configured, label_budget)
+        queries, records = valid_queries(workload or (), self.settings.max_query_chars)
         self.policy = await self.fitter.fit_async(
             labels,
             mode,
@@ -289,6 +288,7 @@ class Matcher:
             show_progress=show_progress,
             options=kwargs,
             workload=queries,
+            records=records if self.settings.field_model else [],
             label_budget=budget if self.llm_configured else 0,
             teacher=self.pipeline.label_async,
         )
@@ -304,19 +304,19 @@ class Matcher:
 
     @overload
     async def match_async(
-        self, query: str, *, top_k: int | None = None, threshold: float | None = None,
+        self, query: Query, *, top_k: int | None = None, threshold: float | None = None,
         where: Where | None = None,
     ) -> MatchResult: ...  # fmt: skip
 
     @overload
     async def match_async(
-        self, query: list[str], *, top_k: int | None = None, threshold: float | None = None,
+        self, query: list[Query], *, top_k: int | None = None, threshold: float | None = None,
         where: Wheres = None,
     ) -> list[MatchResult]: ...  # fmt: skip
 
     async def match_async(
         self,
-        query: str | list[str],
+        query: Query | list[Query],
         *,
         top_k: int | None = None,
         threshold: float | None = None,
@@ -376,7 +376,7 @@ class Matcher:
         started = loop.time()
         alone = strategy == "sequential"
 
-        async def worker(i: int, q: str) -> MatchResult:
+        async def worker(i: int, q: Query) -> MatchResult:
             one = self.pipeline.match_one_async(
                 i, q, top_k, thresholds=thresholds, where=where_of(i), alone=alone
             )
@@ -554,17 +554,17 @@ class Matcher:
 
     @overload
     def match(
-        self, query: str, *, top_k: int | None = None, threshold: float | None = None,
+        self, query: Query, *, top_k: int | None = None, threshold: float | None = None,
         where: Where | None = None,
     ) -> MatchResult: ...  # fmt: skip
 
     @overload
     def match(
-        self, query: list[str], *, top_k: int | None = None, threshold: float | None = None,
+        self, query: list[Query], *, top_k: int | None = None, threshold: float | None = None,
         where: Wheres = None,
     ) -> list[MatchResult]: ...  # fmt: skip
 
-    def match(self, query: str | list[str], **options: Any) -> MatchResult | list[MatchResult]:
+    def match(self, query: Query | list[Query], **options: Any) -> MatchResult | list[MatchResult]:
         """Sync twin of :meth:`match_async`."""
         done = self._sync.run(self.match_async(query, **options))
         return cast("MatchResult | list[MatchResult]", done)

@@ -17,6 +17,7 @@ __all__ = [
     "Diagnosis",
     "Entity",
     "Explanation",
+    "FieldEvidence",
     "MatchResult",
     "MatchStatus",
     "RouteEstimate",
@@ -141,6 +142,21 @@ class Attempt(BaseModel):
     usage: Usage = Field(default_factory=Usage)
 
 
+class FieldEvidence(BaseModel):
+    """How the field model saw a record query's best candidate (``nem_llm.records``).
+
+    ``prior_bits + sum(contributions.values())`` is the candidate's match weight in bits:
+    the bars of a waterfall chart; ``levels`` says how each field compared.
+    """
+
+    entity_id: str | None
+    probability: float
+    none_probability: float
+    prior_bits: float = 0.0
+    contributions: dict[str, float] = Field(default_factory=dict)
+    levels: dict[str, str] = Field(default_factory=dict)
+
+
 class AuditNote(BaseModel):
     """An audited auto decision: what the LLM said of the same candidates."""
 
@@ -187,6 +203,8 @@ class MatchResult(BaseModel):
     rewritten_as: list[str] = Field(default_factory=list)
     #: an audited auto decision (``audit_rate``): the LLM's answer and whether it agrees
     audit: AuditNote | None = None
+    #: a record query: the field model's view of its best candidate
+    fields: FieldEvidence | None = None
 
 
 class Explanation(BaseModel):

@@ -113,6 +113,9 @@ class MatcherSettings(BaseModel):
         label_budget: workload queries the LLM labels at ``fit`` (given a workload) so the
             routes are calibrated on the user's own mentions; ``None``:
             :data:`DEFAULT_LABEL_BUDGET` when an LLM is configured, ``0``: off.
+        field_model: route record queries (``{"query": ..., "attributes": {...}}``) by
+            a Fellegi-Sunter model of their fields (``nem_llm.records``), fit on the
+            workload given to ``fit`` without labels.
         audit_rate: the share of auto decisions also adjudicated while running (seeded);
             a route whose audit shows it below its target closes for the rest of the run;
             ``None``: :data:`DEFAULT_AUDIT_RATE` when an LLM is configured, ``0``: off.
@@ -198,6 +201,11 @@ class MatcherSettings(BaseModel):
         ge=0,
         description="Workload queries the LLM labels at fit to calibrate the routes on the "
         "job's own mentions (default: 200 when an LLM is configured; 0: off).",
+    )
+    field_model: bool = Field(
+        default=True,
+        description="Route record queries (with fields) by a field-by-field model fit on "
+        "the workload, without labels.",
     )
     audit_rate: float | None = Field(
         default=None,
@@ -304,8 +312,13 @@ class MatcherSettings(BaseModel):
         )
         return frozenset(name for name, value in given if value is not None)
 
-    def resolved_label_budget(self, llm_configured: bool) -> int:
-        """The label budget in force: the one set, else the default with an LLM, else 0."""
+    def resolved_label_budget(self, llm_configured: bool, given: int | None = None) -> int:
+        """The label budget in force: ``given`` (a call's), else the one set, else the
+        default with an LLM, else 0."""
+        if given is not None:
+            if isinstance(given, bool) or not isinstance(given, int) or given < 0:
+                raise ConfigError(f"label_budget must be an int >= 0, got {given!r}")
+            return given
         if self.label_budget is not None:
             return self.label_budget
         return DEFAULT_LABEL_BUDGET if llm_configured and self.llm else 0

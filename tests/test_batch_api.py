@@ -217,9 +217,11 @@ def job_for(tmp_path: Path, name: str, base_url: str, **kwargs: Any) -> MatchJob
         catalog=CATALOG,
         queries=QUERIES,
         out=tmp_path / f"{name}.jsonl",
+        # no labelled sample: these tests count what goes through batches
         settings=MatcherSettings(
-            base_url=base_url, accept_threshold=1.5, novel_threshold=0.0, **kwargs
-        ),
+            base_url=base_url, accept_threshold=1.5, novel_threshold=0.0, label_budget=0,
+            **kwargs,
+        ),  # fmt: skip
     )
 
 
@@ -455,7 +457,7 @@ from nem_llm.testing import FakeEmbedder
 catalog, queries, out, base_url = sys.argv[1:5]
 job = MatchJob(catalog=Path(catalog), queries=Path(queries), out=Path(out),
                settings=MatcherSettings(base_url=base_url, accept_threshold=1.5,
-                                        novel_threshold=0.0))
+                                        novel_threshold=0.0, label_budget=0))
 asyncio.run(run_batch_api_job(job, options=BatchApiOptions(poll_interval=0.05),
                               matcher_factory=partial(Matcher, embedder=FakeEmbedder())))
 """
@@ -548,6 +550,7 @@ def test_cli_match_in_batch_api_mode_reports_batches_and_writes_every_row(
         env["OPENAI_BASE_URL"] = server.base_url
         args = ["match", "--catalog", str(CATALOG), "--queries", str(QUERIES)]
         args += ["--out", "out.jsonl", "--model", "sim", "--accept-threshold", "1.5"]
+        args += ["--label-budget", "0"]
         done = _cli([*args, "--llm-mode", "batch-api", "--poll-interval", "0.05"], env, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "batch 1 (" in done.stderr and "completed" in done.stderr

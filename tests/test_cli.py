@@ -113,7 +113,11 @@ class Started:
 
 
 # the thresholds that were the defaults before label-free calibration
-FIXED_THRESHOLDS = ["--accept-threshold", "0.92", "--margin", "0.05", "--novel-threshold", "0.45"]
+# no labelled sample, no audit: these tests count the LLM calls of the rows themselves
+NO_SAMPLE = ["--label-budget", "0", "--audit-rate", "0"]
+FIXED_THRESHOLDS = [
+    "--accept-threshold", "0.92", "--margin", "0.05", "--novel-threshold", "0.45", *NO_SAMPLE
+]  # fmt: skip
 
 
 def cli_env(base_url: str | None = None) -> dict[str, str]:
@@ -216,7 +220,7 @@ def llm_rows(n: int) -> list[tuple[str, str]]:
     return [(f"r{i:03d}", f"{names[i % len(names)]} office {i}") for i in range(n)]
 
 
-ALL_TO_LLM = ["--accept-threshold", "1.01", "--novel-threshold", "0"]
+ALL_TO_LLM = ["--accept-threshold", "1.01", "--novel-threshold", "0", *NO_SAMPLE]
 
 
 def table_value(stderr: str, label: str) -> str:

@@ -82,7 +82,7 @@ def _job(tmp_path: Path, name: str, base_url: str) -> MatchJob:
         catalog=CATALOG,
         queries=QUERIES,
         out=tmp_path / f"{name}.jsonl",
-        settings=MatcherSettings(base_url=base_url, accept_threshold=0.8),
+        settings=MatcherSettings(base_url=base_url, accept_threshold=0.8, label_budget=0),
     )
 
 

@@ -168,7 +168,9 @@ def job(tmp_path: Path, countries: list[dict[str, Any]]) -> MatchJob:
         catalog=catalog,
         queries=queries,
         out=tmp_path / "out.jsonl",
-        settings=MatcherSettings(accept_threshold=1.01, novel_threshold=0.0, model="fake"),
+        settings=MatcherSettings(
+            accept_threshold=1.01, novel_threshold=0.0, model="fake", label_budget=0
+        ),
     )
 
 

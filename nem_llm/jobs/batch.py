@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from typing import Any
 
 from .._gc import tuned_gc
 from ..catalog import Catalog, load_catalog
@@ -33,6 +34,7 @@ from .runs import (
     error_row,
     output_row,
     row_filter,
+    row_query,
     run_key,
     workload_sample,
     write_output,
@@ -48,9 +50,11 @@ __all__ = [
 ]
 
 
-async def job_workload(job: MatchJob, matcher: Matcher) -> list[str]:
-    """The job's queries to label a sample of, when the label budget asks for any."""
-    if not matcher.settings.resolved_label_budget(matcher.llm_configured):
+async def job_workload(job: MatchJob, matcher: Matcher) -> list[str | dict[str, Any]]:
+    """A sample of the job's queries for ``fit``: the LLM labels a share of it (the label
+    budget) and its records fit the field model."""
+    labels = matcher.settings.resolved_label_budget(matcher.llm_configured)
+    if not labels and not matcher.settings.field_model:
         return []
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, workload_sample, job)
@@ -133,7 +137,7 @@ async def run_match_job(
                 if on_progress is not None:
                     on_progress(finished, total, matcher.governor_stats)
 
-            async def feed() -> AsyncIterator[str]:
+            async def feed() -> AsyncIterator[str | dict[str, Any]]:
                 nonlocal interrupted
                 position = 0
                 for row in rows:
@@ -149,7 +153,7 @@ async def run_match_job(
                     if job.where:
                         filters[position] = row_filter(job.where, row)
                     position += 1
-                    yield row.query
+                    yield row_query(job, row)
 
             stream = matcher.match_stream_async(
                 feed(),

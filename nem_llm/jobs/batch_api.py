@@ -70,7 +70,16 @@ from ..models import Attempt, MatchResult, RunStats, Usage
 from .batch import job_workload, load_job_catalog
 from .checkpoint import RunStore
 from .io import QueryRow, count_rows, read_queries
-from .runs import JobSummary, MatchJob, error_row, output_row, row_filter, run_key, write_output
+from .runs import (
+    JobSummary,
+    MatchJob,
+    error_row,
+    output_row,
+    row_filter,
+    row_query,
+    run_key,
+    write_output,
+)
 
 __all__ = [
     "BatchApiOptions",
@@ -489,7 +498,9 @@ class _Engine:
         where = self.job.where
         planned = await asyncio.gather(
             *(
-                self.matcher.prepare_async(r.index, r.query, where=row_filter(where, r) or None)
+                self.matcher.prepare_async(
+                    r.index, row_query(self.job, r), where=row_filter(where, r) or None
+                )
                 for r in good
             )
         )

@@ -16,6 +16,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 from ..llm.adjudication import PROMPT_VERSION
@@ -34,6 +35,7 @@ __all__ = [
     "error_row",
     "output_row",
     "row_filter",
+    "row_query",
     "run_key",
     "workload_sample",
     "write_output",
@@ -52,6 +54,9 @@ class MatchJob:
         query_column, id_column: where the query and the row id are in the queries file.
         where: ``{attribute: column}``: each row's candidates are the entities whose
             attribute equals the row's value in that column (an empty value: no filter).
+        fields: ``{attribute: column}``: the row is a record, these columns its fields
+            (compared field by field with the entities' attributes); a JSONL row's own
+            ``"attributes"`` object is read without a mapping.
         strategy: the order LLM work is started in (answers are the same).
         order: the output file's row order at the end.
         state: the state directory (default ``<out>.state``): checkpoint, cache, index.
@@ -64,6 +69,7 @@ class MatchJob:
     query_column: str | None = None
     id_column: str | None = None
     where: Mapping[str, str] = field(default_factory=dict)
+    fields: Mapping[str, str] = field(default_factory=dict)
     strategy: Strategy = "as_completed"
     order: OutputOrder = "input"
     state: Path | None = None
@@ -72,10 +78,11 @@ class MatchJob:
         check_strategy(self.strategy)
         if self.order not in ("input", "completion"):
             raise ConfigError(f"order must be 'input' or 'completion', got {self.order!r}")
-        for attribute, column in self.where.items():
-            if not attribute or not column:
-                raise ConfigError(f"where: use attribute=column, got {attribute!r}={column!r}")
-        object.__setattr__(self, "where", dict(self.where))
+        for name, mapping in (("where", self.where), ("fields", self.fields)):
+            for attribute, column in mapping.items():
+                if not attribute or not column:
+                    raise ConfigError(f"{name}: use attribute=column, got {attribute!r}={column!r}")
+            object.__setattr__(self, name, dict(mapping))
 
     @property
     def state_dir(self) -> Path:
@@ -122,6 +129,7 @@ def run_key(job: MatchJob, engine: str) -> tuple[str, dict[str, object]]:
         "query_column": job.query_column,
         "id_column": job.id_column,
         "where": sorted(job.where.items()),
+        **({"fields": sorted(job.fields.items())} if job.fields else {}),
         "settings": job.settings.fingerprint(),
         "prompt_version": PROMPT_VERSION,
         "engine": engine,
@@ -134,11 +142,29 @@ def run_key(job: MatchJob, engine: str) -> tuple[str, dict[str, object]]:
 WORKLOAD_SAMPLE = 20_000
 
 
-def workload_sample(job: MatchJob, size: int = WORKLOAD_SAMPLE, seed: int = 0) -> list[str]:
+def row_query(job: MatchJob, row: QueryRow) -> str | dict[str, Any]:
+    """A row as the Matcher takes it: its text, or a record ``{"query", "attributes"}``
+    (the job's ``fields`` columns, else a JSONL row's own ``"attributes"`` object)."""
+    record = row.record or {}
+    attributes: dict[str, Any] = {}
+    if job.fields:
+        attributes = {
+            a: record[c] for a, c in job.fields.items() if record.get(c) not in (None, "")
+        }
+    elif isinstance(record.get("attributes"), Mapping):
+        attributes = dict(record["attributes"])
+    assert row.query is not None
+    return {"query": row.query, "attributes": attributes} if attributes else row.query
+
+
+def workload_sample(
+    job: MatchJob, size: int = WORKLOAD_SAMPLE, seed: int = 0
+) -> list[str | dict[str, Any]]:
     """A uniform sample of the job's queries (reservoir: one pass, bounded memory), the
-    workload ``fit`` labels a stratified share of (``label_budget``)."""
+    workload ``fit`` labels a stratified share of (``label_budget``) and fits the field
+    model on (records)."""
     rng = random.Random(seed)
-    kept: list[str] = []
+    kept: list[str | dict[str, Any]] = []
     seen = 0
     rows = read_queries(job.queries, query_column=job.query_column, id_column=job.id_column)
     try:
@@ -147,11 +173,11 @@ def workload_sample(job: MatchJob, size: int = WORKLOAD_SAMPLE, seed: int = 0) -
                 continue
             seen += 1
             if len(kept) < size:
-                kept.append(row.query)
+                kept.append(row_query(job, row))
             else:
                 j = rng.randrange(seen)
                 if j < size:
-                    kept[j] = row.query
+                    kept[j] = row_query(job, row)
     finally:
         rows.close()
     return kept

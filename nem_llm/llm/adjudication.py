@@ -101,11 +101,14 @@ def render_messages(
     *,
     attributes: Sequence[str] = (),
     attribute_chars: int = 200,
+    query_attributes: Mapping[str, Any] | None = None,
 ) -> list[dict[str, str]]:
     """Build the chat messages for one query: system instructions, then delimited data.
 
     ``attributes`` names the entity attributes shown for each candidate (bounded to
     ``attribute_chars`` characters per candidate): they tell same-named entities apart.
+    ``query_attributes``: a record query's fields, shown after its text (the candidates'
+    same fields are among ``attributes``: side by side).
     """
     lines = []
     for i, cand in enumerate(candidates, start=1):
@@ -119,7 +122,13 @@ def render_messages(
         if shown:
             parts.append("attributes: " + shown)
         lines.append(" | ".join(parts))
-    user = USER_TEMPLATE.substitute(query=prompt_text(query), candidates="\n".join(lines))
+    text = prompt_text(query)
+    if query_attributes:
+        names = list(query_attributes)
+        shown = render_attributes(query_attributes, names, attribute_chars * 2)
+        if shown:
+            text += f"\nfields: {shown}"
+    user = USER_TEMPLATE.substitute(query=text, candidates="\n".join(lines))
     return [{"role": "system", "content": SYSTEM_TEMPLATE}, {"role": "user", "content": user}]
 
 

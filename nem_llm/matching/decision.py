@@ -15,7 +15,7 @@ once the provider answers. Either way the result is built by the same code.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from ..llm.adjudication import (
 from ..llm.batch_api import request_body
 from ..llm.cache import CachedDecision, DecisionCache, ReviewedLabel, decision_key
 from ..llm.governor import Governor
-from ..models import Candidate, MatchResult, Usage
+from ..models import Candidate, FieldEvidence, MatchResult, Usage
 from ..retrieval.routing import Route
 from ..settings import MatcherSettings
 
@@ -88,14 +88,27 @@ class Decider:
 
     # -- the prompt and its cache key ----------------------------------------------------
 
-    def messages(self, normalized: str, candidates: list[Candidate]) -> list[dict[str, str]]:
-        """The adjudication prompt of one query (the live path and the Batch API share it)."""
+    def messages(
+        self,
+        normalized: str,
+        candidates: list[Candidate],
+        attributes: Mapping[str, Any] | None = None,
+    ) -> list[dict[str, str]]:
+        """The adjudication prompt of one query (the live path and the Batch API share it).
+
+        A record query's ``attributes`` are shown with it, and the same fields of every
+        candidate beside them (side by side), besides the settings' prompt attributes.
+        """
+        shown = tuple(self.settings.prompt_attributes)
+        if attributes:
+            shown += tuple(a for a in attributes if a not in shown)
         return render_messages(
             normalized,
             candidates,
             self._catalog(),
-            attributes=self.settings.prompt_attributes,
+            attributes=shown,
             attribute_chars=self.settings.prompt_attribute_chars,
+            query_attributes=attributes,
         )
 
     def cache_key(
@@ -139,16 +152,21 @@ class Decider:
         route: Route,
         *,
         ask_names: bool = False,
+        attributes: Mapping[str, Any] | None = None,
     ) -> MatchResult | Pending:
         """A routed query's final result, or the LLM call it still needs.
 
         ``ask_names``: should the LLM answer "none", it is also asked for the names the
-        entity has in the catalog (query rewriting, in the same call).
+        entity has in the catalog (query rewriting, in the same call). ``attributes``: a
+        record query's fields (shown to the LLM).
         """
         top = candidates[0] if candidates else None
+        evidence = _evidence(route)
 
         def make(**fields: Any) -> MatchResult:
-            return MatchResult(query=query, index=index, candidates=candidates, **fields)
+            return MatchResult(
+                query=query, index=index, candidates=candidates, fields=evidence, **fields
+            )
 
         reviewed = await self.reviewed_label_async(normalized)
         if reviewed is not None:
@@ -167,7 +185,7 @@ class Decider:
             return make(status="novel", score=score, decided_by="embedding", reason=route.reason)
         if self.adjudicator is None:
             return make(status="review", score=score, reason=f"{route.reason}; no LLM configured")
-        messages = self.messages(normalized, candidates)
+        messages = self.messages(normalized, candidates, attributes)
         ids = tuple(c.entity_id for c in candidates)
         key = None
         if self.cache is not None:
@@ -243,10 +261,11 @@ class Decider:
         governor: Callable[[], Governor],
         *,
         ask_names: bool = False,
+        attributes: Mapping[str, Any] | None = None,
     ) -> MatchResult:
         """:meth:`prepare`, then :meth:`call` if the LLM is still needed."""
         prepared = await self.prepare_async(
-            index, query, normalized, candidates, route, ask_names=ask_names
+            index, query, normalized, candidates, route, ask_names=ask_names, attributes=attributes
         )
         if isinstance(prepared, Pending):
             return await self.call_async(prepared, governor())
@@ -275,6 +294,7 @@ class Decider:
                 query=provisional.query,
                 index=provisional.index,
                 candidates=provisional.candidates,
+                fields=provisional.fields,
                 **fields,
             )
 
@@ -325,4 +345,19 @@ def from_decision(
         decided_by=decided_by,
         reason=d.reason,
         confidence=d.confidence,
+    )
+
+
+def _evidence(route: Route) -> FieldEvidence | None:
+    """A record query's field evidence, as results carry it."""
+    d = route.fields
+    if d is None:
+        return None
+    return FieldEvidence(
+        entity_id=d.entity_id,
+        probability=round(d.probability, 4),
+        none_probability=round(d.none_probability, 4),
+        prior_bits=d.prior_bits,
+        contributions=d.contributions,
+        levels=d.levels,
     )

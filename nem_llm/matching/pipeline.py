@@ -10,12 +10,12 @@ the running loop's governor. :meth:`QueryPipeline.prepare_async` stops before th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ..catalog import Catalog
 from ..config import Thresholds
-from ..errors import NemLLMError, NotReadyError
+from ..errors import NemLLMError, NotReadyError, QueryError
 from ..models import AuditNote, Candidate, MatchResult, Usage
 from ..retrieval.fitting import Taught
 from ..retrieval.policy import RoutePolicy
@@ -28,21 +28,54 @@ from .decision import Decider, Pending, error_result
 from .rewrite import Rewriter
 from .runtime import Runtime
 
-__all__ = ["QueryPipeline", "valid_queries"]
+__all__ = ["QueryPipeline", "query_text", "split_query", "valid_queries"]
 
 # routes a person's labels decided: never audited, never closed by an audit
 _LEARNED = frozenset({"learned", "learned_novel"})
 
 
-def valid_queries(workload: Iterable[str], max_chars: int) -> list[str]:
-    """The workload's valid queries, normalized (a bad one is skipped: it is no label)."""
-    out = []
+def split_query(query: object, index: int | None = None) -> tuple[object, Mapping[str, Any] | None]:
+    """A query's text and its fields: a string is all text; a record is a mapping
+    ``{"query": text, "attributes": {field: value}}`` (the text may be left out: the
+    fields' values joined stand in for it, for retrieval)."""
+    if not isinstance(query, Mapping):
+        return query, None
+    attributes = query.get("attributes")
+    if attributes is not None and not isinstance(attributes, Mapping):
+        raise QueryError("a record's 'attributes' must be a mapping of field -> value",
+                         source=f"queries[{index}]" if index is not None else None)  # fmt: skip
+    text = query.get("query")
+    if (text is None or (isinstance(text, str) and not text.strip())) and attributes:
+        text = ", ".join(str(v) for v in attributes.values() if v not in (None, ""))
+    return text, dict(attributes) if attributes else None
+
+
+def query_text(query: object) -> str:
+    """What a result says the query was: its text (or a record's), else its repr."""
+    try:
+        text = split_query(query)[0]
+    except QueryError:
+        text = None
+    return text if isinstance(text, str) else repr(query)
+
+
+def valid_queries(
+    workload: Iterable[object], max_chars: int
+) -> tuple[list[str], list[tuple[str, Mapping[str, Any]]]]:
+    """The workload's valid queries, normalized, and its records (normalized text and
+    fields); a bad one is skipped: it is no evidence."""
+    texts: list[str] = []
+    records: list[tuple[str, Mapping[str, Any]]] = []
     for query in workload:
         try:
-            out.append(validate_query(query, max_chars=max_chars))
+            text, attributes = split_query(query)
+            normalized = validate_query(text, max_chars=max_chars)
         except NemLLMError:
             continue
-    return out
+        texts.append(normalized)
+        if attributes:
+            records.append((normalized, attributes))
+    return texts, records
 
 
 class QueryPipeline:
@@ -87,10 +120,15 @@ class QueryPipeline:
         return await batcher.submit_async((normalized, top_k, mask_key), flush=flush)
 
     def route(
-        self, candidates: list[Candidate], normalized: str, thresholds: Thresholds | None = None
+        self,
+        candidates: list[Candidate],
+        normalized: str,
+        thresholds: Thresholds | None = None,
+        attributes: Mapping[str, Any] | None = None,
     ) -> tuple[Route, list[Candidate]]:
         """Route one query's candidates by the policy in force."""
-        return self._policy().route(candidates, normalized, self._catalog(), thresholds)
+        policy = self._policy()
+        return policy.route(candidates, normalized, self._catalog(), thresholds, attributes)
 
     async def _routed(
         self,
@@ -101,12 +139,13 @@ class QueryPipeline:
         where: Where | None,
         alone: bool = False,
     ) -> tuple[str, int, str | None, Route, list[Candidate]]:
-        """Validate, retrieve and route one query."""
-        normalized = validate_query(query, index=index, max_chars=self.settings.max_query_chars)
+        """Validate, retrieve and route one query (a text, or a record: ``split_query``)."""
+        text, attributes = split_query(query, index)
+        normalized = validate_query(text, index=index, max_chars=self.settings.max_query_chars)
         k = top_k or self.settings.top_k
         mask_key = self.retriever.mask_key(where)
         candidates = await self.candidates_async(normalized, k, mask_key, flush=alone)
-        route, candidates = self.route(candidates, normalized, thresholds)
+        route, candidates = self.route(candidates, normalized, thresholds, attributes)
         return normalized, k, mask_key, route, candidates
 
     async def match_one_async(
@@ -127,7 +166,7 @@ class QueryPipeline:
         """
         loop = asyncio.get_running_loop()
         started = loop.time()
-        text = query if isinstance(query, str) else repr(query)
+        text = query_text(query)
         thresholds = thresholds or self._policy().thresholds
         route: Route | None = None
         try:
@@ -137,9 +176,11 @@ class QueryPipeline:
             route = self._audit_closed(route)
             rewrite = self.settings.rewrite and self.decider.adjudicator is not None
             governor = self._governor
+            attributes = split_query(query, index)[1]
             result = await self.decider.decide_async(
-                index, text, normalized, candidates, route, governor, ask_names=rewrite
-            )
+                index, text, normalized, candidates, route, governor, ask_names=rewrite,
+                attributes=attributes,
+            )  # fmt: skip
             if result.decided_by == "embedding" and route.rule not in _LEARNED:
                 result = await self._audited(result, normalized, candidates)
             if rewrite and result.status == "novel":
@@ -228,8 +269,10 @@ class QueryPipeline:
             normalized, _, _, route, candidates = await self._routed(
                 query, index, top_k, thresholds, where
             )
-            text = query if isinstance(query, str) else repr(query)
-            return await self.decider.prepare_async(index, text, normalized, candidates, route)
+            attributes = split_query(query, index)[1]
+            return await self.decider.prepare_async(
+                index, query_text(query), normalized, candidates, route, attributes=attributes
+            )
         except (asyncio.CancelledError, NotReadyError):
             raise
         except Exception as exc:

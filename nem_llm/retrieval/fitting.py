@@ -19,7 +19,7 @@ import pickle
 import random
 import shutil
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from .calibration import (
 )
 from .embedding import TUNED_MANIFEST, default_model_path
 from .encoders import encoder_of, make_embedder
+from .fields_route import MIN_RECORDS, FieldRoute
 from .index import HybridIndex, catalog_fingerprint
 from .learning import (
     FIT_MODES,
@@ -171,6 +172,7 @@ class Fitter:
         show_progress: bool,
         options: dict[str, Any],
         workload: Sequence[str] = (),
+        records: Sequence[tuple[str, Mapping[str, Any]]] = (),
         label_budget: int = 0,
         teacher: Teacher | None = None,
     ) -> RoutePolicy:
@@ -202,6 +204,7 @@ class Fitter:
             calibration = self._user_calibration(targets)
         if calibration is None:
             calibration = await self._calibrate_on_probes(targets)
+        fields = await self._fit_fields_async(records, targets)
         taught = workload and label_budget > 0 and teacher is not None
         if taught and calibration.source != "user":
             assert teacher is not None
@@ -211,10 +214,36 @@ class Fitter:
         elif not calibrate_on and (saved := self._saved_policy(targets)) is not None:
             # fit without labels or workload over an index a labelled fit saved (a Ray
             # actor, a restart): that fit's routes, not a label-free estimate
-            calibration, model = saved
-        if calibrate_on or taught:
-            self._save_policy(targets, calibration, model)
-        return self._adopt(calibration, model, targets)
+            calibration, model, saved_fields = saved
+            fields = fields or saved_fields
+        if calibrate_on or taught or fields is not None:
+            self._save_policy(targets, calibration, model, fields)
+        return dataclasses.replace(self._adopt(calibration, model, targets), fields=fields)
+
+    async def _fit_fields_async(
+        self, records: Sequence[tuple[str, Mapping[str, Any]]], targets: Targets
+    ) -> FieldRoute | None:
+        """The field model of record queries, fit on their candidates (``None`` when there
+        are too few, or no field the catalog shares)."""
+        if len(records) < MIN_RECORDS:
+            return None
+        pool = list(records)
+        if len(pool) > _WORKLOAD_POOL:
+            pool = random.Random(_WORKLOAD_SEED).sample(pool, _WORKLOAD_POOL)
+        k = max(self.settings.top_k, 2)
+        found = await self.retriever.retrieve_many_async([q for q, _ in pool], k)
+        loop = asyncio.get_running_loop()
+        catalog = self.retriever.catalog
+        return await loop.run_in_executor(
+            self.retriever.executor,
+            lambda: FieldRoute.fit(
+                catalog,
+                [a for _, a in pool],
+                found,
+                target=targets.matched,
+                novel_target=targets.novel,
+            ),
+        )
 
     def _policy_key(self, targets: Targets) -> str:
         """What a labelled fit's routes depend on: the catalog, encoder and settings."""
@@ -222,7 +251,11 @@ class Fitter:
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def _save_policy(
-        self, targets: Targets, calibration: Calibration, model: RouteModel | None
+        self,
+        targets: Targets,
+        calibration: Calibration,
+        model: RouteModel | None,
+        fields: FieldRoute | None = None,
     ) -> None:
         """Keep a labelled fit's routes (and routing model) beside the index."""
         if self.index_dir is None:
@@ -231,12 +264,14 @@ class Fitter:
         payload = {"key": self._policy_key(targets), "calibration": calibration.model_dump()}
         _atomic_write(self.index_dir / POLICY_FILE, json.dumps(payload, indent=2).encode())
         model_file = self.index_dir / ROUTE_MODEL_FILE
-        if model is None:
+        if model is None and fields is None:
             model_file.unlink(missing_ok=True)
         else:
-            _atomic_write(model_file, pickle.dumps(model))
+            _atomic_write(model_file, pickle.dumps({"model": model, "fields": fields}))
 
-    def _saved_policy(self, targets: Targets) -> tuple[Calibration, RouteModel | None] | None:
+    def _saved_policy(
+        self, targets: Targets
+    ) -> tuple[Calibration, RouteModel | None, FieldRoute | None] | None:
         """The routes a labelled fit saved for this catalog and these settings, if any."""
         if self.index_dir is None or not (self.index_dir / POLICY_FILE).exists():
             return None
@@ -246,11 +281,11 @@ class Fitter:
                 return None
             calibration = Calibration.model_validate(data["calibration"])
             model_file = self.index_dir / ROUTE_MODEL_FILE
-            model = pickle.loads(model_file.read_bytes()) if model_file.exists() else None
+            saved = pickle.loads(model_file.read_bytes()) if model_file.exists() else {}
         except (OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
             log.warning("nem_llm: the saved routes in %s are unreadable (%s)", self.index_dir, exc)
             return None
-        return calibration, model
+        return calibration, saved.get("model"), saved.get("fields")
 
     async def _teach_async(
         self,

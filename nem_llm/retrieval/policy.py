@@ -11,12 +11,14 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from ..catalog import Catalog
 from ..config import Thresholds
 from ..errors import ConfigError
 from ..models import Calibration, Candidate
 from ..text import fold
+from .fields_route import FieldRoute
 from .learning import LearnedLabels
 from .route_model import RouteModel
 from .routing import Route, route
@@ -42,6 +44,8 @@ class RoutePolicy:
     learned: LearnedLabels | None = None
     # folded labelled mention -> entity id
     learned_ids: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: the field model of record queries (fit on a workload of them), or ``None``
+    fields: FieldRoute | None = None
 
     def with_learned(self, learned: LearnedLabels | None) -> RoutePolicy:
         """This policy with ``learned`` mentions (an exact lookup before routing)."""
@@ -64,9 +68,11 @@ class RoutePolicy:
         normalized: str,
         catalog: Catalog,
         thresholds: Thresholds | None = None,
+        attributes: Mapping[str, Any] | None = None,
     ) -> tuple[Route, list[Candidate]]:
         """Route one query; a labelled mention is matched to its entity (put first among
-        the candidates), one labelled "not in the catalog" is novel.
+        the candidates), one labelled "not in the catalog" is novel; a record query
+        (``attributes``) is routed by the field model when there is one.
 
         ``thresholds`` other than the policy's (a per-call ``threshold=``) route by the
         thresholds alone, without the routing model.
@@ -87,6 +93,24 @@ class RoutePolicy:
                 rest = [c for c in candidates if c.entity_id != eid]
                 why = f"a labelled example says this mention is {eid!r}"
                 return Route("matched", why, first.score, None, "learned"), [first, *rest]
+        if attributes and self.fields is not None and candidates:
+            routed = self._by_fields(candidates, attributes, catalog)
+            if routed is not None:
+                return routed
         chosen = thresholds if thresholds is not None else self.thresholds
         model = self.model if chosen is self.thresholds else None
         return route(candidates, chosen, normalized, model), candidates
+
+    def _by_fields(
+        self, candidates: list[Candidate], attributes: Mapping[str, Any], catalog: Catalog
+    ) -> tuple[Route, list[Candidate]] | None:
+        """A record query routed by the field model (its best candidate put first)."""
+        assert self.fields is not None
+        d = self.fields.decide(attributes, candidates, catalog)
+        if d is None:
+            return None
+        best = next((c for c in candidates if c.entity_id == d.entity_id), candidates[0])
+        ranked = [best, *(c for c in candidates if c is not best)]
+        margin = best.score - (ranked[1].score if len(ranked) > 1 else 0.0)
+        kind = "adjudicate" if d.kind == "undecided" else d.kind
+        return Route(kind, d.reason, best.score, margin, "fields", d), ranked

@@ -22,6 +22,7 @@ from ..text import fold
 from .guards import name_compatible, number_conflict
 
 if TYPE_CHECKING:
+    from .fields_route import FieldDecision
     from .route_model import RouteModel
 
 __all__ = ["Route", "RouteFeatures", "RouteKind", "features", "route"]
@@ -135,6 +136,7 @@ class Route:
     top_score: float | None
     margin: float | None
     rule: str = ""
+    fields: FieldDecision | None = None  # a record query: the field model's view
 
 
 def route(
