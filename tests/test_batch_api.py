@@ -219,9 +219,12 @@ def job_for(tmp_path: Path, name: str, base_url: str, **kwargs: Any) -> MatchJob
         out=tmp_path / f"{name}.jsonl",
         # no labelled sample: these tests count what goes through batches
         settings=MatcherSettings(
-            base_url=base_url, accept_threshold=1.5, novel_threshold=0.0, label_budget=0,
+            base_url=base_url,
+            accept_threshold=1.5,
+            novel_threshold=0.0,
+            label_budget=0,
             **kwargs,
-        ),  # fmt: skip
+        ),
     )
 
 

@@ -29,20 +29,21 @@ __all__ = ["JOB_FLAGS", "match", "parse_where"]
 #: the job runs and reports (``tests/test_settings.py`` checks flags = these + settings).
 JOB_FLAGS = frozenset(
     {
-        "catalog", "queries", "out", "query_column", "id_column", "where", "strategy", "order",
+        "catalog", "queries", "out", "query_column", "id_column", "where", "fields", "strategy",
+        "order",
         "state", "quiet", "stats_json", "engine", "poll_interval", "ray_address",
         "actors",
     }
 )  # fmt: skip
 
 
-def parse_where(specs: list[str] | None) -> dict[str, str]:
+def parse_where(specs: list[str] | None, flag: str = "--where") -> dict[str, str]:
     """``["country=country_code"]`` -> ``{"country": "country_code"}`` (attribute=column)."""
     out: dict[str, str] = {}
     for spec in specs or []:
         attribute, sep, column = (part.strip() for part in spec.partition("="))
         if not sep or not attribute or not column:
-            raise fail(f"--where {spec!r}: use ATTRIBUTE=COLUMN, e.g. country=country_code")
+            raise fail(f"{flag} {spec!r}: use ATTRIBUTE=COLUMN, e.g. country=country_code")
         out[attribute] = column
     return out
 
@@ -65,6 +66,15 @@ def match(
             metavar="ATTRIBUTE=COLUMN",
             help="ATTRIBUTE=COLUMN: each row's candidates are the entities whose attribute "
             "equals the row's COLUMN value (repeatable; an empty value: no filter)."
+        ),
+    ] = None,
+    fields: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="ATTRIBUTE=COLUMN",
+            help="The rows are records: the row's COLUMN is its field ATTRIBUTE, compared "
+            "field by field with the entities' attributes (repeatable; a JSONL row's own "
+            "'attributes' object is read without it).",
         ),
     ] = None,
     order: Annotated[OutputOrder, typer.Option(help="Output row order.")] = "input",
@@ -114,6 +124,7 @@ def match(
             query_column=query_column,
             id_column=id_column,
             where=parse_where(where),
+            fields=parse_where(fields, "--fields"),
             strategy=strategy,
             order=order,
             state=state,
