@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import nem_llm.jobs.io as nio
+import nem_llm.jobs.io._lines as nio_lines
 from nem_llm.errors import ConfigError, InputError
 from nem_llm.jobs.io import (
     AtomicLineWriter,
@@ -315,12 +315,87 @@ def test_csv_row_with_wrong_field_count_is_a_row_error(tmp_path: Path) -> None:
     ]
 
 
-def test_csv_unterminated_quote_is_a_row_error(tmp_path: Path) -> None:
+NEVER_CLOSED = (
+    "a quote opened on this line is never closed (a stray quote?); "
+    "reading goes on with the next line"
+)
+
+
+def test_csv_unterminated_quote_is_a_row_error_and_the_lines_after_it_are_rows(
+    tmp_path: Path,
+) -> None:
     path = write(tmp_path / "q.csv", 'id,query\nq1,a\nq2,"open\nq3,c\n')
     assert summary(list(read_queries(path))) == [
         (0, 2, "q1", "a", None),
-        (1, 3, "1", None, "unterminated quoted field (runs to the end of the file)"),
+        (1, 3, "1", None, NEVER_CLOSED),
+        (2, 4, "q3", "c", None),
     ]
+
+
+def test_csv_unterminated_quote_loses_no_line_and_agrees_with_count_rows(tmp_path: Path) -> None:
+    lines = [f"q{i:02d}," + ('"haskel' if i == 8 else f"query {i}") for i in range(15)]
+    path = write(tmp_path / "q.csv", "id,query\n" + "\n".join(lines) + "\n")
+    rows = list(read_queries(path))
+    assert len(rows) == count_rows(path) == 15
+    assert [r.line for r in rows] == list(range(2, 17))
+    assert [r.id for r in rows if r.ok] == [f"q{i:02d}" for i in range(15) if i != 8]
+    assert (rows[8].line, rows[8].error) == (10, NEVER_CLOSED)
+
+
+def test_csv_unterminated_quote_on_the_last_line_is_one_error_row(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", 'id,query\nq1,a\nq2,"open')
+    assert summary(list(read_queries(path)))[1] == (
+        1,
+        3,
+        "1",
+        None,
+        "a quote opened on this line is never closed (a stray quote?)",
+    )
+
+
+def test_csv_stray_quote_closed_inside_a_later_field_loses_no_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", 'id,query\nq1,"hask\nq2,b\nq3,"c" d\nq4,e\n')
+    assert summary(list(read_queries(path))) == [
+        (
+            0,
+            2,
+            "0",
+            None,
+            "a quote opened on this line closes on line 4 in the middle of a "
+            "field (a stray quote?); reading goes on with the next line",
+        ),
+        (1, 3, "q2", "b", None),
+        (2, 4, "q3", "c d", None),
+        (3, 5, "q4", "e", None),
+    ]
+
+
+def test_csv_quote_closed_then_text_on_one_line_is_read_leniently(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", 'id,query\nq1,"ab"c\nq2,d\n')
+    assert summary(list(read_queries(path))) == [
+        (0, 2, "q1", "abc", None),
+        (1, 3, "q2", "d", None),
+    ]
+
+
+def test_csv_record_of_several_lines_with_wrong_field_count_names_its_lines(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path / "q.csv", 'id,query\nq1,"a\nb",x\nq2,d\n')
+    assert summary(list(read_queries(path)))[0] == (
+        0,
+        2,
+        "0",
+        None,
+        "expected 2 fields, got 3 (the record runs from line 2 to line 3)",
+    )
+
+
+def test_csv_unterminated_quote_in_the_header_is_fatal_naming_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", 'id,"query\nq1,a\n')
+    never_closed = r"q\.csv:1: unreadable CSV header: a quote that is never closed"
+    with pytest.raises(InputError, match=never_closed):
+        read_queries(path)
 
 
 def test_csv_carriage_return_in_unquoted_field_is_a_row_error(tmp_path: Path) -> None:
@@ -342,7 +417,7 @@ def test_jsonl_schema_comes_from_the_first_object_not_the_first_line(tmp_path: P
 def test_over_long_line_is_a_row_error_and_is_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(nio, "MAX_LINE_BYTES", 64)
+    monkeypatch.setattr(nio_lines, "MAX_LINE_BYTES", 64)
     path = write(tmp_path / "q.txt", "a\n" + "x" * 500 + "\nb\n")
     assert summary(list(read_queries(path, max_query_chars=1))) == [
         (0, 1, "0", "a", None),

@@ -69,7 +69,7 @@ from ..matching.decision import Pending
 from ..models import Attempt, MatchResult, RunStats, Usage
 from .batch import load_job_catalog
 from .checkpoint import RunStore
-from .io import QueryRow, count_rows, read_queries
+from .io import QueryRow, count_rows
 from .runs import JobSummary, MatchJob, error_row, output_row, row_filter, run_key, write_output
 
 __all__ = [
@@ -899,7 +899,7 @@ async def run_batch_api_job(
         engine = _Engine(job, options, api, store, cache, matcher, key, on_batch)
         if not await store.planned_async(key):
             await matcher.fit_async()
-            rows = read_queries(job.queries, query_column=job.query_column, id_column=job.id_column)
+            rows = job.read_rows()
             try:
                 interrupted = not await engine.plan(rows, stop)
             finally:
