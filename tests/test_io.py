@@ -670,3 +670,135 @@ def test_read_jsonl_rows_raises_on_a_bad_line_before_the_last(tmp_path: Path) ->
 def test_read_jsonl_rows_of_missing_file_raises(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="file not found"):
         read_jsonl_rows(tmp_path / "out.jsonl")
+
+
+# --------------------------------------------------------------------------- formats users have
+
+
+def parquet(path: Path, rows: list[dict[str, object]]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_parquet_queries_are_rows_like_any_other_format(tmp_path: Path) -> None:
+    path = parquet(
+        tmp_path / "q.parquet",
+        [
+            {"id": "q1", "query": "USA", "country": "US"},
+            {"id": "q2", "query": "  ", "country": None},
+            {"id": "q1", "query": "Deutschland", "country": "DE"},
+        ],
+    )
+    rows = list(read_queries(path))
+    assert summary(rows) == [
+        (0, 1, "q1", "USA", None),
+        (1, 2, "q2", None, "empty query"),
+        (2, 3, "q1", None, "duplicate id 'q1' (first seen at line 1)"),
+    ]
+    assert rows[0].record == {"id": "q1", "query": "USA", "country": "US"}
+    assert count_rows(path) == 3
+
+
+def test_parquet_without_the_query_column_is_fatal_naming_the_flag(tmp_path: Path) -> None:
+    path = parquet(tmp_path / "q.parquet", [{"id": "q1", "label": "USA"}])
+    with pytest.raises(InputError, match=r"no query column in the Parquet schema.*--query-column"):
+        read_queries(path)
+
+
+def test_a_file_that_is_not_parquet_is_fatal(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.parquet", "id,query\nq1,a\n")
+    with pytest.raises(InputError, match=r"q\.parquet: not a readable Parquet file"):
+        read_queries(path)
+
+
+def test_parquet_without_pyarrow_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    path = parquet(tmp_path / "q.parquet", [{"query": "a"}])
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ConfigError, match=r"needs pyarrow: pip install 'nem_llm\[frames\]'"):
+        read_queries(path)
+
+
+def test_semicolon_csv_is_sniffed_from_its_header(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", 'id;query;note\nq1;"a; b";x\nq2;c,d;y\n')
+    rows = list(read_queries(path))
+    assert summary(rows) == [(0, 2, "q1", "a; b", None), (1, 3, "q2", "c,d", None)]
+
+
+def test_an_explicit_delimiter_wins_over_sniffing(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", "id:query\nq1:a;b;c\n")
+    assert summary(list(read_queries(path, delimiter=":"))) == [(0, 2, "q1", "a;b;c", None)]
+
+
+def test_a_delimiter_must_be_one_character(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", "id,query\nq1,a\n")
+    with pytest.raises(ConfigError, match="delimiter must be one character"):
+        read_queries(path, delimiter="::")
+
+
+def test_missing_query_column_names_the_flag_and_hints_at_the_delimiter(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", "id:text\nq1:a\n")
+    with pytest.raises(InputError) as info:
+        read_queries(path)
+    message = str(info.value)
+    assert "q.csv:1: no query column in header" in message
+    assert "--query-column" in message
+    assert "--delimiter" in message and "one column" in message
+
+
+def test_missing_query_column_with_several_columns_does_not_blame_the_delimiter(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path / "q.csv", "id,label\nq1,a\n")
+    with pytest.raises(InputError, match="--query-column") as info:
+        read_queries(path)
+    assert "--delimiter" not in str(info.value)
+
+
+def test_semicolon_csv_catalog_loads(tmp_path: Path) -> None:
+    from nem_llm.catalog import load_catalog
+
+    path = write(tmp_path / "c.csv", "id;name;aliases\nUS;United States;USA|America\n")
+    catalog = load_catalog(path)
+    assert catalog.entities[0].aliases == ["USA", "America"]
+
+
+def test_catalog_alias_separator_splits_other_separators(tmp_path: Path) -> None:
+    from nem_llm.catalog import CatalogColumns, load_catalog
+
+    path = write(tmp_path / "c.csv", "id,name,aliases\npy,Python,CPython;py3\n")
+    assert load_catalog(path).entities[0].aliases == ["CPython;py3"]
+    columns = CatalogColumns(alias_separator=";")
+    assert load_catalog(path, columns=columns).entities[0].aliases == ["CPython", "py3"]
+
+
+def test_parquet_catalog_loads_lists_strings_and_typed_attributes(tmp_path: Path) -> None:
+    from nem_llm.catalog import load_catalog
+
+    path = parquet(
+        tmp_path / "c.parquet",
+        [
+            {"id": 1, "name": "Python", "aliases": "CPython|py3", "year": 1991, "note": None},
+            {"id": 2, "name": "Rust", "aliases": None, "year": 2015, "note": "systems"},
+        ],
+    )
+    catalog = load_catalog(path)
+    assert [e.id for e in catalog.entities] == ["1", "2"]
+    assert catalog.entities[0].aliases == ["CPython", "py3"]
+    assert catalog.entities[0].attributes == {"year": 1991}
+    assert catalog.entities[1].attributes == {"year": 2015, "note": "systems"}
+
+
+def test_parquet_catalog_row_errors_name_the_row(tmp_path: Path) -> None:
+    from nem_llm.catalog import load_catalog
+    from nem_llm.errors import CatalogError
+
+    path = parquet(tmp_path / "c.parquet", [{"id": "a", "name": "A"}, {"id": "a", "name": "B"}])
+    with pytest.raises(CatalogError, match=r"c\.parquet:2: duplicate id 'a'"):
+        load_catalog(path)

@@ -29,8 +29,8 @@ value and the column checks), one reader per format (``jsonl``, ``delimited``, `
 
 from __future__ import annotations
 
+from ..._sniff import sniff_delimiter
 from ._lines import MAX_LINE_BYTES, EncodingErrors
-from .delimited import sniff_delimiter
 from .queries import FORMATS, count_rows, read_queries
 from .results import AtomicLineWriter, read_jsonl_rows, read_result_rows, repair_jsonl_tail
 from .rows import QUERY_COLUMNS, QueryRow

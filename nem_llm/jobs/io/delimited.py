@@ -12,11 +12,12 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from ..._sniff import delimiter_hint, sniff_delimiter
 from ...errors import InputError
 from ._lines import EncodingErrors, decode_line, line_cap, open_binary, physical_lines
 from .rows import QueryRow, ReadOptions, Schema, error_row
 
-__all__ = ["SNIFFED_DELIMITERS", "read_delimited_queries", "sniff_delimiter"]
+__all__ = ["read_delimited_queries"]
 
 # States of a simplified copy of the csv module's parser, used only to find where a record
 # ends after the csv module gave up on it (see _skip_rest_of_record).
@@ -161,57 +162,12 @@ def _is_blank(fields: list[str], feeder: _LineFeeder, ncols: int) -> bool:
     return feeder.nlines == 1 and len(fields) == 1 and ncols > 1 and not fields[0].strip()
 
 
-#: Delimiters the header line is sniffed for (``.csv`` files without an explicit one).
-SNIFFED_DELIMITERS = (",", ";", "\t", "|")
-_DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
-
-
-def _count_outside_quotes(text: str, delimiter: str) -> int:
-    """How often ``delimiter`` occurs in ``text`` outside double quotes."""
-    count = 0
-    quoted = False
-    for c in text:
-        if c == '"':
-            quoted = not quoted
-        elif c == delimiter and not quoted:
-            count += 1
-    return count
-
-
-def sniff_delimiter(header: str, default: str = ",") -> str:
-    """The delimiter of a header line: the candidate seen most often outside quotes.
-
-    Ties go to ``default``; a header with none of :data:`SNIFFED_DELIMITERS` (one column)
-    keeps ``default``.
-
-    Example:
-        >>> sniff_delimiter("id;query;country")
-        ';'
-        >>> sniff_delimiter("query")
-        ','
-    """
-    counts = {d: _count_outside_quotes(header, d) for d in SNIFFED_DELIMITERS}
-    best = max(SNIFFED_DELIMITERS, key=lambda d: (counts[d], d == default))
-    return best if counts[best] > 0 else default
-
-
 def _header_text(fh: BinaryIO, cap: int) -> str:
     """The file's first non-blank line, decoded leniently (for sniffing only)."""
     for _, raw, _, _ in physical_lines(fh, cap):
         if raw.strip():
             return raw.decode("utf-8", "replace")
     return ""
-
-
-def _delimiter_hint(header: list[str], delimiter: str) -> str:
-    """What to add to a missing-column error when the header may be split wrongly."""
-    if len(header) != 1:
-        return ""
-    name = _DELIMITER_NAMES.get(delimiter, repr(delimiter))
-    return (
-        f"; the header is one column when split on the {name}: if the file uses another "
-        "delimiter, name it with --delimiter (delimiter=)"
-    )
 
 
 class _Records:
@@ -342,7 +298,7 @@ def read_delimited_queries(
             where="in header",
             source=label,
             line=records.feeder.record_start,
-            hint=_delimiter_hint(header, delimiter),
+            hint=delimiter_hint(header, delimiter, "name it with --delimiter (delimiter=)"),
         )
         yield from _rows(records, schema, header, options.max_chars)
 
