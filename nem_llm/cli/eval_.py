@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ..settings import MatcherSettings
-from ._app import app, err, out, run
+from ._app import app, err, out, run, say
 from ._settings import with_settings
 
 
@@ -83,7 +83,7 @@ def eval_(
     )
     from ..jobs.evaluation import render_eval_table
 
-    out.print(render_eval_table([report]), highlight=False, soft_wrap=True)
+    out.print(render_eval_table([report]), markup=False, highlight=False, soft_wrap=True)
     if json_out is not None:
         json_out.write_text(report.model_dump_json(indent=2), encoding="utf-8")
     if report_out is not None and kept is not None:
@@ -96,4 +96,4 @@ def eval_(
             title=f"nem-llm eval: {report.name}",
             source=str(queries),
         )
-        err.print(f"report written: {write_report(data, report_out)}", highlight=False)
+        say(f"report written: {write_report(data, report_out)}")

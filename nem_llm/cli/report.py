@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._app import app, as_coro, err, run
+from ._app import app, as_coro, run, say
 
 
 @app.command()
@@ -23,7 +23,9 @@ def report(
     accept_threshold: Annotated[
         float | None, typer.Option(help="The run's accept threshold (drawn on the charts).")
     ] = None,
-    title: str | None = None,
+    title: Annotated[
+        str | None, typer.Option(help="The page's title (default: nem-llm run report).")
+    ] = None,
 ) -> None:
     """Write one self-contained HTML page of charts about a run (no network to view it)."""
     from ..jobs.report import build_report, write_report
@@ -39,4 +41,4 @@ def report(
         return write_report(data, out)
 
     written = run(lambda: as_coro(main))
-    err.print(f"report written: {written}", highlight=False, soft_wrap=True)
+    say(f"report written: {written}")

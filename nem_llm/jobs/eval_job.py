@@ -129,7 +129,11 @@ async def run_eval(
             fitted = matcher.calibration
             for route_name, est in (("auto-match", fitted.matched), ("auto-novel", fitted.novel)):
                 state = "open" if est.open else "closed"
-                progress.print(f"{name or 'eval'}: {route_name} route {state}: {est.reason}")
+                progress.print(
+                    f"{name or 'eval'}: {route_name} route {state}: {est.reason}",
+                    markup=False,
+                    highlight=False,
+                )
         k = max(RECALL_KS)
         retrieved: list[list[Candidate]] = []
         for lo in range(0, len(texts), _RETRIEVE_CHUNK):
@@ -138,10 +142,11 @@ async def run_eval(
             )
         task = None
         if progress is not None:
+            from rich.markup import escape
             from rich.progress import Progress
 
             bar = stack.enter_context(Progress(console=progress, transient=True))
-            task = bar.add_task(f"eval {name}", total=len(texts))
+            task = bar.add_task(f"eval {escape(name)}", total=len(texts))
 
         def on_progress(done: int, total: int | None) -> None:
             if task is not None:
