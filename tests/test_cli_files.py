@@ -271,3 +271,102 @@ def test_every_print_of_interpolated_text_escapes_rich_markup() -> None:
     ] + sorted((ROOT / "nem_llm" / "jobs").rglob("*.py"))
     bad = [where for path in files for where in _prints_needing_escape(path)]
     assert bad == []
+
+
+# -- item 12: one label reader -----------------------------------------------------------------
+
+LABELS_CSV = "qid,query,gold_id\nl1,USA,US\nl2,Atlantis,\nl3,Deutschland,DE\nl4,Narnia,NA\n"
+
+
+def test_an_empty_gold_cell_is_absent_and_every_format_reads_the_same(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nem_llm.jobs.labels import read_labels
+
+    csv_path = write(tmp_path / "l.csv", LABELS_CSV)
+    jsonl_path = write(
+        tmp_path / "l.jsonl",
+        '{"qid": "l1", "query": "USA", "gold_id": "US"}\n'
+        '{"qid": "l2", "query": "Atlantis", "gold_id": null}\n'
+        '{"qid": "l3", "query": "Deutschland", "gold_id": "DE"}\n'
+        '{"qid": "l4", "query": "Narnia", "gold_id": "NA"}\n',
+    )
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"qid": "l1", "query": "USA", "gold_id": "US"},
+                {"qid": "l2", "query": "Atlantis", "gold_id": None},
+                {"qid": "l3", "query": "Deutschland", "gold_id": "DE"},
+                {"qid": "l4", "query": "Narnia", "gold_id": "NA"},
+            ]
+        ),
+        tmp_path / "l.parquet",
+    )
+    expected = [("USA", "US"), ("Atlantis", None), ("Deutschland", "DE"), ("Narnia", "NA")]
+    for path in (csv_path, jsonl_path, tmp_path / "l.parquet"):
+        labels = read_labels(path)
+        assert labels.pairs() == expected, path
+        assert [label.row_id for label in labels.items] == ["l1", "l2", "l3", "l4"]
+
+
+def test_each_unknown_gold_id_gets_one_warning_naming_it(tmp_path: Path) -> None:
+    from nem_llm.jobs.labels import read_labels
+
+    path = write(tmp_path / "l.csv", LABELS_CSV + "l5,Narnia!,NA\nl6,Oz,OZ\n")
+    labels = read_labels(path, catalog_ids={"US", "DE", "FR"})
+    assert labels.unknown == {"NA": [5, 6], "OZ": [7]}
+    warnings = labels.warnings()
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"{path}:5: gold id 'NA' is not in the catalog (and 1 more")
+    assert warnings[1].startswith(f"{path}:7: gold id 'OZ' is not in the catalog")
+
+
+def test_a_labels_file_without_gold_ids_is_one_clear_error(tmp_path: Path) -> None:
+    from nem_llm.errors import InputError
+    from nem_llm.jobs.labels import read_labels
+
+    path = write(tmp_path / "l.csv", "qid,query\nl1,USA\n")
+    with pytest.raises(InputError, match=r"l\.csv:2: no 'gold_id' field"):
+        read_labels(path)
+
+
+async def test_eval_reads_a_csv_with_empty_gold_cells_as_absent_and_warns_per_unknown_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nem_llm.jobs.eval_job as eval_job
+
+    monkeypatch.setattr(eval_job, "Matcher", FACTORY)
+    catalog = write(tmp_path / "catalog.csv", CATALOG)
+    labels = write(tmp_path / "l.csv", LABELS_CSV)
+    kept: list[tuple[Any, str | None]] = []
+    said: list[str] = []
+    report = await eval_job.run_eval(
+        catalog=catalog,
+        queries=labels,
+        settings=MatcherSettings(),
+        keep_results=kept,
+        on_warning=said.append,
+    )
+    assert [gold for _, gold in kept] == ["US", None, "DE", "NA"]
+    assert report.queries == 4
+    assert len(said) == 1 and "gold id 'NA' is not in the catalog" in said[0]
+
+
+async def test_report_labels_reads_the_csv_eval_reads(tmp_path: Path) -> None:
+    from nem_llm.jobs.report import build_report
+
+    queries = write(tmp_path / "q.csv", "id,query\nl1,USA\nl2,Atlantis\nl3,Deutschland\n")
+    await run_match_job(job(tmp_path, queries), matcher_factory=FACTORY)
+    labels = write(tmp_path / "l.csv", LABELS_CSV)
+    data = build_report(tmp_path / "out.jsonl", labels=labels)
+    assert data.golds == ["US", None, "DE"]
+
+
+def test_review_labels_are_read_by_the_same_reader(tmp_path: Path) -> None:
+    from nem_llm.jobs.review import load_labels
+
+    path = write(
+        tmp_path / "labels.jsonl", '{"query": "a", "gold_id": ""}\n{"query": "b", "gold_id": "X"}\n'
+    )
+    assert load_labels(path) == [("a", None), ("b", "X")]

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ..settings import MatcherSettings
-from ._app import app, err, out, run, say
+from ._app import app, err, out, run, say, warn
 from ._settings import with_settings
 
 
@@ -31,8 +31,14 @@ EVAL_FLAGS = frozenset(
 @app.command("eval")
 @with_settings(exclude=("llm",))
 def eval_(
-    catalog: Annotated[Path, typer.Option(help="Entities JSONL/CSV.")],
-    queries: Annotated[Path, typer.Option(help="Labelled queries with 'gold_id' (null = absent).")],
+    catalog: Annotated[Path, typer.Option(help="Entities: JSONL, CSV, TSV or Parquet.")],
+    queries: Annotated[
+        Path,
+        typer.Option(
+            help="Labelled queries: JSONL, CSV, TSV or Parquet with 'query' and 'gold_id' "
+            "(an empty cell or null: not in the catalog)."
+        ),
+    ],
     settings: MatcherSettings,
     llm: Annotated[
         LLMOpt, typer.Option(help="off: no LLM; env: OPENAI_* settings; sim: simulator oracle.")
@@ -79,6 +85,7 @@ def eval_(
             name=name or catalog.stem.removesuffix("_catalog"),
             progress=err,
             keep_results=kept,
+            on_warning=warn,
         )
     )
     from ..jobs.evaluation import render_eval_table

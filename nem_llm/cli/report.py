@@ -12,10 +12,17 @@ from ._app import app, as_coro, run, say
 
 @app.command()
 def report(
-    results: Annotated[Path, typer.Option(help="Results JSONL of `nem-llm match`.")],
+    results: Annotated[
+        Path, typer.Option(help="Results of `nem-llm match` (JSONL or Parquet).")
+    ],
     out: Annotated[Path, typer.Option(help="The HTML file to write.")],
     labels: Annotated[
-        Path | None, typer.Option(help="Labels JSONL ('query', 'gold_id'; 'qid' optional).")
+        Path | None,
+        typer.Option(
+            help="Labelled queries as eval reads them: JSONL, CSV, TSV or Parquet with "
+            "'query' and 'gold_id' (empty or null: not in the catalog; 'qid' or 'id' joins "
+            "rows by id)."
+        ),
     ] = None,
     proposals: Annotated[
         Path | None, typer.Option(help="Proposals JSONL of `nem-llm discover`.")

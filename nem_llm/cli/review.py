@@ -18,7 +18,7 @@ app.add_typer(review_app, name="review")
 
 @review_app.command("export")
 def review_export(
-    results: Annotated[Path, typer.Option(help="Results JSONL of `nem-llm match`.")],
+    results: Annotated[Path, typer.Option(help="Results of `nem-llm match` (JSONL or Parquet).")],
     to: Annotated[Path, typer.Option(help="The CSV to write.")],
     min_confidence: Annotated[
         float, typer.Option(help="Also queue LLM matches below this confidence.")
