@@ -15,14 +15,14 @@ private event loop thread (see ``_sync.LoopThread``), so the logic exists once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
-import logging
-import warnings
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     Awaitable,
     Callable,
+    Coroutine,
     Iterable,
     Mapping,
     Sequence,
@@ -30,34 +30,30 @@ from collections.abc import (
 )
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from typing import Any, overload
+from typing import Any, TypeVar, cast, overload
 
-import instructor
 from openai import AsyncOpenAI
 
 from ._sync import LoopThread
 from .catalog import Catalog, EntitySource, load_catalog
 from .config import Thresholds
-from .errors import ConfigError, NemLLMError, NotReadyError
-from .llm.adjudication import Adjudicator
-from .llm.cache import DecisionCache, ReviewedLabel
-from .llm.governor import Governor, GovernorStats
+from .errors import ConfigError, NemLLMError
+from .llm.governor import GovernorStats
 from .llm.stats import StatsCollector
 from .llm.strategies import Strategy, check_strategy, run_strategy
-from .llm.transport import resolve_client, skip_param_transform
-from .matching.decision import Decider, Pending, error_result
+from .matching.decision import Decider, Pending
 from .matching.explain import diagnosis, explanation
-from .matching.rewrite import Rewriter
+from .matching.pipeline import QueryPipeline
+from .matching.runtime import LLMConnection, Runtime, settings_from_options
 from .models import Calibration, Candidate, Diagnosis, Explanation, MatchResult, RunStats
-from .retrieval.embedding import Embedder, MicroBatcher
+from .retrieval.embedding import Embedder
 from .retrieval.encoders import make_embedder
 from .retrieval.fitting import Fitter, Targets, check_labels
 from .retrieval.index import HybridIndex
 from .retrieval.learning import FinetuneResult, FitMode, LearnedLabels
 from .retrieval.policy import RoutePolicy
-from .retrieval.retriever import Retriever, SearchItem, Where
+from .retrieval.retriever import Retriever, Where, Wheres, where_lookup
 from .retrieval.route_model import RouteModel
-from .retrieval.routing import Route
 from .settings import MatcherSettings
 from .text import validate_query
 
@@ -65,50 +61,21 @@ __all__ = ["Matcher", "ProgressCallback", "Where"]
 
 ProgressCallback = Callable[[int, int | None], Awaitable[None] | None]
 Queries = Iterable[str] | AsyncIterable[str]
-#: One filter for every query, or one per query (a sequence, or a function of the query's
-#: position; ``None`` = no filter for that one).
-Wheres = Where | Sequence[Where | None] | Callable[[int], Where | None] | None
 
-log = logging.getLogger("nem_llm")
-
-# old keyword spellings -> (the settings field, how the value converts)
-_RENAMED = {"index": "search", "index_path": "index_dir"}
+T = TypeVar("T")
 
 
-class _Runtime:
-    """Loop-bound state: the governor and the micro-batcher belong to one event loop."""
+def _twin(method: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+    """The sync twin of an async method: the same arguments (its signature, for help()
+    and the docs), run on the matcher's private event loop thread."""
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        governor: Governor,
-        batcher: MicroBatcher[SearchItem, list[Candidate]],
-    ) -> None:
-        self.loop = loop
-        self.governor = governor
-        self.batcher = batcher
+    @functools.wraps(method)
+    def twin(self: Matcher, *args: Any, **kwargs: Any) -> T:
+        return self._sync.run(method(self, *args, **kwargs))
 
-
-def _settings_of(
-    settings: MatcherSettings | None, options: dict[str, Any]
-) -> tuple[MatcherSettings, DecisionCache | None]:
-    """Settings from ``settings=`` and keyword options (old spellings warn and still work)."""
-    cache_object: DecisionCache | None = None
-    for old, new in _RENAMED.items():
-        if old in options:
-            warnings.warn(
-                f"Matcher({old}=...) is deprecated: use {new}=...", DeprecationWarning, stacklevel=3
-            )
-            options[new] = options.pop(old)
-    if "mode" in options:  # an instructor.Mode (or its value)
-        mode = options.pop("mode")
-        options["instructor_mode"] = mode.value if isinstance(mode, instructor.Mode) else mode
-    if isinstance(options.get("cache"), DecisionCache):
-        cache_object = options.pop("cache")
-    base = settings if settings is not None else MatcherSettings()
-    if not isinstance(base, MatcherSettings):
-        raise ConfigError(f"settings must be a MatcherSettings, got {type(base).__name__}")
-    return base.replace(**options), cache_object
+    twin.__name__ = twin.__qualname__ = method.__name__.removesuffix("_async")
+    twin.__doc__ = f"Sync twin of :meth:`{method.__name__}` (the same arguments)."
+    return twin
 
 
 class Matcher:
@@ -155,19 +122,17 @@ class Matcher:
         if embedder is not None and options.get("encoder") not in (None, "auto"):
             raise ConfigError("pass embedder= or encoder=, not both")
         options = {k: v for k, v in options.items() if not (k == "encoder" and v is None)}
-        self.settings, cache_object = _settings_of(settings, options)
+        self.settings, cache = settings_from_options(settings, options)
         s = self.settings
         self.catalog = load_catalog(
             entities, include_description=s.index_description, columns=s.columns
         )
-        if s.prompt_attributes:
-            known = self.catalog.attribute_names()
-            missing = [a for a in s.prompt_attributes if a not in known]
-            if missing:
-                raise ConfigError(
-                    f"prompt_attributes {missing} are attributes no entity has "
-                    f"(attributes: {', '.join(sorted(known)[:10]) or 'none'})"
-                )
+        missing = [a for a in s.prompt_attributes if a not in self.catalog.attribute_names()]
+        if missing:
+            known = ", ".join(sorted(self.catalog.attribute_names())[:10]) or "none"
+            raise ConfigError(
+                f"prompt_attributes {missing} are attributes no entity has (attributes: {known})"
+            )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="nem-llm-embed")
         self.retriever = Retriever(
             self.catalog,
@@ -180,30 +145,18 @@ class Matcher:
         self.fitter = Fitter(s, self.retriever, own_embedder=embedder is None)
         self.policy = RoutePolicy(thresholds=self.fitter.initial_thresholds())
         self.last_run_stats: RunStats | None = None
-        self._client, self._owns_client = (
-            resolve_client(client, base_url=s.base_url, api_key=api_key, timeout=s.limits.timeout)
-            if s.llm
-            else (None, False)
+        self._llm = LLMConnection.open(s, client, api_key, cache)
+        self.decider = Decider(s, lambda: self.catalog, self._llm.adjudicator, self._llm.cache)
+        self._runtime = Runtime(s, self.retriever.search_batch, self._executor)
+        self.pipeline = QueryPipeline(
+            s,
+            self.retriever,
+            lambda: self.policy,
+            lambda: self.catalog,
+            self.decider,
+            self._runtime,
         )
-        adjudicator = None
-        if self._client is not None:
-            patched = instructor.from_openai(
-                skip_param_transform(self._client), mode=instructor.Mode(s.instructor_mode)
-            )
-            adjudicator = Adjudicator(
-                patched, s.model, max_reasks=s.limits.max_reasks, temperature=s.temperature
-            )
-        if cache_object is not None:
-            cache, self._owns_cache = cache_object, False
-        elif s.cache is not None:
-            cache, self._owns_cache = DecisionCache(s.cache), True
-        else:
-            cache, self._owns_cache = None, False
-        self.decider = Decider(s, lambda: self.catalog, adjudicator, cache)
-        self.rewriter = Rewriter(self.decider, self._candidates, self._route, self._governor)
-        self._runtime: _Runtime | None = None
         self._sync = LoopThread()
-        self._closed = False
 
     # -- what the stages hold, read through the facade -----------------------------------
 
@@ -215,7 +168,7 @@ class Matcher:
     @property
     def client(self) -> AsyncOpenAI | None:
         """The ``AsyncOpenAI`` client LLM calls go through (``None``: no LLM configured)."""
-        return self._client
+        return self._llm.client
 
     @property
     def ready(self) -> bool:
@@ -266,34 +219,8 @@ class Matcher:
     @property
     def governor_stats(self) -> GovernorStats | None:
         """Running LLM totals of the current event loop's governor (``None`` before use)."""
-        return self._runtime.governor.stats if self._runtime is not None else None
-
-    def _runtime_for_loop(self) -> _Runtime:
-        if self._closed:
-            raise NemLLMError("this Matcher is closed")
-        loop = asyncio.get_running_loop()
-        rt = self._runtime
-        if rt is not None and rt.loop is not loop:
-            if not rt.loop.is_closed():
-                raise NemLLMError(
-                    "this Matcher is already in use on another event loop; use either its "
-                    "async methods or its sync twins, not both"
-                )
-            rt = None
-        if rt is None:
-            s = self.settings
-            batcher: MicroBatcher[SearchItem, list[Candidate]] = MicroBatcher(
-                self.retriever.search_batch,
-                max_batch_size=s.max_batch_size if s.batching else 1,
-                max_wait=s.max_wait if s.batching else 0.0,
-                executor=self._executor,
-            )
-            rt = _Runtime(loop, Governor(s.limits, model=s.model), batcher)
-            self._runtime = rt
-        return rt
-
-    def _governor(self) -> Governor:
-        return self._runtime_for_loop().governor
+        state = self._runtime.state
+        return state.governor.stats if state is not None else None
 
     # -- fit -----------------------------------------------------------------------------
 
@@ -326,7 +253,7 @@ class Matcher:
         (except thresholds set in the settings). An auto route opens only where it is
         expected to reach its target precision; ``matcher.calibration`` says why not.
         """
-        if self._closed:
+        if self._runtime.closed:
             raise NemLLMError("this Matcher is closed")
         targets = Targets(
             matched=self._target("target_precision", target_precision),
@@ -343,84 +270,6 @@ class Matcher:
             return float(getattr(self.settings, name))
         self.settings = self.settings.replace(**{name: value})
         return float(value)
-
-    # -- one query -----------------------------------------------------------------------
-
-    async def _candidates(
-        self, normalized: str, top_k: int, mask_key: str | None = None, *, flush: bool = False
-    ) -> list[Candidate]:
-        """Retrieve through the shared micro-batcher (``flush``: do not wait for company)."""
-        self.retriever.require_index()
-        batcher = self._runtime_for_loop().batcher
-        return await batcher.submit_async((normalized, top_k, mask_key), flush=flush)
-
-    def _route(
-        self, candidates: list[Candidate], normalized: str, thresholds: Thresholds | None = None
-    ) -> tuple[Route, list[Candidate]]:
-        return self.policy.route(candidates, normalized, self.catalog, thresholds)
-
-    async def _routed(
-        self,
-        query: Any,
-        index: int,
-        top_k: int | None,
-        thresholds: Thresholds,
-        where: Where | None,
-        alone: bool = False,
-    ) -> tuple[str, int, str | None, Route, list[Candidate]]:
-        """Validate, retrieve and route one query."""
-        normalized = validate_query(query, index=index, max_chars=self.settings.max_query_chars)
-        k = top_k or self.settings.top_k
-        mask_key = self.retriever.mask_key(where)
-        candidates = await self._candidates(normalized, k, mask_key, flush=alone)
-        route, candidates = self._route(candidates, normalized, thresholds)
-        return normalized, k, mask_key, route, candidates
-
-    async def _match_one(
-        self,
-        index: int,
-        query: Any,
-        top_k: int | None,
-        *,
-        thresholds: Thresholds | None = None,
-        where: Where | None = None,
-        raise_input_errors: bool = False,
-        alone: bool = False,
-    ) -> tuple[MatchResult, Route | None]:
-        """Match one query; every failure but cancellation becomes an error record.
-
-        ``alone``: no other query of this call is in flight (the sequential strategy), so
-        retrieval does not wait the micro-batcher's ``max_wait`` for company.
-        """
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        text = query if isinstance(query, str) else repr(query)
-        thresholds = thresholds or self.thresholds
-        route: Route | None = None
-        try:
-            normalized, k, mask_key, route, candidates = await self._routed(
-                query, index, top_k, thresholds, where, alone
-            )
-            rewrite = self.settings.rewrite and self.llm_configured
-            result = await self.decider.decide_async(
-                index, text, normalized, candidates, route, self._governor, ask_names=rewrite
-            )
-            if rewrite and result.status == "novel":
-                result = await self.rewriter.rewritten_async(
-                    result, normalized, k, mask_key, route, thresholds
-                )
-        except (asyncio.CancelledError, NotReadyError):
-            raise
-        except Exception as exc:
-            if raise_input_errors and isinstance(exc, NemLLMError):
-                raise
-            result, route = error_result(index, query, exc), None
-        result.latency_s = loop.time() - started
-        return result, route
-
-    async def reviewed_label_async(self, normalized: str) -> ReviewedLabel | None:
-        """A person's decision for this normalized query, if any (see ``Decider``)."""
-        return await self.decider.reviewed_label_async(normalized)
 
     # -- public async API --------------------------------------------------------------
 
@@ -466,7 +315,7 @@ class Matcher:
         if where is not None and not isinstance(where, Mapping):
             raise ConfigError("where must be a mapping for a single query")
         thresholds = self.policy.for_threshold(threshold)
-        result, _ = await self._match_one(
+        result, _ = await self.pipeline.match_one_async(
             0, query, top_k, thresholds=thresholds, where=where, raise_input_errors=True
         )
         return result
@@ -491,7 +340,7 @@ class Matcher:
         self.retriever.require_index()
         strategy = check_strategy(strategy)
         thresholds = self.policy.for_threshold(threshold)
-        where_of = self._where_of(where)
+        where_of = where_lookup(where, self.retriever.mask_key)
         total = len(queries) if isinstance(queries, Sized) else None
         collector = StatsCollector()
         loop = asyncio.get_running_loop()
@@ -499,7 +348,7 @@ class Matcher:
         alone = strategy == "sequential"
 
         async def worker(i: int, q: str) -> MatchResult:
-            one = self._match_one(
+            one = self.pipeline.match_one_async(
                 i, q, top_k, thresholds=thresholds, where=where_of(i), alone=alone
             )
             return (await one)[0]
@@ -513,29 +362,6 @@ class Matcher:
                     await _maybe_await(on_progress(collector.total, total))
                 yield result
         self.last_run_stats = collector.finish(loop.time() - started)
-
-    def _where_of(self, where: Wheres) -> Callable[[int], Where | None]:
-        """Per-index filter lookup; a shared filter is checked now (a clear ConfigError)."""
-        if where is None:
-            return lambda i: None
-        if isinstance(where, Mapping):
-            self.retriever.mask_key(where)
-            shared = where
-            return lambda i: shared
-        if callable(where):
-            return where
-        if isinstance(where, str | bytes) or not isinstance(where, Sequence):
-            raise ConfigError(
-                f"where must be a mapping or a sequence of mappings, got {type(where).__name__}"
-            )
-        rows = where
-
-        def lookup(i: int) -> Where | None:
-            if i >= len(rows):
-                raise ConfigError(f"no filter for query {i}: where has {len(rows)} entries")
-            return rows[i]
-
-        return lookup
 
     async def match_batch_async(
         self,
@@ -594,7 +420,11 @@ class Matcher:
         mask_key = self.retriever.mask_key(where)
         limit = self.settings.max_query_chars
         normalized = [validate_query(q, index=i, max_chars=limit) for i, q in enumerate(queries)]
-        return list(await asyncio.gather(*(self._candidates(n, k, mask_key) for n in normalized)))
+        return list(
+            await asyncio.gather(
+                *(self.pipeline.candidates_async(n, k, mask_key) for n in normalized)
+            )
+        )
 
     async def explain_match_async(
         self,
@@ -607,7 +437,7 @@ class Matcher:
         """Match one query and say how: candidates, scores, routing decision, LLM reason."""
         self.retriever.require_index()
         thresholds = self.policy.for_threshold(threshold)
-        result, route = await self._match_one(
+        result, route = await self.pipeline.match_one_async(
             0, query, top_k, thresholds=thresholds, where=where, raise_input_errors=True
         )
         assert route is not None
@@ -621,8 +451,8 @@ class Matcher:
         normalized = validate_query(query, max_chars=self.settings.max_query_chars)
         if self.retriever.index is None:
             return diagnosis(query, normalized, None, [], self.policy, self.llm_configured)
-        candidates = await self._candidates(normalized, self.settings.top_k)
-        route, candidates = self._route(candidates, normalized)
+        candidates = await self.pipeline.candidates_async(normalized, self.settings.top_k)
+        route, candidates = self.pipeline.route(candidates, normalized)
         return diagnosis(query, normalized, route, candidates, self.policy, self.llm_configured)
 
     # -- deferred adjudication (the provider's Batch API) --------------------------------
@@ -636,17 +466,7 @@ class Matcher:
         result and the exact request the live path would send (``decider.request_body``);
         finish it with ``decider.resolve``. Bad input is an error record, as in a batch.
         """
-        try:
-            thresholds = self.thresholds
-            normalized, _, _, route, candidates = await self._routed(
-                query, index, top_k, thresholds, where
-            )
-            text = query if isinstance(query, str) else repr(query)
-            return await self.decider.prepare_async(index, text, normalized, candidates, route)
-        except (asyncio.CancelledError, NotReadyError):
-            raise
-        except Exception as exc:
-            return error_result(index, query, exc)
+        return await self.pipeline.prepare_async(index, query, top_k=top_k, where=where)
 
     # -- incremental catalog updates ---------------------------------------------------
 
@@ -684,21 +504,10 @@ class Matcher:
 
     async def close_async(self) -> None:
         """Release the client (if we made it), the micro-batcher, thread pools, the cache."""
-        if self._closed:
+        if self._runtime.closed:
             return
-        self._closed = True
-        rt, self._runtime = self._runtime, None
-        if rt is not None:
-            if rt.loop is asyncio.get_running_loop():
-                await rt.batcher.close_async()
-            elif not rt.loop.is_closed():
-                # bound to another loop (sync close() after async use, as in Jupyter): stop
-                # the batcher on its own loop, without waiting (that loop may be our caller's)
-                asyncio.run_coroutine_threadsafe(rt.batcher.close_async(), rt.loop)
-        if self._owns_client and self._client is not None:
-            await self._client.close()
-        if self._owns_cache and self.decider.cache is not None:
-            self.decider.cache.close()
+        await self._runtime.close_async()
+        await self._llm.close_async()
         self.fitter.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -711,29 +520,7 @@ class Matcher:
     async def __aexit__(self, *exc: object) -> None:
         await self.close_async()
 
-    # -- sync twins ----------------------------------------------------------------------
-
-    def fit(
-        self,
-        training_data: Sequence[tuple[str, str | None]] | None = None,
-        *,
-        mode: FitMode | None = None,
-        show_progress: bool = True,
-        target_precision: float | None = None,
-        novel_target_precision: float | None = None,
-        **kwargs: Any,
-    ) -> Matcher:
-        """Sync twin of :meth:`fit_async`."""
-        return self._sync.run(
-            self.fit_async(
-                training_data,
-                mode=mode,
-                show_progress=show_progress,
-                target_precision=target_precision,
-                novel_target_precision=novel_target_precision,
-                **kwargs,
-            )
-        )
+    # -- sync twins: each runs its async method on the private loop ------------------------
 
     @overload
     def match(
@@ -747,52 +534,22 @@ class Matcher:
         where: Wheres = None,
     ) -> list[MatchResult]: ...  # fmt: skip
 
-    def match(
-        self,
-        query: str | list[str],
-        *,
-        top_k: int | None = None,
-        threshold: float | None = None,
-        where: Wheres = None,
-    ) -> MatchResult | list[MatchResult]:
+    def match(self, query: str | list[str], **options: Any) -> MatchResult | list[MatchResult]:
         """Sync twin of :meth:`match_async`."""
-        if isinstance(query, list):
-            return self._sync.run(
-                self.match_async(query, top_k=top_k, threshold=threshold, where=where)
-            )
-        if where is not None and not isinstance(where, Mapping):
-            raise ConfigError("where must be a mapping for a single query")
-        return self._sync.run(
-            self.match_async(query, top_k=top_k, threshold=threshold, where=where)
-        )
+        done = self._sync.run(self.match_async(query, **options))
+        return cast("MatchResult | list[MatchResult]", done)
 
-    def match_batch(self, queries: Iterable[str], **options: Any) -> list[MatchResult]:
-        """Sync twin of :meth:`match_batch_async` (the same keyword options)."""
-        return self._sync.run(self.match_batch_async(queries, **options))
-
-    def explain_match(self, query: str, **options: Any) -> Explanation:
-        """Sync twin of :meth:`explain_match_async` (the same keyword options)."""
-        return self._sync.run(self.explain_match_async(query, **options))
-
-    def diagnose(self, query: str) -> Diagnosis:
-        """Sync twin of :meth:`diagnose_async`."""
-        return self._sync.run(self.diagnose_async(query))
-
-    def add_entities(self, entities: EntitySource) -> None:
-        """Sync twin of :meth:`add_entities_async`."""
-        self._sync.run(self.add_entities_async(entities))
-
-    def remove_entities(self, ids: Sequence[str]) -> None:
-        """Sync twin of :meth:`remove_entities_async`."""
-        self._sync.run(self.remove_entities_async(ids))
-
-    def update_entities(self, entities: EntitySource) -> None:
-        """Sync twin of :meth:`update_entities_async`."""
-        self._sync.run(self.update_entities_async(entities))
+    fit = _twin(fit_async)
+    match_batch = _twin(match_batch_async)
+    explain_match = _twin(explain_match_async)
+    diagnose = _twin(diagnose_async)
+    add_entities = _twin(add_entities_async)
+    remove_entities = _twin(remove_entities_async)
+    update_entities = _twin(update_entities_async)
 
     def close(self) -> None:
         """Sync twin of :meth:`close_async`; also stops the private loop thread."""
-        if not self._closed:
+        if not self._runtime.closed:
             self._sync.run(self.close_async())
         self._sync.close()
 
@@ -802,9 +559,9 @@ class Matcher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def run_sync(self, coro: Any) -> Any:
-        """Run a coroutine of this matcher on its private loop (for sync twins elsewhere,
-        such as ``integrations.frames.match_frame``)."""
+    def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on this matcher's private loop (the sync twins elsewhere, such
+        as ``integrations.frames.match_frame``, use it)."""
         return self._sync.run(coro)
 
 

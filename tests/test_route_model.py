@@ -159,7 +159,7 @@ T = Thresholds(accept=0.95, margin=0.1, novel=0.3, exact=True)
 
 def _cands(*scores: float, names: tuple[str, ...] = ()) -> list[Candidate]:
     return [
-        Candidate(entity_id=f"e{i}", name=names[i] if names else f"Entity {i}", score=s)
+        Candidate(entity_id=f"e{i}", name=names[i] if names else f"Entity {chr(65 + i)}", score=s)
         for i, s in enumerate(scores)
     ]
 

@@ -428,7 +428,7 @@ class _State:
 
     async def probe_llm(self) -> tuple[str, str | None]:
         """Whether the LLM answers (any HTTP answer but 401/403 counts); cached a while."""
-        client = self.matcher._client
+        client = self.matcher.client
         if client is None:
             return "not_configured", None
         async with self._probe_lock:
@@ -771,7 +771,7 @@ def create_app(
             process-wide, so off by default for an app in your own stack).
     """
     limits = limits or ServiceLimits()
-    client = matcher._client
+    client = matcher.client
     redactor = _Redactor([api_key, client.api_key if client is not None else None])
     state = _State(matcher, limits, redactor, probe_interval, probe_timeout)
     records: _RedactingRecords | None = None

@@ -18,9 +18,10 @@ this is the one retry layer.
 Rate limiter burst behaviour: ``rpm`` uses :class:`RequestPacer`: consecutive requests are
 scheduled ``60 / rpm`` seconds apart (no initial burst), a late wake-up does not shift the
 schedule (so the rate holds under load), and a sliding window of the last ``rpm`` start
-times makes sure no 60 s window ever holds more than ``rpm`` starts. ``tpm`` uses
-:class:`TokenBucket` with a burst of 2 s of tokens and a leak rate lowered by that burst,
-for the same guarantee in tokens.
+times makes sure no 60 s window ever holds more than ``rpm`` starts (a one-request
+``aiolimiter`` bucket ran 0.7-7% under the rate here; see :class:`RequestPacer`). ``tpm``
+uses :class:`TokenBucket`, ``aiolimiter``'s leaky bucket with a burst of 2 s of tokens and
+a leak rate lowered by that burst, for the same guarantee in tokens.
 
 Time comes from the running loop, so a fake loop clock (looptime in the tests) drives both.
 """
@@ -38,6 +39,7 @@ from typing import Generic, TypeVar
 
 import httpx
 import openai
+from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from ..config import Limits, price_for
@@ -127,15 +129,24 @@ class RequestPacer:
 
 
 class TokenBucket:
-    """A token-weighted leaky bucket that never lets more than ``tpm`` start in 60 s.
+    """Tokens per minute on ``aiolimiter``'s leaky bucket: never more than ``tpm`` in 60 s.
 
-    Capacity ``burst`` tokens; it drains at ``(tpm - burst) / 60`` tokens per second, so the
-    tokens admitted in any 60 s window are at most ``burst + (tpm - burst) = tpm``. A
-    request larger than the burst waits for an empty bucket and is charged in full (later
-    requests wait until it has drained), so it can overshoot only by its own excess over
-    the burst. Waiters are served first come, first served. ``reconcile`` corrects an
-    estimate once the real usage is known. Time comes from the running loop (so a fake loop
-    clock drives it).
+    An :class:`aiolimiter.AsyncLimiter` of capacity ``burst`` tokens that leaks
+    ``(tpm - burst) / 60`` tokens a second, so the tokens admitted in any 60 s window are at
+    most ``burst + (tpm - burst) = tpm`` (aiolimiter's own ``AsyncLimiter(tpm, 60)`` would
+    let a full ``tpm`` burst start on top of a minute's rate). Two things aiolimiter does
+    not do are added here:
+
+    - **first come, first served**: aiolimiter wakes the *smallest* waiting amount first,
+      so a long prompt could wait behind a stream of short ones; one waiter at a time
+      (an ``asyncio.Lock``) keeps arrival order;
+    - **requests larger than the burst, and reconciliation**: a request waits for room for
+      ``min(tokens, burst)`` and is then charged in full (later requests wait until it
+      has drained); :meth:`reconcile` replaces an estimate with the actual usage (credit
+      or debit) once the response says it. Both adjust the bucket's level.
+
+    Time comes from the running loop (aiolimiter reads ``loop.time()``), so a fake loop
+    clock drives it.
     """
 
     def __init__(self, tpm: float, *, burst: float | None = None) -> None:
@@ -144,14 +155,8 @@ class TokenBucket:
         if not 0 < self.capacity < self.tpm:
             raise ValueError("burst must be between 0 and tpm")
         self.rate = (self.tpm - self.capacity) / 60.0
-        self._level = 0.0
-        self._last: float | None = None
+        self._limiter = AsyncLimiter(self.capacity, self.capacity / self.rate)
         self._lock = asyncio.Lock()
-
-    def _leak(self, now: float) -> None:
-        if self._last is not None:
-            self._level = max(0.0, self._level - (now - self._last) * self.rate)
-        self._last = now
 
     async def acquire(self, tokens: float) -> float:
         """Wait until ``tokens`` fit (or the bucket is empty); returns the amount charged."""
@@ -159,19 +164,22 @@ class TokenBucket:
         # charging only the capacity would let concurrent large requests through every
         # burst / rate seconds, far above tpm, until their usage is reconciled
         fit = min(amount, self.capacity)
-        loop = asyncio.get_running_loop()
         async with self._lock:  # FIFO: asyncio.Lock wakes waiters in arrival order
-            while True:
-                self._leak(loop.time())
-                excess = self._level + fit - self.capacity
-                if excess <= 1e-9:
-                    self._level += amount
-                    return amount
-                await asyncio.sleep(excess / self.rate)
+            await self._limiter.acquire(fit)
+            self._adjust(amount - fit)
+        return amount
 
     def reconcile(self, charged: float, actual: float) -> None:
         """Replace a charged estimate with the actual tokens (credit or debit)."""
-        self._level = max(0.0, self._level + float(actual) - charged)
+        self._adjust(float(actual) - charged)
+
+    def _adjust(self, delta: float) -> None:
+        """Move the bucket's level by ``delta`` tokens (aiolimiter keeps it in ``_level``)."""
+        if delta:
+            limiter = self._limiter
+            limiter._leak()
+            limiter._level = max(0.0, limiter._level + delta)
+            limiter._wake_next()
 
 
 @dataclass(frozen=True)

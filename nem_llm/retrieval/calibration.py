@@ -56,7 +56,7 @@ __all__ = [
 
 #: Bumped whenever probes or the estimator change: a saved label-free calibration of an
 #: older version is estimated again.
-PROBE_VERSION = 7
+PROBE_VERSION = 8
 #: Margins (top minus runner-up) tried by calibration, safest last.
 MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2)
 #: The share of novel mentions probes assume: (lowest, highest). Auto-match precision is
@@ -193,12 +193,15 @@ def estimate(
     n = len(examples)
     if n < min_examples:
         why = f"only {n} examples (need {min_examples})"
-        return _closed(source, n, matched_target, novel_target, why)
+        return _closed(source, n, matched_target, novel_target, why, exact_rule)
     lo_share, hi_share = novel_share if novel_share is not None else (None, None)
     top = np.array([e.features.top for e in examples], dtype=np.float64)
     gap = np.array([e.features.margin for e in examples], dtype=np.float64)
     exact = np.array([e.features.exact for e in examples])
     same = np.array([e.features.same_name_tie for e in examples])
+    # the structural guards: what no rule may decide (guards.py)
+    conflict = np.array([e.features.number_conflict for e in examples])
+    compatible = np.array([e.features.name_compatible for e in examples])
     right = np.array([e.top_is_right for e in examples], dtype=np.float64)
     absent = np.array([e.absent for e in examples], dtype=np.float64)
 
@@ -216,7 +219,7 @@ def estimate(
         exact_est = (float(lower_bound(right_w, taken, prior_m)), taken / total_m)
     if exact_est is not None:
         exact_open = exact_est[0] >= matched_target
-    eligible = ~same & ~(exact & exact_open)
+    eligible = ~same & ~(exact & exact_open) & ~conflict
     rule = _best_accept(top, gap, right, w_m, eligible, matched_target, prior_m)
     decided = (exact_est[1] * total_m if exact_open and exact_est else 0.0) + (
         rule[3] if rule else 0.0
@@ -248,7 +251,12 @@ def estimate(
     # -- novel --------------------------------------------------------------------------
     w_n = _weights(examples, lo_share)
     prior_n = w_n.sum() / n
-    cut = _best_novel(top, absent, w_n, novel_target, prior_n) if absent.any() else None
+    free = ~compatible
+    cut = (
+        _best_novel(top[free], absent[free], w_n[free], novel_target, prior_n)
+        if absent[free].any()
+        else None
+    )
     if cut is None:
         why = (
             f"no score cut reaches precision {novel_target:g} on {n} {source}"
@@ -280,15 +288,33 @@ def estimate(
 
 
 def _closed(
-    source: str, n: int, matched_target: float, novel_target: float, why: str
+    source: str,
+    n: int,
+    matched_target: float,
+    novel_target: float,
+    why: str,
+    exact_rule: tuple[float, float] | None = None,
 ) -> Calibration:
-    t = Thresholds(accept=CLOSED_ACCEPT, margin=0.0, novel=CLOSED_NOVEL, exact=False)
+    """Both estimated routes closed; the exact-hit rule open where a census of the
+    catalog's names proves it (it needs no examples: it holds by construction)."""
+    exact = exact_rule is not None and exact_rule[0] >= matched_target
+    t = Thresholds(accept=CLOSED_ACCEPT, margin=0.0, novel=CLOSED_NOVEL, exact=exact)
+    matched = RouteEstimate(open=False, target=matched_target, reason=why)
+    if exact and exact_rule is not None:
+        matched = RouteEstimate(
+            open=True,
+            target=matched_target,
+            expected_precision=round(exact_rule[0], 4),
+            expected_coverage=round(exact_rule[1], 4),
+            reason=f"an exact hit on one entity's name or alias (a census of the catalog's "
+            f"names; the score rules: {why})",
+        )
     return Calibration(
         source=source,
         examples=n,
         thresholds=t.as_dict(),
-        exact=False,
-        matched=RouteEstimate(open=False, target=matched_target, reason=why),
+        exact=exact,
+        matched=matched,
         novel=RouteEstimate(open=False, target=novel_target, reason=why),
     )
 
@@ -346,6 +372,9 @@ class Probe:
 
 
 _KEYBOARD = "abcdefghijklmnopqrstuvwxyz"
+# probes a small catalog gets in all, and at most per entity (noise is drawn again)
+_PROBES = 2000
+_MAX_PER_ENTITY = 200
 
 
 def _typo(text: str, rng: random.Random, edits: int) -> str:
@@ -397,20 +426,50 @@ def _variants(form: str, rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
-def make_probes(
-    catalog: Catalog, *, entities: int = 400, per_entity: int = 5, seed: int = 0
-) -> list[Probe]:
-    """Synthetic mentions of sampled entities: aliases and noisy variants of their forms.
+def _families(name: str, rng: random.Random) -> list[tuple[str, str]]:
+    """Probes of the failure families scores cannot see (the guards' cases).
 
-    Deterministic for a seed. A probe never equals one of its entity's own forms except
-    for aliases (a mention by an alias is the commonest real case).
+    ``number_sibling``: the name with its number changed ("Product 101" -> "Product 1011"),
+    a mention of an entity that is NOT in the catalog; ``initials`` and ``surname_first``:
+    a person-like name written "J. Smith" or "Smith, John", a mention of the entity.
+    """
+    out: list[tuple[str, str]] = []
+    tokens = name.split()
+    numbers = [i for i, t in enumerate(tokens) if t.isdigit()]
+    if numbers:
+        i = rng.choice(numbers)
+        n = tokens[i]
+        changed = rng.choice([n + str(rng.randrange(10)), str(int(n) + 1), n[:-1] or "0"])
+        if changed != n:
+            out.append(("number_sibling", " ".join([*tokens[:i], changed, *tokens[i + 1 :]])))
+    words = [t for t in tokens if t.isalpha() and len(t) >= 2]
+    if 2 <= len(tokens) <= 4 and len(words) == len(tokens):
+        out.append(("initials", " ".join([f"{t[0]}." for t in tokens[:-1]] + tokens[-1:])))
+        out.append(("surname_first", f"{tokens[-1]}, {' '.join(tokens[:-1])}"))
+    return out
+
+
+def make_probes(
+    catalog: Catalog, *, entities: int = 400, per_entity: int | None = None, seed: int = 0
+) -> list[Probe]:
+    """Synthetic mentions of sampled entities: aliases, noisy variants of their forms, and
+    the failure families of :func:`_families`.
+
+    ``per_entity`` (default: 5, more for small catalogs so that about ``_PROBES`` probes
+    are made, at most ``_MAX_PER_ENTITY`` an entity): a catalog of two entities still gets
+    enough evidence for a rule to be estimated (or to be shown unsafe). Deterministic for a seed. A probe never equals one of its
+    entity's own forms except for aliases (a mention by an alias is the commonest real
+    case), and a number sibling never equals any form of the catalog (it must be absent).
     """
     rng = random.Random(seed)
     n = len(catalog.entities)
+    if per_entity is None:
+        per_entity = max(5, min(_MAX_PER_ENTITY, -(-_PROBES // max(n, 1))))
     picked = rng.sample(range(n), min(entities, n))
     forms_of: dict[int, list[str]] = {}
     for form, owner in zip(catalog.forms, catalog.form_entity, strict=True):
         forms_of.setdefault(owner, []).append(form)
+    every_form = {fold(f) for f in catalog.forms}
     probes: list[Probe] = []
     for e in sorted(picked):
         forms = forms_of.get(e, [])
@@ -418,9 +477,16 @@ def make_probes(
             continue
         own = {f.casefold() for f in forms}
         made: list[tuple[str, str]] = [("alias", a) for a in forms[1:3]]
+        made.extend(
+            (kind, text)
+            for kind, text in _families(forms[0], rng)
+            if kind != "number_sibling" or fold(text) not in every_form
+        )
         # noise on the fullest form: a messy mention usually carries at least that much
-        # (a record's "name, description"), and short mentions are covered by aliases
-        made.extend(_variants(max(forms, key=len), rng))
+        # (a record's "name, description"), and short mentions are covered by aliases;
+        # small catalogs draw the noise again for more probes
+        for _ in range(1 + per_entity // 4):
+            made.extend(_variants(max(forms, key=len), rng))
         rng.shuffle(made)
         kept = 0
         seen: set[str] = set()
@@ -447,6 +513,9 @@ def probe_examples(
     """
     out: list[Example] = []
     for probe, cands in zip(probes, found, strict=True):
+        if probe.kind == "number_sibling":  # a mention of another entity, absent as it is
+            out.append(_example(cands, probe.text, None, 1.0))
+            continue
         entity_id = catalog.entities[probe.entity].id
         present = _example(cands, probe.text, entity_id, 1.0)
         without = [c for c in cands if c.entity_id != entity_id]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,16 +30,43 @@ from ..settings import SearchMode
 from .embedding import Embedder
 from .index import HybridIndex
 
-__all__ = ["Retriever", "SearchItem", "Where"]
+__all__ = ["Retriever", "SearchItem", "Where", "Wheres", "where_lookup"]
 
 #: A candidate filter on entity attributes: ``{"country": "FR"}`` (equality) or
 #: ``{"country": ["FR", "BE"]}`` (membership); every key must hold.
 Where = Mapping[str, Any]
+#: One filter for every query, or one per query (a sequence, or a function of the query's
+#: position; ``None`` = no filter for that one).
+Wheres = Where | Sequence[Where | None] | Callable[[int], Where | None] | None
 #: One query of a flush: (normalized text, k, filter key or None).
 SearchItem = tuple[str, int, str | None]
 
 # texts per worker-thread call of retrieve_many (calibration, probes)
 _CHUNK = 256
+
+
+def where_lookup(where: Wheres, check: Callable[[Where], object]) -> Callable[[int], Where | None]:
+    """Per-position filter lookup; a shared filter is checked now (a clear ConfigError)."""
+    if where is None:
+        return lambda i: None
+    if isinstance(where, Mapping):
+        check(where)
+        shared = where
+        return lambda i: shared
+    if callable(where):
+        return where
+    if isinstance(where, str | bytes) or not isinstance(where, Sequence):
+        raise ConfigError(
+            f"where must be a mapping or a sequence of mappings, got {type(where).__name__}"
+        )
+    rows = where
+
+    def lookup(i: int) -> Where | None:
+        if i >= len(rows):
+            raise ConfigError(f"no filter for query {i}: where has {len(rows)} entries")
+        return rows[i]
+
+    return lookup
 
 
 class Retriever:

@@ -11,6 +11,7 @@ Thresholds come from calibration (``calibration.py``); with labels, a routing mo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 from ..config import Thresholds
 from ..models import Candidate
 from ..text import fold
+from .guards import name_compatible, number_conflict
 
 if TYPE_CHECKING:
     from .route_model import RouteModel
@@ -42,6 +44,9 @@ class RouteFeatures:
     near_ties: int = 0  # other candidates within NEAR_TIE of its score
     cross_script: bool = False  # the query and its matched form are in different scripts
     query_tokens: int = 0  # words in the query
+    # the structural guards (guards.py), read by every route
+    number_conflict: bool = False  # the top candidate's name has a number the query lacks
+    name_compatible: bool = False  # the query fits a candidate's name by words and initials
 
 
 def features(query: str, candidates: Sequence[Candidate], *, detail: bool = True) -> RouteFeatures:
@@ -52,6 +57,8 @@ def features(query: str, candidates: Sequence[Candidate], *, detail: bool = True
     """
     if not candidates:
         return RouteFeatures(0.0, 0.0, False, False)
+    conflict = number_conflict(query, candidates[0])
+    compatible = name_compatible(query, candidates) is not None
     top = candidates[0]
     runner_up = candidates[1] if len(candidates) > 1 else None
     top_form = fold(top.matched_form or top.name)
@@ -66,7 +73,9 @@ def features(query: str, candidates: Sequence[Candidate], *, detail: bool = True
     same = runner_up is not None and fold(runner_up.matched_form or runner_up.name) == top_form
     margin = top.score - (runner_up.score if runner_up is not None else 0.0)
     if not detail:
-        return RouteFeatures(top.score, margin, exact, same)
+        return RouteFeatures(
+            top.score, margin, exact, same, number_conflict=conflict, name_compatible=compatible
+        )
     dense = [c.score if c.dense_score is None else c.dense_score for c in candidates]
     lexical = [0.0 if c.lexical_score is None else c.lexical_score for c in candidates]
     return RouteFeatures(
@@ -80,6 +89,8 @@ def features(query: str, candidates: Sequence[Candidate], *, detail: bool = True
         near_ties=sum(1 for c in candidates[1:] if top.score - c.score <= NEAR_TIE),
         cross_script=_non_latin(query) != _non_latin(top.matched_form or top.name),
         query_tokens=len(query.split()),
+        number_conflict=conflict,
+        name_compatible=compatible,
     )
 
 
@@ -136,11 +147,16 @@ def route(
 
     Without ``query`` the exact-hit rule is not applied. ``model`` (fit on labels, see
     ``route_model.py``) decides, where it is sure enough, what the thresholds leave to the
-    LLM; it never overrides a threshold rule.
+    LLM; it never overrides a threshold rule. The structural guards (``guards.py``) come
+    first: a number or code in the top candidate's name that the query lacks blocks every
+    auto-match, a query that fits a candidate's name by words and initials every
+    auto-novel.
     """
     if not candidates:
         return Route("novel", "no candidates were retrieved", None, None, "empty")
     f = features(query if query is not None else "\x00", candidates, detail=model is not None)
+    if query is None:  # no query, no string to guard
+        f = dataclasses.replace(f, number_conflict=False, name_compatible=False)
     top, margin = f.top, f.margin
     if thresholds.exact and f.exact:
         return Route(
@@ -151,7 +167,7 @@ def route(
             margin,
             "exact",
         )
-    if top < thresholds.novel:
+    if top < thresholds.novel and not f.name_compatible:
         return Route(
             "novel",
             f"top score {top:.3f} < novel_threshold {thresholds.novel:.3f}",
@@ -165,7 +181,7 @@ def route(
             f"{candidates[0].entity_id!r}: scores cannot tell them apart"
         )
         return Route("adjudicate", why, top, margin, "same_name")
-    if top >= thresholds.accept and margin >= thresholds.margin:
+    if top >= thresholds.accept and margin >= thresholds.margin and not f.number_conflict:
         return Route(
             "matched",
             f"top score {top:.3f} >= accept_threshold {thresholds.accept:.3f} and "
@@ -176,12 +192,12 @@ def route(
         )
     if model is not None:
         decided = model.decide(f)
-        if decided is not None:
+        if decided is not None and not _guarded(decided[0], f):
             kind, p = decided
             if kind == "matched":
                 why = (
-                    f"the routing model puts the chance that {candidates[0].entity_id!r} is the "
-                    f"entity at {p:.3f} (>= {model.matched_cut:.3f})"
+                    f"the routing model puts the chance that {candidates[0].entity_id!r} is "
+                    f"the entity at {p:.3f} (>= {model.matched_cut:.3f})"
                 )
             else:
                 why = (
@@ -189,6 +205,20 @@ def route(
                     f"catalog at {p:.3f} (>= {model.novel_cut:.3f})"
                 )
             return Route(kind, why, top, margin, "model")
+    if f.number_conflict:
+        why = (
+            f"{candidates[0].entity_id!r} has a number or code in its name that the query "
+            "does not: never matched without the LLM"
+        )
+        return Route("adjudicate", why, top, margin, "number_guard")
+    if top < thresholds.novel:
+        fits = name_compatible(query or "", candidates)
+        who = fits.entity_id if fits is not None else candidates[0].entity_id
+        why = (
+            f"top score {top:.3f} < novel_threshold {thresholds.novel:.3f}, but the query "
+            f"fits the name of {who!r} by its words and initials: never novel without the LLM"
+        )
+        return Route("adjudicate", why, top, margin, "name_guard")
     if thresholds.accept > 1:
         why = "the auto-match route is closed (accept_threshold > 1)"
         if thresholds.novel <= 0:
@@ -202,3 +232,8 @@ def route(
             f"accept_threshold {thresholds.accept:.3f}"
         )
     return Route("adjudicate", why, top, margin, "ambiguous")
+
+
+def _guarded(kind: str, f: RouteFeatures) -> bool:
+    """Whether a structural guard forbids deciding ``kind`` alone for these features."""
+    return f.number_conflict if kind == "matched" else f.name_compatible
