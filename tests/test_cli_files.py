@@ -8,6 +8,7 @@ Job-level tests run ``run_match_job`` in this process with the fake embedder and
 from __future__ import annotations
 
 import json
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,8 @@ def test_help_at_80_columns_shows_every_option_name_in_full(path: tuple[str, ...
             if name.startswith("-"):
                 assert name in words, f"{' '.join(path)}: {name} is cut in:\n{text}"
     assert max(len(line) for line in text.splitlines()) <= 80
+    # a flag named inside a help text is not cut at one of its hyphens either
+    assert not re.search(r"--[a-z]+(-[a-z]+)*-\n", text), text
 
 
 @pytest.mark.parametrize("path", [p for p, _ in commands()], ids=" ".join)
