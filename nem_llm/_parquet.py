@@ -88,20 +88,16 @@ def iter_parquet_rows(
             yield number, row
 
 
-def _no_empty_structs(schema: Any) -> Any:
-    """``schema`` with every struct of no fields (Parquet cannot store one) made null."""
-    import pyarrow as pa
-
-    def fix(kind: Any) -> Any:
-        if pa.types.is_struct(kind):
-            if kind.num_fields == 0:
-                return pa.null()
-            return pa.struct([f.with_type(fix(f.type)) for f in kind])
-        if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-            return pa.list_(kind.value_field.with_type(fix(kind.value_type)))
-        return kind
-
-    return pa.schema([f.with_type(fix(f.type)) for f in schema])
+def _no_empty_objects(value: Any) -> Any:
+    """``value`` with every empty object made null: Parquet cannot store a struct of no
+    fields, and an empty object says no more than a null."""
+    if isinstance(value, dict):
+        if not value:
+            return None
+        return {k: _no_empty_objects(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_empty_objects(v) for v in value]
+    return value
 
 
 def write_parquet_rows(
@@ -112,7 +108,7 @@ def write_parquet_rows(
     ``rows`` is called twice: the first pass finds one schema that fits every row (a
     column null in some rows and text in others is text), the second writes the rows in
     chunks of 10,000, so memory stays bounded by a chunk. Nested values (lists, objects)
-    become Arrow lists and structs.
+    become Arrow lists and structs; an empty object becomes null.
     """
     pq = require_pyarrow("writing .parquet results")
     import pyarrow as pa
@@ -124,7 +120,7 @@ def write_parquet_rows(
     if not schemas:
         pq.write_table(pa.table({}), tmp)
     else:
-        schema = _no_empty_structs(pa.unify_schemas(schemas, promote_options="permissive"))
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
         with pq.ParquetWriter(tmp, schema) as writer:
             for chunk in _chunks(rows()):
                 writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
@@ -138,7 +134,7 @@ def write_parquet_rows(
 def _chunks(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
     chunk: list[dict[str, Any]] = []
     for row in rows:
-        chunk.append(row)
+        chunk.append(_no_empty_objects(row))
         if len(chunk) >= _WRITE_CHUNK:
             yield chunk
             chunk = []

@@ -373,3 +373,15 @@ def test_review_labels_are_read_by_the_same_reader(tmp_path: Path) -> None:
         tmp_path / "labels.jsonl", '{"query": "a", "gold_id": ""}\n{"query": "b", "gold_id": "X"}\n'
     )
     assert load_labels(path) == [("a", None), ("b", "X")]
+
+
+async def test_report_and_review_read_parquet_results(tmp_path: Path) -> None:
+    from nem_llm.jobs.report import build_report
+    from nem_llm.jobs.review import export_review
+
+    queries = write(tmp_path / "q.csv", "id,query\nl1,USA\nl2,Atlantis\nl3,Deutschland\n")
+    await run_match_job(job(tmp_path, queries, "r.parquet"), matcher_factory=FACTORY)
+    data = build_report(tmp_path / "r.parquet", labels=write(tmp_path / "l.csv", LABELS_CSV))
+    assert [r.query for r in data.results] == ["USA", "Atlantis", "Deutschland"]
+    assert data.golds == ["US", None, "DE"]
+    assert export_review(tmp_path / "r.parquet", tmp_path / "review.csv").rows_read == 3

@@ -802,3 +802,20 @@ def test_parquet_catalog_row_errors_name_the_row(tmp_path: Path) -> None:
     path = parquet(tmp_path / "c.parquet", [{"id": "a", "name": "A"}, {"id": "a", "name": "B"}])
     with pytest.raises(CatalogError, match=r"c\.parquet:2: duplicate id 'a'"):
         load_catalog(path)
+
+
+def test_parquet_writer_fits_one_schema_to_every_row(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from nem_llm._parquet import write_parquet_rows
+
+    rows = [
+        {"id": "a", "error": None, "usage": {}, "candidates": [{}], "score": 1},
+        {"id": "b", "error": "x", "usage": {"tokens": 3}, "candidates": [], "score": 0.5},
+    ]
+    assert write_parquet_rows(tmp_path / "r.parquet", lambda: iter(rows)) == 2
+    assert pq.read_table(tmp_path / "r.parquet").to_pylist() == [
+        {"id": "a", "error": None, "usage": None, "candidates": [None], "score": 1.0},
+        {"id": "b", "error": "x", "usage": {"tokens": 3}, "candidates": [], "score": 0.5},
+    ]
+    assert not (tmp_path / "r.parquet.tmp").exists()
