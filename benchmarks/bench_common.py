@@ -2,7 +2,9 @@
 """Shared helpers of the governance benchmarks: output, data, the simulator process, matchers.
 
 Each ``bench_*.py`` script is one part; ``bench_governance.py`` runs them all. They share one
-command line (:func:`main`): ``--quick``, ``--save``, ``--transport``, ``--data``.
+command line (:func:`main`): ``--quick``, ``--save``, ``--transport``, ``--data``. The
+process probes (the simulator in a child process, CPU seconds, load, the client) are the
+harness of ``nem-llm bench`` (``nem_llm.jobs.bench.probes``), not copies of it.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ import datetime as _dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from nem_llm.jobs.bench import probes
+from nem_llm.sim import SimConfig
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -141,85 +144,33 @@ def query_stream(base: Sequence[str], n: int) -> Iterator[str]:
 
 def proc_cpu_seconds(pid: int) -> float:
     """utime + stime of another process (Linux /proc), 0.0 elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    return probes.process_cpu(pid) or 0.0
 
 
 def loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
+    """The load averages as one string ("?" where there are none)."""
+    loads = probes.load_avg()
+    return "?" if loads is None else " ".join(f"{x:.2f}" for x in loads)
 
 
-class SimProcess:
-    """The simulator in its own process: ``serve_forever`` with a fixed latency."""
+class SimProcess(probes.SimProcess):
+    """The simulator in its own process with a fixed latency: the harness's, one server."""
 
     def __init__(self, latency: float) -> None:
         self.latency = latency
-        self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
+        super().__init__([SimConfig(latency="fixed", latency_p50=latency, model=SIM_MODEL)])
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return str(self.base_urls[0])
 
-    def cpu_seconds(self) -> float:
-        return proc_cpu_seconds(self.proc.pid) if self.proc else 0.0
-
-    def __enter__(self) -> SimProcess:
-        code = (
-            "from nem_llm.sim import SimConfig, serve_forever\n"
-            f"cfg = SimConfig(latency='fixed', latency_p50={self.latency!r}, model={SIM_MODEL!r})\n"
-            "serve_forever(cfg, '127.0.0.1', 0, on_ready=lambda s: print(s.port, flush=True))\n"
-        )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=str(ROOT)
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.strip():
-            self.__exit__()
-            raise RuntimeError("the simulator process did not start")
-        self.port = int(line)
-        deadline = time.monotonic() + 30
-        while True:  # ready when GET /v1/models answers
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.__exit__()
-                raise RuntimeError("the simulator did not answer GET /v1/models")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()  # serve_forever stops cleanly on SIGTERM
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+    def cpu_seconds(self) -> float:  # type: ignore[override]  # 0.0 where /proc is absent
+        return super().cpu_seconds() or 0.0
 
 
 def make_client(base_url: str, transport: str, timeout: float = 120.0) -> Any:
-    from openai import AsyncOpenAI
-
-    kwargs: dict[str, Any] = {}
-    if transport == "aiohttp":
-        from openai import DefaultAioHttpClient
-
-        kwargs["http_client"] = DefaultAioHttpClient(timeout=timeout)
-    return AsyncOpenAI(base_url=base_url, api_key="sim", max_retries=0, timeout=timeout, **kwargs)
+    """The harness's client: no retries of its own, on the httpx or aiohttp transport."""
+    return probes.make_client(base_url, "sim", transport, timeout=timeout)  # type: ignore[arg-type]
 
 
 def aiohttp_available() -> bool:

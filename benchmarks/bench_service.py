@@ -83,12 +83,10 @@ def _free_port() -> int:
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far (Linux ``/proc``; NaN elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    from nem_llm.jobs.bench.probes import process_cpu  # after OMP_NUM_THREADS is set
+
+    cpu = process_cpu(pid)
+    return float("nan") if cpu is None else cpu
 
 
 async def _embed_counts(url: str) -> tuple[float, float]:

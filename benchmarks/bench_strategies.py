@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +32,8 @@ from bench_common import (
     verdict,
 )
 
+from nem_llm.jobs.bench import theoretical_bound
+
 # ----------------------------------------------------------------------------- part 1
 
 
@@ -49,9 +50,10 @@ class StrategyRun:
 
     @property
     def bound(self) -> float:
-        if self.strategy == "sequential":
-            return self.n * self.latency
-        return math.ceil(self.n / self.c) * self.latency  # no rate limit: N / rate = 0
+        """The harness's bound: ceil(N / C) x L (C = 1 for sequential; no rate limit)."""
+        return theoretical_bound(
+            self.n, 1 if self.strategy == "sequential" else self.c, self.latency
+        )
 
     @property
     def ratio(self) -> float:

@@ -33,13 +33,13 @@ from bench_common import RESULTS, Report, loadavg, log
 from nem_llm.jobs.bench import (
     BenchConfig,
     BenchRow,
-    _make_client,
-    _self_cpu,
-    _SimProcess,
+    SimProcess,
     ideal_makespan,
     make_catalog,
+    make_client,
     make_queries,
     run_bench,
+    self_cpu,
     simulated_latencies,
 )
 from nem_llm.llm.adjudication import choice_model
@@ -52,8 +52,8 @@ async def _raw_row(n: int, c: int, http_client: str) -> BenchRow:
     """The bare openai client sending the Matcher's own bodies with ``c`` workers."""
     config = BenchConfig(n=n, concurrency=c, http_client=http_client)  # type: ignore[arg-type]
     sim = config.sim_config(rpm=None)
-    async with _SimProcess([sim]) as proc:
-        client = _make_client(proc.base_urls[0], config.api_key, config.http_client)
+    async with SimProcess([sim]) as proc:
+        client = make_client(proc.base_urls[0], config.api_key, config.http_client)
         matcher = Matcher(
             make_catalog(config.catalog_size),
             client=client,
@@ -84,9 +84,9 @@ async def _raw_row(n: int, c: int, http_client: str) -> BenchRow:
                 await one(body, k)
 
         loop = asyncio.get_running_loop()
-        cpu0, started = _self_cpu(), loop.time()
+        cpu0, started = self_cpu(), loop.time()
         await asyncio.gather(*(worker() for _ in range(c)))
-        makespan, cpu = loop.time() - started, _self_cpu() - cpu0
+        makespan, cpu = loop.time() - started, self_cpu() - cpu0
         await client.close()
     draws = simulated_latencies(sim, n + 1)[1:]
     return BenchRow(

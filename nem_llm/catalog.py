@@ -1,4 +1,4 @@
-"""Load and validate entity catalogs (dicts, ``Entity`` models, JSONL or CSV files)."""
+"""Load and validate entity catalogs (dicts, ``Entity`` models, JSONL, CSV, TSV or Parquet)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 
+from ._parquet import PARQUET_SUFFIX, iter_parquet_rows
+from ._sniff import delimiter_hint, sniff_delimiter
 from .errors import CatalogError, ConfigError
 from .models import Entity
 
@@ -27,7 +29,7 @@ _CORE_FIELDS = ("id", "name", "aliases", "description")
 
 @dataclass(frozen=True, kw_only=True)
 class CatalogColumns:
-    """Which source columns (CSV) or fields (JSONL, dicts) hold id, name, aliases, description.
+    """Which source columns (CSV, Parquet) or fields (JSONL, dicts) hold id, name, aliases, ...
 
     Every other column or field becomes an entity attribute (never an error).
 
@@ -39,8 +41,9 @@ class CatalogColumns:
     Args:
         id, name, aliases, description: source column names.
         alias_separator: splits an aliases value given as one string. ``None`` (default):
-            ``|`` in CSV files, whose cells are always strings; elsewhere aliases must be
-            a list.
+            ``|`` in CSV, TSV and Parquet files (``Python|CPython|py3``); in JSONL and dicts
+            aliases must then be a list. A file whose aliases are separated otherwise
+            (``CPython;py3``) needs it set, or each cell is one alias.
     """
 
     id: str = "id"
@@ -275,8 +278,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _read_csv(
-    path: Path, *, delimiter: str = ",", columns: CatalogColumns = DEFAULT_COLUMNS
+    path: Path, *, delimiter: str | None = ",", columns: CatalogColumns = DEFAULT_COLUMNS
 ) -> Iterator[tuple[int, Any]]:
+    """Rows of a CSV/TSV catalog, mapped; ``delimiter=None``: sniffed from the header."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -286,13 +290,19 @@ def _read_csv(
         ) from None
     # newline="": the csv module splits records itself (str.splitlines would also break rows
     # at U+2028, U+0085, ... inside names and descriptions)
+    if delimiter is None:
+        header = next((line for line in text.splitlines() if line.strip()), "")
+        delimiter = sniff_delimiter(header)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     fields = reader.fieldnames or []
     for required, column in (("id", columns.id), ("name", columns.name)):
         if column not in fields:
             raise CatalogError(
                 f"CSV header has no {column!r} column for {required!r} "
-                f"(found: {', '.join(fields) or 'none'})",
+                f"(found: {', '.join(fields) or 'none'})"
+                + delimiter_hint(
+                    list(fields), delimiter, "use commas, semicolons, tabs or '|' (sniffed)"
+                ),
                 source=str(path),
                 line=1,
             )
@@ -303,16 +313,38 @@ def _read_csv(
         yield reader.line_num, columns.remap(cells, from_csv=True)
 
 
+def _plain(value: Any) -> Any:
+    """A Parquet cell as a JSON-like value (dates, decimals, bytes: their text)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def _read_parquet(path: Path, columns: CatalogColumns) -> Iterator[tuple[int, Any]]:
+    """Rows of a Parquet catalog (row numbers 1-based), mapped; null cells are absent."""
+    keep = {columns.id, columns.name}
+    for number, row in iter_parquet_rows(path, CatalogError):
+        cells = {k: _plain(v) for k, v in row.items() if v is not None or k in keep}
+        yield number, columns.remap(cells, from_csv=True)
+
+
 def load_catalog(
     source: EntitySource | Catalog,
     *,
     include_description: bool = False,
     columns: CatalogColumns | None = None,
 ) -> Catalog:
-    """Validate entities from a list of dicts/``Entity`` models or a JSONL/CSV path.
+    """Validate entities from a list of dicts/``Entity`` models or a file.
 
-    Rows need an id and a name (columns ``id`` and ``name`` unless ``columns`` maps others);
-    aliases given as one string are split on ``columns.alias_separator`` (``|``); every
+    Files: ``.jsonl``/``.ndjson``/``.json`` (one object per line), ``.csv`` (its delimiter
+    sniffed from the header: comma, semicolon, tab or ``|``), ``.tsv``, ``.parquet``
+    (through pyarrow; "line" in messages is the row number). Rows need an id and a name
+    (columns ``id`` and ``name`` unless ``columns`` maps others); in CSV, TSV and Parquet an
+    aliases cell given as one string is split on ``columns.alias_separator`` (``|``); every
     other column or field becomes an attribute.
 
     Raises:
@@ -335,10 +367,15 @@ def load_catalog(
         if suffix in {".jsonl", ".ndjson", ".json"}:
             rows = _read_jsonl(path)
         elif suffix in {".csv", ".tsv"}:
-            rows = _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",", columns=cols)
+            rows = _read_csv(path, delimiter="\t" if suffix == ".tsv" else None, columns=cols)
             cols = DEFAULT_COLUMNS  # rows come out already mapped
+        elif suffix == PARQUET_SUFFIX:
+            rows = _read_parquet(path, cols)
+            cols = DEFAULT_COLUMNS
         else:
-            raise CatalogError("unknown catalog format (use .jsonl or .csv)", source=label)
+            raise CatalogError(
+                "unknown catalog format (use .jsonl, .csv, .tsv or .parquet)", source=label
+            )
         line_label = label
     else:
         rows = ((i, raw) for i, raw in enumerate(source))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import nem_llm.jobs.io as nio
+import nem_llm.jobs.io._lines as nio_lines
 from nem_llm.errors import ConfigError, InputError
 from nem_llm.jobs.io import (
     AtomicLineWriter,
@@ -315,12 +315,87 @@ def test_csv_row_with_wrong_field_count_is_a_row_error(tmp_path: Path) -> None:
     ]
 
 
-def test_csv_unterminated_quote_is_a_row_error(tmp_path: Path) -> None:
+NEVER_CLOSED = (
+    "a quote opened on this line is never closed (a stray quote?); "
+    "reading goes on with the next line"
+)
+
+
+def test_csv_unterminated_quote_is_a_row_error_and_the_lines_after_it_are_rows(
+    tmp_path: Path,
+) -> None:
     path = write(tmp_path / "q.csv", 'id,query\nq1,a\nq2,"open\nq3,c\n')
     assert summary(list(read_queries(path))) == [
         (0, 2, "q1", "a", None),
-        (1, 3, "1", None, "unterminated quoted field (runs to the end of the file)"),
+        (1, 3, "1", None, NEVER_CLOSED),
+        (2, 4, "q3", "c", None),
     ]
+
+
+def test_csv_unterminated_quote_loses_no_line_and_agrees_with_count_rows(tmp_path: Path) -> None:
+    lines = [f"q{i:02d}," + ('"haskel' if i == 8 else f"query {i}") for i in range(15)]
+    path = write(tmp_path / "q.csv", "id,query\n" + "\n".join(lines) + "\n")
+    rows = list(read_queries(path))
+    assert len(rows) == count_rows(path) == 15
+    assert [r.line for r in rows] == list(range(2, 17))
+    assert [r.id for r in rows if r.ok] == [f"q{i:02d}" for i in range(15) if i != 8]
+    assert (rows[8].line, rows[8].error) == (10, NEVER_CLOSED)
+
+
+def test_csv_unterminated_quote_on_the_last_line_is_one_error_row(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", 'id,query\nq1,a\nq2,"open')
+    assert summary(list(read_queries(path)))[1] == (
+        1,
+        3,
+        "1",
+        None,
+        "a quote opened on this line is never closed (a stray quote?)",
+    )
+
+
+def test_csv_stray_quote_closed_inside_a_later_field_loses_no_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", 'id,query\nq1,"hask\nq2,b\nq3,"c" d\nq4,e\n')
+    assert summary(list(read_queries(path))) == [
+        (
+            0,
+            2,
+            "0",
+            None,
+            "a quote opened on this line closes on line 4 in the middle of a "
+            "field (a stray quote?); reading goes on with the next line",
+        ),
+        (1, 3, "q2", "b", None),
+        (2, 4, "q3", "c d", None),
+        (3, 5, "q4", "e", None),
+    ]
+
+
+def test_csv_quote_closed_then_text_on_one_line_is_read_leniently(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", 'id,query\nq1,"ab"c\nq2,d\n')
+    assert summary(list(read_queries(path))) == [
+        (0, 2, "q1", "abc", None),
+        (1, 3, "q2", "d", None),
+    ]
+
+
+def test_csv_record_of_several_lines_with_wrong_field_count_names_its_lines(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path / "q.csv", 'id,query\nq1,"a\nb",x\nq2,d\n')
+    assert summary(list(read_queries(path)))[0] == (
+        0,
+        2,
+        "0",
+        None,
+        "expected 2 fields, got 3 (the record runs from line 2 to line 3)",
+    )
+
+
+def test_csv_unterminated_quote_in_the_header_is_fatal_naming_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", 'id,"query\nq1,a\n')
+    never_closed = r"q\.csv:1: unreadable CSV header: a quote that is never closed"
+    with pytest.raises(InputError, match=never_closed):
+        read_queries(path)
 
 
 def test_csv_carriage_return_in_unquoted_field_is_a_row_error(tmp_path: Path) -> None:
@@ -342,7 +417,7 @@ def test_jsonl_schema_comes_from_the_first_object_not_the_first_line(tmp_path: P
 def test_over_long_line_is_a_row_error_and_is_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(nio, "MAX_LINE_BYTES", 64)
+    monkeypatch.setattr(nio_lines, "MAX_LINE_BYTES", 64)
     path = write(tmp_path / "q.txt", "a\n" + "x" * 500 + "\nb\n")
     assert summary(list(read_queries(path, max_query_chars=1))) == [
         (0, 1, "0", "a", None),
@@ -595,3 +670,152 @@ def test_read_jsonl_rows_raises_on_a_bad_line_before_the_last(tmp_path: Path) ->
 def test_read_jsonl_rows_of_missing_file_raises(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="file not found"):
         read_jsonl_rows(tmp_path / "out.jsonl")
+
+
+# --------------------------------------------------------------------------- formats users have
+
+
+def parquet(path: Path, rows: list[dict[str, object]]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_parquet_queries_are_rows_like_any_other_format(tmp_path: Path) -> None:
+    path = parquet(
+        tmp_path / "q.parquet",
+        [
+            {"id": "q1", "query": "USA", "country": "US"},
+            {"id": "q2", "query": "  ", "country": None},
+            {"id": "q1", "query": "Deutschland", "country": "DE"},
+        ],
+    )
+    rows = list(read_queries(path))
+    assert summary(rows) == [
+        (0, 1, "q1", "USA", None),
+        (1, 2, "q2", None, "empty query"),
+        (2, 3, "q1", None, "duplicate id 'q1' (first seen at line 1)"),
+    ]
+    assert rows[0].record == {"id": "q1", "query": "USA", "country": "US"}
+    assert count_rows(path) == 3
+
+
+def test_parquet_without_the_query_column_is_fatal_naming_the_flag(tmp_path: Path) -> None:
+    path = parquet(tmp_path / "q.parquet", [{"id": "q1", "label": "USA"}])
+    with pytest.raises(InputError, match=r"no query column in the Parquet schema.*--query-column"):
+        read_queries(path)
+
+
+def test_a_file_that_is_not_parquet_is_fatal(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.parquet", "id,query\nq1,a\n")
+    with pytest.raises(InputError, match=r"q\.parquet: not a readable Parquet file"):
+        read_queries(path)
+
+
+def test_parquet_without_pyarrow_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    path = parquet(tmp_path / "q.parquet", [{"query": "a"}])
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ConfigError, match=r"needs pyarrow: pip install 'nem_llm\[frames\]'"):
+        read_queries(path)
+
+
+def test_semicolon_csv_is_sniffed_from_its_header(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", 'id;query;note\nq1;"a; b";x\nq2;c,d;y\n')
+    rows = list(read_queries(path))
+    assert summary(rows) == [(0, 2, "q1", "a; b", None), (1, 3, "q2", "c,d", None)]
+
+
+def test_an_explicit_delimiter_wins_over_sniffing(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", "id:query\nq1:a;b;c\n")
+    assert summary(list(read_queries(path, delimiter=":"))) == [(0, 2, "q1", "a;b;c", None)]
+
+
+def test_a_delimiter_must_be_one_character(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", "id,query\nq1,a\n")
+    with pytest.raises(ConfigError, match="delimiter must be one character"):
+        read_queries(path, delimiter="::")
+
+
+def test_missing_query_column_names_the_flag_and_hints_at_the_delimiter(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.csv", "id:text\nq1:a\n")
+    with pytest.raises(InputError) as info:
+        read_queries(path)
+    message = str(info.value)
+    assert "q.csv:1: no query column in header" in message
+    assert "--query-column" in message
+    assert "--delimiter" in message and "one column" in message
+
+
+def test_missing_query_column_with_several_columns_does_not_blame_the_delimiter(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path / "q.csv", "id,label\nq1,a\n")
+    with pytest.raises(InputError, match="--query-column") as info:
+        read_queries(path)
+    assert "--delimiter" not in str(info.value)
+
+
+def test_semicolon_csv_catalog_loads(tmp_path: Path) -> None:
+    from nem_llm.catalog import load_catalog
+
+    path = write(tmp_path / "c.csv", "id;name;aliases\nUS;United States;USA|America\n")
+    catalog = load_catalog(path)
+    assert catalog.entities[0].aliases == ["USA", "America"]
+
+
+def test_catalog_alias_separator_splits_other_separators(tmp_path: Path) -> None:
+    from nem_llm.catalog import CatalogColumns, load_catalog
+
+    path = write(tmp_path / "c.csv", "id,name,aliases\npy,Python,CPython;py3\n")
+    assert load_catalog(path).entities[0].aliases == ["CPython;py3"]
+    columns = CatalogColumns(alias_separator=";")
+    assert load_catalog(path, columns=columns).entities[0].aliases == ["CPython", "py3"]
+
+
+def test_parquet_catalog_loads_lists_strings_and_typed_attributes(tmp_path: Path) -> None:
+    from nem_llm.catalog import load_catalog
+
+    path = parquet(
+        tmp_path / "c.parquet",
+        [
+            {"id": 1, "name": "Python", "aliases": "CPython|py3", "year": 1991, "note": None},
+            {"id": 2, "name": "Rust", "aliases": None, "year": 2015, "note": "systems"},
+        ],
+    )
+    catalog = load_catalog(path)
+    assert [e.id for e in catalog.entities] == ["1", "2"]
+    assert catalog.entities[0].aliases == ["CPython", "py3"]
+    assert catalog.entities[0].attributes == {"year": 1991}
+    assert catalog.entities[1].attributes == {"year": 2015, "note": "systems"}
+
+
+def test_parquet_catalog_row_errors_name_the_row(tmp_path: Path) -> None:
+    from nem_llm.catalog import load_catalog
+    from nem_llm.errors import CatalogError
+
+    path = parquet(tmp_path / "c.parquet", [{"id": "a", "name": "A"}, {"id": "a", "name": "B"}])
+    with pytest.raises(CatalogError, match=r"c\.parquet:2: duplicate id 'a'"):
+        load_catalog(path)
+
+
+def test_parquet_writer_fits_one_schema_to_every_row(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from nem_llm._parquet import write_parquet_rows
+
+    rows = [
+        {"id": "a", "error": None, "usage": {}, "candidates": [{}], "score": 1},
+        {"id": "b", "error": "x", "usage": {"tokens": 3}, "candidates": [], "score": 0.5},
+    ]
+    assert write_parquet_rows(tmp_path / "r.parquet", lambda: iter(rows)) == 2
+    assert pq.read_table(tmp_path / "r.parquet").to_pylist() == [
+        {"id": "a", "error": None, "usage": None, "candidates": [None], "score": 1.0},
+        {"id": "b", "error": "x", "usage": {"tokens": 3}, "candidates": [], "score": 0.5},
+    ]
+    assert not (tmp_path / "r.parquet.tmp").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -194,8 +195,18 @@ def _console_messages(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if ":CONSOLE" in line]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian chromium: apt-get install -y chromium")
+def test_ci_installs_chromium_and_requires_the_browser_test() -> None:
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text(encoding="utf-8")
+    steps = ci.split("README test command")[0]  # before the tests run
+    assert "apt-get install -y -qq chromium" in steps
+    assert "export NEM_LLM_REQUIRE_CHROMIUM=1" in steps
+
+
 def test_report_renders_in_headless_chromium(files: dict[str, Path], tmp_path: Path) -> None:
+    if CHROMIUM is None:
+        if os.environ.get("NEM_LLM_REQUIRE_CHROMIUM"):  # CI installs it: a skip would hide it
+            pytest.fail("NEM_LLM_REQUIRE_CHROMIUM is set but chromium is not installed")
+        pytest.skip("needs Debian chromium: apt-get install -y chromium")
     page = write_report(
         build_report(files["results"], labels=files["labels"]), tmp_path / "report.html"
     )

@@ -21,7 +21,19 @@ from rich.table import Table
 
 from ..errors import NemLLMError
 
-__all__ = ["app", "as_coro", "err", "escape", "fail", "main", "out", "run", "stats_table"]
+__all__ = [
+    "app",
+    "as_coro",
+    "err",
+    "escape",
+    "fail",
+    "main",
+    "out",
+    "run",
+    "say",
+    "stats_table",
+    "warn",
+]
 
 T = TypeVar("T")
 
@@ -35,10 +47,28 @@ app = typer.Typer(
     # "[report]" in a help text as written (rich markup would eat it)
     rich_markup_mode=None,
 )
+
+try:  # help text wraps at spaces only, so "--alias-separator" is never cut at its hyphen
+    from typer._click._textwrap import TextWrapper as _HelpWrapper
+
+    _HelpWrapper.wordsep_re = _HelpWrapper.wordsep_simple_re
+except ImportError:  # another typer layout: hyphenated names may wrap (cosmetic)
+    pass
+
 err = Console(stderr=True)
 out = Console()
 
 _debug = False
+
+
+def say(message: str) -> None:
+    """Print one line of plain text to stderr: no rich markup, so ``[...]`` stays as written."""
+    err.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """Print ``warning: message`` to stderr (its brackets kept: no rich markup)."""
+    err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -83,16 +113,16 @@ def stats_table(title: str, stats: Any, extra: dict[str, str] | None = None) -> 
     table.add_column("what")
     table.add_column("value", justify="right")
     for k, v in (extra or {}).items():
-        table.add_row(k, v)
+        table.add_row(escape(k), escape(v))  # paths and names may hold "[...]"
     table.add_row("results", str(stats.total))
     for status, n in sorted(stats.by_status.items()):
-        table.add_row(f"  status {status}", str(n))
+        table.add_row(f"  status {escape(status)}", str(n))
     for who, n in sorted(stats.by_decided_by.items()):
-        table.add_row(f"  decided by {who}", str(n))
+        table.add_row(f"  decided by {escape(who)}", str(n))
     table.add_row("LLM calls", str(stats.llm_calls))
     table.add_row("LLM attempts", str(stats.llm_attempts))
     retries = ", ".join(f"{k} {v}" for k, v in sorted(stats.retries_by_cause.items()))
-    table.add_row("retries", f"{stats.retries}" + (f" ({retries})" if retries else ""))
+    table.add_row("retries", escape(f"{stats.retries}" + (f" ({retries})" if retries else "")))
     table.add_row("429s received", str(stats.rate_limited))
     table.add_row("tokens", f"{stats.usage.total_tokens:,}")
     table.add_row("cost", f"${stats.usage.cost_usd:.4f}")

@@ -25,7 +25,7 @@ from ..catalog import CatalogColumns
 from ..config import LIMITS_HELP, Limits
 from ..errors import NemLLMError
 from ..settings import MatcherSettings
-from ._app import err, fail
+from ._app import fail, warn
 
 __all__ = ["FLAGS", "settings_flags", "with_settings"]
 
@@ -41,7 +41,8 @@ FLAGS["columns"] = ("catalog_columns", "alias_separator")
 
 _EXTRA_HELP = {
     "catalog_columns": "Map catalog columns, e.g. id=code,name=label,aliases=alt_names.",
-    "alias_separator": "Splits an aliases cell into aliases (CSV default: '|').",
+    "alias_separator": "Splits a catalog's aliases cell (CSV, TSV, Parquet) into aliases; "
+    "default '|' (Python|CPython|py3): set ';' for CPython;py3, or each cell is one alias.",
     "prompt_attributes": "Entity attributes shown to the LLM, comma-separated (country,type).",
 }
 # flags whose value is parsed from text (comma lists, mappings)
@@ -103,7 +104,7 @@ def settings_from(values: dict[str, Any], exclude: Iterable[str] = ()) -> Matche
     """Validated settings from the flags' values (a ConfigError names a bad one)."""
     old_index = values.pop("index", None)
     if old_index is not None:
-        err.print("[yellow]warning:[/] --index DIR is deprecated: use --index-dir DIR")
+        warn("--index DIR is deprecated: use --index-dir DIR")
         if values.get("index_dir") is None:
             values["index_dir"] = old_index
     options: dict[str, Any] = {}

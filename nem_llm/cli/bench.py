@@ -24,8 +24,12 @@ def bench(
     n: Annotated[int, typer.Option(help="Queries per scenario.")] = 1000,
     concurrency: Annotated[int, typer.Option(help="Concurrency cap.")] = 64,
     latency: Annotated[str, typer.Option(help="fixed | uniform | lognormal")] = "lognormal",
-    latency_p50: float = 1.0,
-    latency_p99: float | None = 3.0,
+    latency_p50: Annotated[
+        float, typer.Option(help="Median simulated LLM latency, seconds.")
+    ] = 1.0,
+    latency_p99: Annotated[
+        float | None, typer.Option(help="99th percentile latency, seconds (lognormal, uniform).")
+    ] = 3.0,
     rpm: Annotated[
         float | None, typer.Option(help="Client RPM of the +rpm scenarios (default: auto).")
     ] = None,
@@ -36,7 +40,7 @@ def bench(
     base_url: Annotated[
         str | None, typer.Option(help="Benchmark this endpoint instead of the simulator.")
     ] = None,
-    model: str = "nem-llm-sim",
+    model: Annotated[str, typer.Option(help="The chat model the requests name.")] = "nem-llm-sim",
     scenarios: Annotated[
         str | None, typer.Option(help="Comma-separated, e.g. 'gather,as_completed+rpm'.")
     ] = None,
@@ -45,7 +49,9 @@ def bench(
     soak: Annotated[
         bool, typer.Option("--soak", help="Run the fault soak (429s, 5xx, hangs, bad answers).")
     ] = False,
-    soak_rpm: float = 3600.0,
+    soak_rpm: Annotated[
+        float, typer.Option(help="Client requests per minute of the fault soak.")
+    ] = 3600.0,
 ) -> None:
     """Compare sequential, gather and as_completed (each capped and rate limited)."""
     from ..jobs import bench as b
@@ -54,7 +60,7 @@ def bench(
         from ..jobs.soak import render_soak, run_soak
 
         soak_report = run(lambda: run_soak(n, rpm=soak_rpm, concurrency=concurrency))
-        out.print(render_soak(soak_report), highlight=False, soft_wrap=True)
+        out.print(render_soak(soak_report), markup=False, highlight=False, soft_wrap=True)
         if json_out is not None:
             b.write_json(soak_report, json_out)
         if not all(soak_report.checks.values()):
@@ -93,7 +99,7 @@ def bench(
 
     with progress:
         report = run(lambda: b.run_bench(config, on_progress=on_progress))
-    out.print(b.render_table(report), highlight=False, soft_wrap=True)
+    out.print(b.render_table(report), markup=False, highlight=False, soft_wrap=True)
     if json_out is not None:
         b.write_json(report, json_out)
     if plot is not None:

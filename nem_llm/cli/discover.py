@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import NemLLMError
-from ._app import app, as_coro, err, fail, run
+from ._app import app, as_coro, fail, run, say
 
 
 class MethodOpt(StrEnum):
@@ -27,7 +27,9 @@ def discover(
         Path | None,
         typer.Option(help="Add the approved proposals of this file to the catalog, then stop."),
     ] = None,
-    model: str = "gpt-4o-mini",
+    model: Annotated[str, typer.Option(help="The chat model that names the clusters.")] = (
+        "gpt-4o-mini"
+    ),
     base_url: Annotated[
         str | None, typer.Option(help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL).")
     ] = None,
@@ -71,12 +73,10 @@ def discover(
                 "a match job's saved index is for the old catalog: pass --state "
                 "<out>.state to remove it (or match with a new --state)"
             )
-        err.print(
+        say(
             f"catalog {catalog}: {summary.added} entities added, {summary.aliases_added} "
             f"aliases added to existing ones, {summary.skipped} proposals not approved; "
-            + index_note,
-            highlight=False,
-            soft_wrap=True,
+            + index_note
         )
         return
     if results is None or out is None:
@@ -130,12 +130,10 @@ def discover(
         by_status[row.status] = by_status.get(row.status, 0) + 1
     parts = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))
     tokens = sum(r.usage.total_tokens for r in rows)
-    err.print(
+    say(
         f"{len(rows)} clusters ({parts or 'none'}), {sum(r.llm_calls for r in rows)} LLM "
         f'calls, {tokens:,} tokens: {out}; set "approved": true on the ones to keep, '
-        "then `nem-llm discover --promote`",
-        highlight=False,
-        soft_wrap=True,
+        "then `nem-llm discover --promote`"
     )
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from ..settings import MatcherSettings
-from ._app import app, err, out, run
+from ._app import app, err, out, run, say, warn
 from ._settings import with_settings
 
 
@@ -32,8 +32,14 @@ EVAL_FLAGS = frozenset(
 @app.command("eval")
 @with_settings(exclude=("llm",))
 def eval_(
-    catalog: Annotated[Path, typer.Option(help="Entities JSONL/CSV.")],
-    queries: Annotated[Path, typer.Option(help="Labelled queries with 'gold_id' (null = absent).")],
+    catalog: Annotated[Path, typer.Option(help="Entities: JSONL, CSV, TSV or Parquet.")],
+    queries: Annotated[
+        Path,
+        typer.Option(
+            help="Labelled queries: JSONL, CSV, TSV or Parquet with 'query' and 'gold_id' "
+            "(an empty cell or null: not in the catalog)."
+        ),
+    ],
     settings: MatcherSettings,
     llm: Annotated[
         LLMOpt, typer.Option(help="off: no LLM; env: OPENAI_* settings; sim: simulator oracle.")
@@ -85,11 +91,12 @@ def eval_(
             name=name or catalog.stem.removesuffix("_catalog"),
             progress=err,
             keep_results=kept,
+            on_warning=warn,
         )
     )
     from ..jobs.evaluation import render_eval_table
 
-    out.print(render_eval_table([report]), highlight=False, soft_wrap=True)
+    out.print(render_eval_table([report]), markup=False, highlight=False, soft_wrap=True)
     if json_out is not None:
         json_out.write_text(report.model_dump_json(indent=2), encoding="utf-8")
     if report_out is not None and kept is not None:
@@ -102,4 +109,4 @@ def eval_(
             title=f"nem-llm eval: {report.name}",
             source=str(queries),
         )
-        err.print(f"report written: {write_report(data, report_out)}", highlight=False)
+        say(f"report written: {write_report(data, report_out)}")

@@ -16,8 +16,8 @@ from rich.progress import (
 )
 
 from ..errors import NemLLMError
-from ..settings import EncoderName, SearchMode
-from ._app import app, err, fail
+from ..settings import EncoderName, MatcherSettings, SearchMode
+from ._app import app, err, fail, say, warn
 
 index_app = typer.Typer(help="Build a reusable search index for a large catalog.")
 app.add_typer(index_app, name="index")
@@ -31,13 +31,17 @@ _ENCODER_HELP = (
 
 @index_app.command("build")
 def index_build(
-    catalog: Annotated[Path, typer.Option(help="Entities: JSONL or CSV (id, name, ...).")],
+    catalog: Annotated[
+        Path, typer.Option(help="Entities: JSONL, CSV, TSV or Parquet (id, name, ...).")
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="Index directory (created).")],
     search: Annotated[SearchMode, typer.Option(help="Search: auto, exact or ann.")] = "auto",
     index_description: Annotated[
         bool, typer.Option(help="Also index 'name, description' (record-like catalogs).")
     ] = False,
-    lexical_weight: float = 0.5,
+    lexical_weight: Annotated[
+        float, typer.Option(help=MatcherSettings.model_fields["lexical_weight"].description)
+    ] = 0.5,
     chunk_size: Annotated[int, typer.Option(help="Forms encoded per saved chunk.")] = 20_000,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
     encoder: Annotated[EncoderName, typer.Option(help=_ENCODER_HELP)] = "auto",
@@ -51,7 +55,7 @@ def index_build(
     from ..retrieval.encoders import make_embedder
 
     if index is not None:
-        err.print("[yellow]warning:[/] index build --index is deprecated: use --search")
+        warn("index build --index is deprecated: use --search")
         search = index
     if not catalog.is_file():
         raise fail(f"{catalog}: catalog file not found")
@@ -85,7 +89,7 @@ def index_build(
         err.print("[yellow]interrupted: encoded chunks are kept; run again to resume[/]")
         raise typer.Exit(130) from None
     kind = "ann" if built.use_ann else "exact"
-    err.print(
+    say(
         f"index saved to {out_dir}: {len(entities):,} entities, {len(entities.forms):,} "
         f"forms, {kind} search, {built.dense_nbytes_per_entity():,.0f} dense bytes/entity, "
         f"encoder {embedder.name}"

@@ -20,7 +20,7 @@ from rich.progress import (
 
 from ..errors import NemLLMError
 from ..settings import EngineName, MatcherSettings, OutputOrder, Strategy
-from ._app import app, err, escape, fail, run, stats_table
+from ._app import app, err, escape, fail, run, say, stats_table, warn
 from ._settings import with_settings
 
 __all__ = ["JOB_FLAGS", "match", "parse_where"]
@@ -29,8 +29,8 @@ __all__ = ["JOB_FLAGS", "match", "parse_where"]
 #: the job runs and reports (``tests/test_settings.py`` checks flags = these + settings).
 JOB_FLAGS = frozenset(
     {
-        "catalog", "queries", "out", "query_column", "id_column", "where", "fields", "strategy",
-        "order",
+        "catalog", "queries", "out", "query_column", "id_column", "delimiter", "where",
+        "fields", "strategy", "order",
         "state", "quiet", "stats_json", "engine", "poll_interval", "ray_address",
         "actors",
     }
@@ -51,15 +51,45 @@ def parse_where(specs: list[str] | None, flag: str = "--where") -> dict[str, str
 @app.command()
 @with_settings()
 def match(
-    catalog: Annotated[Path, typer.Option(help="Entities: JSONL or CSV (id, name, ...).")],
-    queries: Annotated[Path, typer.Option(help="Queries: JSONL, CSV, TSV or TXT.")],
-    out: Annotated[Path, typer.Option(help="Results JSONL (one row per input row).")],
+    catalog: Annotated[
+        Path,
+        typer.Option(
+            help="Entities: JSONL, CSV, TSV or Parquet with id, name and optionally "
+            "aliases (in CSV and Parquet one cell split on '|': see --alias-separator)."
+        ),
+    ],
+    queries: Annotated[
+        Path,
+        typer.Option(
+            help="Queries: JSONL, CSV, TSV, TXT or Parquet (a CSV's delimiter is sniffed "
+            "from its header: see --delimiter)."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Results, one row per input row: JSONL, or Parquet for a name ending "
+            "in .parquet (written at the end; needs pyarrow: nem_llm[frames])."
+        ),
+    ],
     settings: MatcherSettings,
     strategy: Annotated[
         Strategy, typer.Option(help="Order LLM work starts in (answers are the same).")
     ] = "as_completed",
-    query_column: Annotated[str | None, typer.Option(help="Column/key holding the query.")] = None,
-    id_column: Annotated[str | None, typer.Option(help="Column/key holding the row id.")] = None,
+    query_column: Annotated[
+        str | None,
+        typer.Option(help="Column/key holding the query (default: query, text, mention, name)."),
+    ] = None,
+    id_column: Annotated[
+        str | None, typer.Option(help="Column/key holding the row id (default: id).")
+    ] = None,
+    delimiter: Annotated[
+        str | None,
+        typer.Option(
+            help="The queries CSV's field delimiter, e.g. ';' (default: sniffed from the "
+            "header: comma, semicolon, tab or |)."
+        ),
+    ] = None,
     where: Annotated[
         list[str] | None,
         typer.Option(
@@ -111,7 +141,7 @@ def match(
             raise fail(f"{path}: {label} file not found")
     engine_name: str = engine
     if llm_mode == "batch-api":
-        err.print("[yellow]warning:[/] --llm-mode batch-api is deprecated: use --engine batch-api")
+        warn("--llm-mode batch-api is deprecated: use --engine batch-api")
         if engine == "ray":
             raise fail("--engine ray and --llm-mode batch-api are two engines: choose one")
         engine_name = "batch-api"
@@ -123,6 +153,7 @@ def match(
             settings=settings,
             query_column=query_column,
             id_column=id_column,
+            delimiter=delimiter,
             where=parse_where(where),
             fields=parse_where(fields, "--fields"),
             strategy=strategy,
@@ -257,10 +288,9 @@ def _on_batch(quiet: bool) -> Any:
 
     def on_batch(p: Any) -> None:
         if not quiet:
-            err.print(
+            say(
                 f"batch {p.seq} ({p.batch_id}): {p.status}, {p.completed:,}/{p.total:,} done,"
-                f" {p.failed:,} failed",
-                highlight=False,
+                f" {p.failed:,} failed"
             )
 
     return on_batch

@@ -7,15 +7,22 @@ from typing import Annotated
 
 import typer
 
-from ._app import app, as_coro, err, run
+from ._app import app, as_coro, run, say
 
 
 @app.command()
 def report(
-    results: Annotated[Path, typer.Option(help="Results JSONL of `nem-llm match`.")],
+    results: Annotated[
+        Path, typer.Option(help="Results of `nem-llm match` (JSONL or Parquet).")
+    ],
     out: Annotated[Path, typer.Option(help="The HTML file to write.")],
     labels: Annotated[
-        Path | None, typer.Option(help="Labels JSONL ('query', 'gold_id'; 'qid' optional).")
+        Path | None,
+        typer.Option(
+            help="Labelled queries as eval reads them: JSONL, CSV, TSV or Parquet with "
+            "'query' and 'gold_id' (empty or null: not in the catalog; 'qid' or 'id' joins "
+            "rows by id)."
+        ),
     ] = None,
     proposals: Annotated[
         Path | None, typer.Option(help="Proposals JSONL of `nem-llm discover`.")
@@ -23,7 +30,9 @@ def report(
     accept_threshold: Annotated[
         float | None, typer.Option(help="The run's accept threshold (drawn on the charts).")
     ] = None,
-    title: str | None = None,
+    title: Annotated[
+        str | None, typer.Option(help="The page's title (default: nem-llm run report).")
+    ] = None,
 ) -> None:
     """Write one self-contained HTML page of charts about a run (no network to view it)."""
     from ..jobs.report import build_report, write_report
@@ -39,4 +48,4 @@ def report(
         return write_report(data, out)
 
     written = run(lambda: as_coro(main))
-    err.print(f"report written: {written}", highlight=False, soft_wrap=True)
+    say(f"report written: {written}")

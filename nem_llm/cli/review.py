@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._app import app, as_coro, err, run
+from ._app import app, as_coro, run, say
 
 review_app = typer.Typer(
     help="The review queue: unsure rows out to a CSV, a person's decisions back in.",
@@ -18,7 +18,7 @@ app.add_typer(review_app, name="review")
 
 @review_app.command("export")
 def review_export(
-    results: Annotated[Path, typer.Option(help="Results JSONL of `nem-llm match`.")],
+    results: Annotated[Path, typer.Option(help="Results of `nem-llm match` (JSONL or Parquet).")],
     to: Annotated[Path, typer.Option(help="The CSV to write.")],
     min_confidence: Annotated[
         float, typer.Option(help="Also queue LLM matches below this confidence.")
@@ -34,12 +34,10 @@ def review_export(
         )
     )
     parts = ", ".join(f"{n} {why}" for why, n in sorted(summary.by_why.items()))
-    err.print(
+    say(
         f"{summary.rows_exported} of {summary.rows_read} rows to review ({parts or 'none'}): "
         f"{summary.out}; fill in 'decision' (a catalog id or 'none'), then "
-        "`nem-llm review import`",
-        highlight=False,
-        soft_wrap=True,
+        "`nem-llm review import`"
     )
 
 
@@ -55,11 +53,9 @@ def review_import(
     from ..jobs.review import import_review
 
     summary = run(lambda: as_coro(lambda: import_review(csv_file, state, catalog=catalog)))
-    err.print(
+    say(
         f"imported {summary.decisions} decisions ({summary.blank} rows left blank); "
         f"{summary.rows_reopened} result rows reopened: rerun the same `nem-llm match` "
         f"command to apply them; labels file {summary.labels_file} "
-        f"({summary.labels_total} labels)",
-        highlight=False,
-        soft_wrap=True,
+        f"({summary.labels_total} labels)"
     )

@@ -44,7 +44,7 @@ from ..config import Limits
 from ..errors import ConfigError
 from ..jobs.batch import load_job_catalog
 from ..jobs.checkpoint import RunStore
-from ..jobs.io import QueryRow, count_rows, read_queries
+from ..jobs.io import QueryRow, count_rows
 from ..jobs.runs import (
     JobSummary,
     MatchJob,
@@ -278,7 +278,7 @@ def run_ray_job(
         done = store.done_indexes(key)
         resumed = len(done)
         items: list[dict[str, Any]] = []
-        rows = read_queries(job.queries, query_column=job.query_column, id_column=job.id_column)
+        rows = job.read_rows()
         try:
             for row in rows:
                 if row.index in done:

@@ -26,7 +26,7 @@ from ..llm.stats import StatsCollector
 from ..matcher import Matcher
 from ..models import MatchResult
 from .checkpoint import RunStore
-from .io import AtomicLineWriter, QueryRow, count_rows, read_queries
+from .io import AtomicLineWriter, QueryRow, count_rows
 from .runs import (
     JobSummary,
     MatchJob,
@@ -101,7 +101,7 @@ async def run_match_job(
     """
     loop = asyncio.get_running_loop()
     catalog = await loop.run_in_executor(None, load_job_catalog, job)
-    rows = read_queries(job.queries, query_column=job.query_column, id_column=job.id_column)
+    rows = job.read_rows()
     total = count_rows(job.queries)
     state = job.state_dir
     state.mkdir(parents=True, exist_ok=True)
@@ -117,15 +117,17 @@ async def run_match_job(
         await store.open_run_async(key, meta)
         done = await store.done_indexes_async(key)
         resumed = len(done)
-        # the output file is rebuilt from the checkpoint, then appended to
-        await loop.run_in_executor(None, write_output, job.out, store, key, "completion")
+        # the output file is rebuilt from the checkpoint, then appended to (a Parquet
+        # output is written at the end: the rows go to a JSONL file beside the state)
+        live = job.live_out
+        await loop.run_in_executor(None, write_output, live, store, key, "completion")
         await matcher.fit_async(workload=await job_workload(job, matcher))
         pending: dict[int, QueryRow] = {}
         filters: dict[int, dict[str, str]] = {}
         finished = resumed
 
         # the built index is long-lived: keep the collector's full passes off it
-        with tuned_gc(), AtomicLineWriter(job.out, append=True) as writer:
+        with tuned_gc(), AtomicLineWriter(live, append=True) as writer:
 
             async def emit(row: QueryRow, result: MatchResult) -> None:
                 nonlocal finished
@@ -189,8 +191,11 @@ async def run_match_job(
                     stopped.cancel()
         if not interrupted:
             await store.mark_complete_async(key)
-            if job.order == "input":
-                await loop.run_in_executor(None, write_output, job.out, store, key, "input")
+        if job.parquet_out:
+            order = job.order if not interrupted else "completion"
+            await loop.run_in_executor(None, write_output, job.out, store, key, order)
+        elif not interrupted and job.order == "input":
+            await loop.run_in_executor(None, write_output, job.out, store, key, "input")
     finally:
         rows.close()
         await matcher.aclose()

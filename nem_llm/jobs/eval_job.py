@@ -2,51 +2,42 @@
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
+import warnings
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 from openai import AsyncOpenAI
 
-from ..errors import ConfigError, InputError
+from ..catalog import load_catalog
+from ..errors import ConfigError
 from ..matcher import Matcher
 from ..models import Candidate, MatchResult
 from ..settings import MatcherSettings
 from ..text import fold
 from .evaluation import RECALL_KS, EvalReport, evaluate
-from .io import read_queries
+from .labels import Labels, read_labels
 
 __all__ = ["run_eval"]
 
 _RETRIEVE_CHUNK = 256
 
 
-def _labelled(path: Path, limit: int | None) -> tuple[list[str], list[str | None]]:
-    texts: list[str] = []
-    golds: list[str | None] = []
-    rows = read_queries(path)
-    try:
-        for row in rows:
-            if limit is not None and len(texts) >= limit:
-                break
-            if row.error is not None or row.query is None or row.record is None:
-                raise InputError(row.error or "unreadable row", source=str(path), line=row.line)
-            if "gold_id" not in row.record:
-                raise InputError(
-                    "no 'gold_id' field (null = not in the catalog)",
-                    source=str(path),
-                    line=row.line,
-                )
-            gold = row.record["gold_id"]
-            texts.append(row.query)
-            golds.append(None if gold is None else str(gold))
-    finally:
-        rows.close()
-    if not texts:
-        raise InputError("no labelled queries", source=str(path))
-    return texts, golds
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _oracle_gold(labels: Labels, directory: str) -> str:
+    """The labels as the simulator's gold JSONL (whatever format they were read from)."""
+    path = Path(directory) / "gold.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for label in labels.items:
+            fh.write(json.dumps({"query": label.query, "gold_id": label.gold_id}) + "\n")
+    return str(path)
 
 
 async def run_eval(
@@ -65,6 +56,7 @@ async def run_eval(
     name: str = "",
     progress: Any = None,
     keep_results: list[tuple[MatchResult, str | None]] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Evaluate retrieval, routing and end-to-end decisions on labelled queries.
 
@@ -84,13 +76,26 @@ async def run_eval(
 
     ``settings``: how to match (``llm="off"`` turns its LLM off; ``"sim"`` points it at
     the simulator).
+
+    ``queries``: labelled queries read by :func:`~nem_llm.jobs.labels.read_labels` (JSONL,
+    CSV, TSV or Parquet; an empty or null ``gold_id`` is "not in the catalog"). Each gold
+    id that is not in the catalog is reported once to ``on_warning`` (default: a
+    ``UserWarning``).
     """
     if not 0.0 <= calibrate_fraction < 1.0:
         raise ConfigError(f"calibrate_fraction must be in [0, 1), got {calibrate_fraction}")
     settings = settings or MatcherSettings()
     if llm not in ("off", "env", "sim"):
         raise ConfigError(f"llm must be off, env or sim, got {llm!r}")
-    texts, golds = _labelled(queries, limit)
+    entities = load_catalog(
+        catalog, include_description=settings.index_description, columns=settings.columns
+    )
+    labels = read_labels(queries, catalog_ids=entities.by_id.keys(), limit=limit)
+    for message in labels.warnings():
+        (on_warning or _warn)(message)
+    texts = [label.query for label in labels.items]
+    items = [label.as_query() for label in labels.items]  # records keep their fields
+    golds = [label.gold_id for label in labels.items]
     training: list[tuple[str, str | None]] = []
     if calibrate_fraction > 0:
         order = list(range(len(texts)))
@@ -99,6 +104,7 @@ async def run_eval(
         training = [(texts[i], golds[i]) for i in order[:cut]]
         keep = sorted(order[cut:])
         texts, golds = [texts[i] for i in keep], [golds[i] for i in keep]
+        items = [items[i] for i in keep]
     async with AsyncExitStack() as stack:
         client: AsyncOpenAI | None = None
         if llm == "off":
@@ -106,11 +112,12 @@ async def run_eval(
         if llm == "sim":
             from ..sim import SimConfig, SimServer
 
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="nem-eval-"))
             sim = await stack.enter_async_context(
                 SimServer(
                     SimConfig(
                         policy="oracle",
-                        gold_path=str(queries),
+                        gold_path=_oracle_gold(labels, scratch),
                         catalog_path=str(catalog),  # the rewrite call answers names
                         oracle_error_rate=oracle_error_rate,
                         error_profile=oracle_error_profile,  # type: ignore[arg-type]
@@ -121,13 +128,13 @@ async def run_eval(
             client = AsyncOpenAI(base_url=sim.base_url, api_key="sim", max_retries=0)
             settings = settings.replace(model="nem-llm-sim")
         if settings.cache is None:  # as a job does: the labelled sample is never paid twice
-            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nem-eval-")))
-            settings = settings.replace(cache=scratch / "decisions.sqlite")
-        matcher = Matcher(catalog, settings, client=client)
+            cache_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nem-eval-")))
+            settings = settings.replace(cache=cache_dir / "decisions.sqlite")
+        matcher = Matcher(entities, settings, client=client)
         await stack.enter_async_context(matcher)
         await matcher.fit_async(
             training or None,
-            workload=texts,
+            workload=items,
             mode=mode,  # type: ignore[arg-type]  # checked by fit_async
             show_progress=progress is not None,
             **(fit_options or {}),
@@ -136,7 +143,11 @@ async def run_eval(
             fitted = matcher.calibration
             for route_name, est in (("auto-match", fitted.matched), ("auto-novel", fitted.novel)):
                 state = "open" if est.open else "closed"
-                progress.print(f"{name or 'eval'}: {route_name} route {state}: {est.reason}")
+                progress.print(
+                    f"{name or 'eval'}: {route_name} route {state}: {est.reason}",
+                    markup=False,
+                    highlight=False,
+                )
         k = max(RECALL_KS)
         retrieved: list[list[Candidate]] = []
         for lo in range(0, len(texts), _RETRIEVE_CHUNK):
@@ -145,16 +156,17 @@ async def run_eval(
             )
         task = None
         if progress is not None:
+            from rich.markup import escape
             from rich.progress import Progress
 
             bar = stack.enter_context(Progress(console=progress, transient=True))
-            task = bar.add_task(f"eval {name}", total=len(texts))
+            task = bar.add_task(f"eval {escape(name)}", total=len(texts))
 
         def on_progress(done: int, total: int | None) -> None:
             if task is not None:
                 bar.update(task, completed=done)
 
-        results = await matcher.match_batch_async(texts, on_progress=on_progress)
+        results = await matcher.match_batch_async(items, on_progress=on_progress)
         if client is not None:
             await client.close()
     if keep_results is not None:

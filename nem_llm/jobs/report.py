@@ -36,7 +36,8 @@ from ..errors import ConfigError, InputError
 from ..models import MatchResult
 from ..text import normalize
 from .discovery import ClusterConfig, cluster_mentions, similarity_matrix
-from .io import read_jsonl_rows
+from .io import read_jsonl_rows, read_result_rows
+from .labels import read_labels
 
 __all__ = [
     "ReportData",
@@ -85,30 +86,26 @@ class ReportData:
 def load_gold_labels(
     path: str | os.PathLike[str],
 ) -> tuple[dict[str, str | None], dict[str, str | None]]:
-    """Read labels JSONL into (qid/id -> gold, normalized query -> gold); ``gold_id`` null = novel.
+    """Read labels into (qid/id -> gold, normalized query -> gold); no gold id = novel.
+
+    The labels are read as ``nem-llm eval`` reads them (:func:`~nem_llm.jobs.labels.read_labels`).
 
     Raises:
-        InputError: a line without a string ``query`` and a ``gold_id`` (names the line).
+        InputError: a row without a query or a ``gold_id`` (names the line).
     """
     by_id: dict[str, str | None] = {}
     by_query: dict[str, str | None] = {}
-    for line, row in read_jsonl_rows(path):
-        query, gold = row.get("query"), row.get("gold_id", ...)
-        if not isinstance(query, str) or gold is ... or not (gold is None or isinstance(gold, str)):
-            raise InputError(
-                "expected {'query': str, 'gold_id': str or null}", source=str(path), line=line
-            )
-        for key in ("qid", "id"):
-            if isinstance(row.get(key), str):
-                by_id[row[key]] = gold
-        by_query.setdefault(normalize(query), gold)
+    for label in read_labels(path).items:
+        if label.row_id is not None:
+            by_id[label.row_id] = label.gold_id
+        by_query.setdefault(normalize(label.query), label.gold_id)
     return by_id, by_query
 
 
 def _read_results(path: str | os.PathLike[str]) -> tuple[list[MatchResult], list[str | None]]:
     results: list[MatchResult] = []
     ids: list[str | None] = []
-    for line, row in read_jsonl_rows(path):
+    for line, row in read_result_rows(path):
         try:
             results.append(MatchResult.model_validate(row))
         except ValueError as exc:

@@ -38,7 +38,8 @@ from ..errors import InputError
 from ..llm.cache import DecisionCache, ReviewedLabel
 from ..text import normalize
 from .checkpoint import RunStore
-from .io import read_jsonl_rows
+from .io import read_result_rows
+from .labels import read_labels
 
 __all__ = [
     "LABELS_FILE",
@@ -156,7 +157,7 @@ def export_review(
     out = Path(to)
     queued: list[tuple[int, dict[str, Any], str]] = []
     read = 0
-    for line, row in read_jsonl_rows(results):
+    for line, row in read_result_rows(results):
         read += 1
         why = review_reason(row, min_confidence)
         if why is None or (why == "novel" and not include_novel):
@@ -290,22 +291,15 @@ def read_review(
 
 
 def load_labels(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
-    """Read a labels file (JSONL ``{"query", "gold_id"}``) as ``(query, id or None)`` pairs.
+    """Read a labels file as ``(query, id or None)`` pairs, as ``nem-llm eval`` reads it.
 
-    The pairs feed ``Matcher.fit(training_data=...)``.
+    The pairs feed ``Matcher.fit(training_data=...)``; see
+    :func:`~nem_llm.jobs.labels.read_labels` for the formats.
 
     Raises:
-        InputError: a line that is not such an object (names the line).
+        InputError: a row without a query or a ``gold_id`` (names the line).
     """
-    pairs: list[tuple[str, str | None]] = []
-    for line, row in read_jsonl_rows(path):
-        query, gold = row.get("query"), row.get("gold_id")
-        if not isinstance(query, str) or not (gold is None or isinstance(gold, str)):
-            raise InputError(
-                "expected {'query': str, 'gold_id': str or null}", source=str(path), line=line
-            )
-        pairs.append((query, gold))
-    return pairs
+    return read_labels(path).pairs()
 
 
 def _write_labels(path: Path, decisions: list[ReviewDecision]) -> int:

@@ -13,11 +13,12 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._parquet import PARQUET_SUFFIX, require_pyarrow, write_parquet_rows
 from ..errors import ConfigError
 from ..llm.adjudication import PROMPT_VERSION
 from ..llm.governor import GovernorStats
@@ -49,9 +50,12 @@ class MatchJob:
     """Everything ``nem-llm match`` needs; equal jobs resume each other.
 
     Args:
-        catalog, queries, out: the input files and the results JSONL.
+        catalog, queries, out: the input files and the results file: ``.parquet`` is
+            written at the end of the run (the rows go to ``live.jsonl`` in the state
+            directory while it runs), any other name is JSONL appended to as rows finish.
         settings: how to match (every engine honours all of it or refuses up front).
         query_column, id_column: where the query and the row id are in the queries file.
+        delimiter: the queries CSV's field delimiter (None: sniffed from its header).
         where: ``{attribute: column}``: each row's candidates are the entities whose
             attribute equals the row's value in that column (an empty value: no filter).
         fields: ``{attribute: column}``: the row is a record, these columns its fields
@@ -68,6 +72,7 @@ class MatchJob:
     settings: MatcherSettings = field(default_factory=MatcherSettings)
     query_column: str | None = None
     id_column: str | None = None
+    delimiter: str | None = None
     where: Mapping[str, str] = field(default_factory=dict)
     fields: Mapping[str, str] = field(default_factory=dict)
     strategy: Strategy = "as_completed"
@@ -83,6 +88,31 @@ class MatchJob:
                 if not attribute or not column:
                     raise ConfigError(f"{name}: use attribute=column, got {attribute!r}={column!r}")
             object.__setattr__(self, name, dict(mapping))
+        if self.delimiter is not None and (len(self.delimiter) != 1 or self.delimiter in '"\r\n'):
+            raise ConfigError(
+                f"delimiter must be one character (not a quote), got {self.delimiter!r}"
+            )
+        if self.parquet_out:
+            require_pyarrow(f"--out {self.out.name}")
+
+    @property
+    def parquet_out(self) -> bool:
+        """Whether the results file is Parquet (written from the checkpoint at the end)."""
+        return self.out.suffix.lower() == PARQUET_SUFFIX
+
+    @property
+    def live_out(self) -> Path:
+        """Where rows are appended while the job runs: the output, or beside the state."""
+        return self.state_dir / "live.jsonl" if self.parquet_out else self.out
+
+    def read_rows(self) -> Generator[QueryRow, None, None]:
+        """The queries file's rows, with this job's columns and delimiter (see read_queries)."""
+        return read_queries(
+            self.queries,
+            query_column=self.query_column,
+            id_column=self.id_column,
+            delimiter=self.delimiter,
+        )
 
     @property
     def state_dir(self) -> Path:
@@ -130,6 +160,7 @@ def run_key(job: MatchJob, engine: str) -> tuple[str, dict[str, object]]:
         "id_column": job.id_column,
         "where": sorted(job.where.items()),
         **({"fields": sorted(job.fields.items())} if job.fields else {}),
+        **({"delimiter": job.delimiter} if job.delimiter is not None else {}),
         "settings": job.settings.fingerprint(),
         "prompt_version": PROMPT_VERSION,
         "engine": engine,
@@ -166,7 +197,7 @@ def workload_sample(
     rng = random.Random(seed)
     kept: list[str | dict[str, Any]] = []
     seen = 0
-    rows = read_queries(job.queries, query_column=job.query_column, id_column=job.id_column)
+    rows = job.read_rows()
     try:
         for row in rows:
             if row.error is not None or row.query is None:
@@ -213,7 +244,19 @@ def error_row(row: QueryRow) -> MatchResult:
 
 
 def write_output(out: Path, store: RunStore, key: str, order: OutputOrder) -> None:
-    """Rewrite the output file from the checkpoint (temp file, fsync, atomic rename)."""
+    """Rewrite the output file from the checkpoint (temp file, fsync, atomic rename).
+
+    ``.parquet``: one Parquet file of the same rows (nested fields as Arrow structs and
+    lists); anything else: JSONL.
+    """
+    if out.suffix.lower() == PARQUET_SUFFIX:
+
+        def rows() -> Iterator[dict[str, Any]]:
+            for _, text in store.iter_rows(key, order=order):
+                yield json.loads(text)
+
+        write_parquet_rows(out, rows)
+        return
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for _, text in store.iter_rows(key, order=order):

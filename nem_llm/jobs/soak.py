@@ -22,7 +22,8 @@ from ..matcher import Matcher
 from ..models import MatchResult, RunStats
 from ..sim import SimConfig, SimServer, max_in_window, run_simulator
 from ..testing import FakeEmbedder
-from .bench import make_catalog, make_queries, maybe_await, quiet_instructor
+from .bench.config import make_catalog, make_queries
+from .bench.probes import maybe_await, quiet_instructor
 
 __all__ = ["SoakProgress", "SoakReport", "render_soak", "run_soak", "soak_checks"]
 
