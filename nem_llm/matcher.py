@@ -268,6 +268,13 @@ class Matcher:
         """Running LLM totals of the current event loop's governor (``None`` before use)."""
         return self._runtime.governor.stats if self._runtime is not None else None
 
+    @property
+    def micro_batches(self) -> tuple[int, int]:
+        """Micro-batches encoded on the current event loop and the queries in them
+        (``(0, 0)`` before the first query)."""
+        rt = self._runtime
+        return (rt.batcher.batches, rt.batcher.items) if rt is not None else (0, 0)
+
     def _runtime_for_loop(self) -> _Runtime:
         if self._closed:
             raise NemLLMError("this Matcher is closed")

@@ -1,0 +1,356 @@
+"""The endpoints: one method each on :class:`Routes`, a small class over the app's state.
+
+``POST /v1/match`` is served twice over: :meth:`Routes.match_fast` is a lean ASGI endpoint
+the guard hands the request to (no FastAPI routing, dependencies or wrappers: see
+``benchmarks/results/service.md`` for what that saves), and the FastAPI route
+:meth:`Routes.match` documents it in the OpenAPI schema. Both answer through
+:meth:`Routes.matched`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Iterator
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from starlette.types import Receive, Scope, Send
+
+from ...errors import ConfigError, InputError, NemLLMError
+from ...models import Explanation, MatchResult
+from .errors import ApiError, error_json, invalid_json, nem_error_json
+from .limits import check_queries, check_where
+from .schemas import (
+    EntitiesChanged,
+    EntitiesRequest,
+    ErrorResponse,
+    MatchOptions,
+    MatchRequest,
+    ReadyStatus,
+    StreamRequest,
+)
+from .state import ServiceState
+
+__all__ = ["NDJSONResponse", "Routes"]
+
+T = TypeVar("T")
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+_RESULTS = TypeAdapter(list[MatchResult])
+_EXPLANATIONS = TypeAdapter(list[Explanation])
+
+
+class NDJSONResponse(Response):
+    """Streams NDJSON lines with plain awaits (no task group).
+
+    Starlette's ``StreamingResponse`` runs the body in an anyio task group; cancelling
+    it there interrupts the clean-up of the Matcher's stream, so httpcore never closes the
+    LLM connection of a cancelled call (the provider keeps working for nobody). Here a
+    disconnect cancels the request task (see ``Guard``) and the clean-up runs whole.
+    """
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, lines: AsyncGenerator[bytes, None]) -> None:
+        super().__init__(media_type=self.media_type)
+        self.lines = lines
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        async with aclosing(self.lines):
+            async for line in self.lines:
+                await send({"type": "http.response.body", "body": line, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def parse_body(model: type[ModelT], scope: Scope, body: bytes) -> ModelT:
+    """Validate a JSON body as FastAPI reads it (a body of another media type is invalid).
+
+    Raises:
+        ValidationError: the body is not JSON or does not fit ``model``.
+    """
+    for name, value in scope.get("headers", []):
+        if name == b"content-type" and b"json" not in value.lower():
+            return model.model_validate(body)  # raises: bytes are not an object
+    return model.model_validate_json(body or b"null")
+
+
+class Routes:
+    """Every endpoint of the service, as methods over one :class:`ServiceState`."""
+
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
+        self.matcher = state.matcher
+        self.redactor = state.redactor
+
+    # -- answers -------------------------------------------------------------------------
+
+    def api_error(self, exc: ApiError) -> JSONResponse:
+        """The answer an :class:`ApiError` asks for (secrets redacted)."""
+        return error_json(exc.status, exc.type, self.redactor.text(exc.message), exc.field)
+
+    def nem_error(self, exc: NemLLMError) -> JSONResponse:
+        """The answer to one of nem_llm's errors."""
+        return nem_error_json(exc, self.redactor)
+
+    def json_bytes(self, payload: bytes) -> Response:
+        """A JSON answer from serialised bytes (secrets redacted)."""
+        return Response(self.redactor.data(payload), media_type="application/json")
+
+    @contextlib.contextmanager
+    def options_named(self, body: MatchOptions, where: str = "where") -> Iterator[None]:
+        """A ConfigError raised inside becomes a 422 naming the request option it is about."""
+        try:
+            yield
+        except ConfigError as exc:
+            message = self.redactor.text(str(exc))
+            field = next(
+                (
+                    f
+                    for f in ("threshold", "top_k")
+                    if f in message and getattr(body, f) is not None
+                ),
+                where if body.where is not None else None,
+            )
+            raise ApiError(422, "invalid_option", message, field) from None
+
+    async def call(self, body: MatchOptions, work: Awaitable[T], where: str = "where") -> T:
+        """Await a Matcher call; a ConfigError names the request option it came from."""
+        with self.options_named(body, where):
+            return await work
+
+    # -- matching ------------------------------------------------------------------------
+
+    async def matched(self, body: MatchRequest) -> Response:
+        """The answer of ``POST /v1/match`` (both endpoints serve it)."""
+        self.state.require_ready()
+        limits = self.state.limits
+        many = isinstance(body.query, list)
+        queries = body.query if isinstance(body.query, list) else [body.query]
+        check_queries(queries, "query", limits)
+        check_where(body.where, len(queries), many)
+        if body.explain:
+            explanations = await self._explained(body, queries)
+            self.state.metrics.observe(e.result for e in explanations)
+            if not many:
+                return self.json_bytes(explanations[0].model_dump_json().encode())
+            return self.json_bytes(_EXPLANATIONS.dump_json(explanations))
+        opts = body.matcher_options()
+        if not many:
+            result = await self.call(body, self.matcher.match_async(queries[0], **opts))
+            self.state.metrics.observe([result])
+            return self.json_bytes(result.model_dump_json().encode())
+        # no more workers than queries: a request of 10 should not start 64 tasks
+        results = await self.call(
+            body,
+            self.matcher.match_batch_async(
+                queries, strategy="gather", batch_size=min(64, len(queries)), **opts
+            ),
+        )
+        self.state.metrics.observe(results)
+        return self.json_bytes(_RESULTS.dump_json(results))
+
+    async def _explained(self, body: MatchRequest, queries: list[str]) -> list[Explanation]:
+        """One explanation per query, at most ``max_explain_concurrency`` at once."""
+        opts = body.matcher_options()
+        gate = asyncio.Semaphore(self.state.limits.max_explain_concurrency)
+
+        async def explain(i: int, q: str) -> Explanation:
+            if not isinstance(body.where, list):
+                async with gate:
+                    return await self.call(body, self.matcher.explain_match_async(q, **opts))
+            # one filter per query: a failing one is named by its index
+            own = {**opts, "where": body.where[i]}
+            async with gate:
+                work = self.matcher.explain_match_async(q, **own)
+                return await self.call(body, work, f"where[{i}]")
+
+        return list(await asyncio.gather(*(explain(i, q) for i, q in enumerate(queries))))
+
+    async def match(self, body: MatchRequest) -> Response:
+        """Match one query or a list (input order)."""
+        # documents the endpoint; the guard hands POST /v1/match to match_fast instead
+        return await self.matched(body)
+
+    async def match_fast(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/match`` without FastAPI's routing, dependencies and wrappers."""
+        try:
+            body = parse_body(MatchRequest, scope, (await receive())["body"])
+            response = await self.matched(body)
+        except ValidationError as exc:
+            response = invalid_json(exc.errors(include_url=False))
+        except ApiError as exc:
+            response = self.api_error(exc)
+        except NemLLMError as exc:
+            response = self.nem_error(exc)
+        await response(scope, receive, send)
+
+    async def match_stream(self, body: StreamRequest) -> Response:
+        """Match many queries; NDJSON, one MatchResult a line, as each finishes."""
+        self.state.require_ready()
+        check_queries(body.queries, "queries", self.state.limits)
+        check_where(body.where, len(body.queries), many=True)
+        opts = body.matcher_options()
+        if isinstance(body.where, dict):
+            # checked before the 200 goes out: the Matcher checks a shared filter only once
+            # the stream is read, when an error can no longer change the status
+            with self.options_named(body):
+                self.matcher.catalog.where_mask(body.where)
+        stream = self.matcher.match_stream_async(body.queries, strategy="as_completed", **opts)
+
+        async def lines() -> AsyncGenerator[bytes, None]:
+            async with aclosing(stream):
+                async for result in stream:
+                    self.state.metrics.observe([result])
+                    yield self.redactor.data(result.model_dump_json().encode()) + b"\n"
+
+        return NDJSONResponse(lines())
+
+    # -- entity administration -----------------------------------------------------------
+
+    async def add_entities(self, body: EntitiesRequest) -> EntitiesChanged:
+        """Add entities to the live index (no rebuild)."""
+        self.state.require_ready()
+        try:
+            await self.matcher.add_entities_async(body.entities)
+        except InputError as exc:  # a duplicate id, an invalid entity
+            raise ApiError(422, "invalid_entities", str(exc), "entities") from None
+        return EntitiesChanged(added=len(body.entities))
+
+    async def update_entities(self, body: EntitiesRequest) -> EntitiesChanged:
+        """Replace entities by id in the live index."""
+        self.state.require_ready()
+        try:
+            await self.matcher.update_entities_async(body.entities)
+        except InputError as exc:  # an unknown id, an invalid entity
+            raise ApiError(422, "invalid_entities", str(exc), "entities") from None
+        return EntitiesChanged(updated=len(body.entities))
+
+    async def remove_entity(self, entity_id: str) -> EntitiesChanged:
+        """Remove one entity from the live index."""
+        self.state.require_ready()
+        try:
+            await self.matcher.remove_entities_async([entity_id])
+        except (InputError, KeyError) as exc:
+            if entity_id not in self.matcher.catalog.by_id:
+                raise ApiError(
+                    404, "not_found", f"no entity with id {entity_id!r}", "entity_id"
+                ) from None
+            # the id is there, the change is refused (the last entity of the catalog)
+            raise ApiError(422, "invalid_entities", str(exc), "entity_id") from None
+        return EntitiesChanged(removed=1)
+
+    # -- probes and metrics --------------------------------------------------------------
+
+    async def healthz(self) -> dict[str, str]:
+        """Alive."""
+        return {"status": "ok"}
+
+    async def readyz(self) -> JSONResponse:
+        """Ready: index built and the LLM reachable (or not configured)."""
+        state = self.state
+        llm, detail = await state.probe.check()
+        built = self.matcher.ready
+        if state.draining:
+            detail = "shutting down"
+        elif not built:
+            detail = state.fit_error or "the index is being built"
+        ready = built and llm != "unreachable" and not state.draining
+        body = ReadyStatus(ready=ready, index_built=built, llm=llm, detail=detail)  # type: ignore[arg-type]
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+    async def metrics(self) -> Response:
+        """Prometheus metrics (text format)."""
+        registry = self.state.metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- wiring --------------------------------------------------------------------------
+
+    def register(self, app: FastAPI, *, api_key: str | None) -> None:
+        """Add every route and the error handlers to ``app``."""
+        app.add_exception_handler(ApiError, self._on_api_error)  # type: ignore[arg-type]
+        app.add_exception_handler(RequestValidationError, self._on_invalid)  # type: ignore[arg-type]
+        app.add_exception_handler(NemLLMError, self._on_nem_error)  # type: ignore[arg-type]
+        # the guard enforces the token (one check for every route, the fast one included);
+        # this dependency only declares the scheme in the OpenAPI schema
+        bearer = HTTPBearer(auto_error=False, description="The key named by --api-key-env.")
+        guarded = [Security(bearer)] if api_key is not None else []
+        v1 = APIRouter(prefix="/v1", dependencies=guarded)
+        v1.add_api_route(
+            "/match",
+            self.match,
+            methods=["POST"],
+            response_model=MatchResult | Explanation | list[MatchResult] | list[Explanation],
+            summary="Match one query or a list (input order).",
+        )
+        v1.add_api_route(
+            "/match:stream",
+            self.match_stream,
+            methods=["POST"],
+            summary="Match many queries; NDJSON, one MatchResult a line, as each finishes.",
+            response_class=NDJSONResponse,
+            status_code=200,
+            responses={200: {"content": {"application/x-ndjson": {}}, "model": MatchResult}},
+        )
+        changed: dict[int | str, dict[str, Any]] = {422: {"model": ErrorResponse}}
+        v1.add_api_route(
+            "/entities",
+            self.add_entities,
+            methods=["POST"],
+            response_model=EntitiesChanged,
+            status_code=201,
+            summary="Add entities to the live index (no rebuild).",
+            responses=changed,
+        )
+        v1.add_api_route(
+            "/entities",
+            self.update_entities,
+            methods=["PUT"],
+            response_model=EntitiesChanged,
+            summary="Replace entities by id in the live index.",
+            responses=changed,
+        )
+        v1.add_api_route(
+            "/entities/{entity_id}",
+            self.remove_entity,
+            methods=["DELETE"],
+            response_model=EntitiesChanged,
+            summary="Remove one entity from the live index.",
+            responses={404: {"model": ErrorResponse}, **changed},
+        )
+        app.include_router(v1)
+        app.add_api_route("/healthz", self.healthz, methods=["GET"], summary="Alive.")
+        app.add_api_route(
+            "/readyz",
+            self.readyz,
+            methods=["GET"],
+            response_model=ReadyStatus,
+            summary="Ready: index built and the LLM reachable (or not configured).",
+            responses={503: {"model": ReadyStatus}},
+        )
+        app.add_api_route(
+            "/metrics",
+            self.metrics,
+            methods=["GET"],
+            summary="Prometheus metrics (text format).",
+            response_class=Response,
+            dependencies=guarded,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+        )
+
+    async def _on_api_error(self, _request: Request, exc: ApiError) -> JSONResponse:
+        return self.api_error(exc)
+
+    async def _on_invalid(self, _request: Request, exc: RequestValidationError) -> JSONResponse:
+        return invalid_json(exc.errors())
+
+    async def _on_nem_error(self, _request: Request, exc: NemLLMError) -> JSONResponse:
+        return self.nem_error(exc)

@@ -1,0 +1,63 @@
+"""The state one app holds: its matcher, limits, metrics, requests in flight, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ...matcher import Matcher
+from .errors import ApiError
+from .health import LLMProbe
+from .limits import ServiceLimits
+from .metrics import Metrics
+from .redaction import Redactor
+
+__all__ = ["ServiceState"]
+
+log = logging.getLogger("nem_llm.service")
+
+
+class ServiceState:
+    """Per-app state (``app.state.nem_llm``): everything the routes and the guard share.
+
+    Args:
+        matcher: the one Matcher every request shares.
+        limits: request limits and the shutdown drain.
+        redactor: the secrets to keep out of answers and logs.
+        probe: the LLM reachability probe behind ``/readyz``.
+    """
+
+    def __init__(
+        self, matcher: Matcher, limits: ServiceLimits, redactor: Redactor, probe: LLMProbe
+    ) -> None:
+        self.matcher = matcher
+        self.limits = limits
+        self.redactor = redactor
+        self.probe = probe
+        self.metrics = Metrics(matcher)
+        self.tasks: set[asyncio.Task[Any]] = set()  # the requests in flight
+        self.metrics.in_flight.set_function(lambda: len(self.tasks))
+        self.draining = False
+        self.fit_task: asyncio.Task[Matcher] | None = None
+        self.fit_error: str | None = None
+
+    def require_ready(self) -> None:
+        """Raise the 503 of a service shutting down or whose index is not built yet."""
+        if self.draining:
+            raise ApiError(503, "shutting_down", "the service is shutting down")
+        if not self.matcher.ready:
+            detail = self.fit_error or "the index is being built"
+            raise ApiError(503, "not_ready", detail)
+
+    async def drain(self) -> None:
+        """Wait for in-flight requests up to the drain timeout, then cancel the rest."""
+        pending = set(self.tasks)
+        if pending:
+            log.info("draining %d in-flight request(s)", len(pending))
+            _, pending = await asyncio.wait(pending, timeout=self.limits.drain_timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("cancelled %d request(s) after the drain timeout", len(pending))
+            await asyncio.wait(pending)
