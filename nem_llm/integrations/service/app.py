@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from ..._gc import tune_gc as _tune_gc
+from ...errors import ConfigError
 from ...matcher import Matcher
 from .guard import Guard
 from .health import LLMProbe
@@ -30,6 +31,7 @@ def create_app(
     matcher: Matcher,
     *,
     api_key: str | None = None,
+    admin_key: str | None = None,
     limits: ServiceLimits | None = None,
     close_matcher: bool = False,
     probe_interval: float = 15.0,
@@ -45,6 +47,8 @@ def create_app(
     Args:
         matcher: the one Matcher of this process; every request shares it.
         api_key: when set, ``/v1/*`` and ``/metrics`` require ``Authorization: Bearer <it>``.
+        admin_key: when set, entity writes (``POST``/``PUT``/``DELETE /v1/entities``)
+            require this key instead (403 with ``api_key``); it also opens the rest.
         limits: request limits and the shutdown drain.
         close_matcher: close the matcher on shutdown (``nem-llm serve`` owns its matcher).
         probe_interval: seconds ``/readyz`` caches the LLM reachability probe.
@@ -52,12 +56,20 @@ def create_app(
         tune_gc: once the index is built, :func:`~nem_llm.integrations.service.tune_gc`
             (on by ``nem-llm serve``; process-wide, so off by default for an app in your
             own stack).
+
+    Raises:
+        ConfigError: ``limits.max_top_k`` below the matcher's ``top_k``.
     """
     limits = limits or ServiceLimits()
+    if limits.max_top_k is not None and limits.max_top_k < matcher.settings.top_k:
+        raise ConfigError(
+            f"max_top_k {limits.max_top_k} is below the matcher's top_k "
+            f"{matcher.settings.top_k}: raise it or lower top_k"
+        )
     client = matcher.client
-    redactor = Redactor([api_key, client.api_key if client is not None else None])
+    redactor = Redactor([api_key, admin_key, client.api_key if client is not None else None])
     probe = LLMProbe(client, redactor, interval=probe_interval, timeout=probe_timeout)
-    state = ServiceState(matcher, limits, redactor, probe)
+    state = ServiceState(matcher, limits, redactor, probe, api_key_set=api_key is not None)
 
     def fit_done(task: asyncio.Task[Matcher]) -> None:
         if task.cancelled():
@@ -66,6 +78,8 @@ def create_app(
         if exc is not None:
             state.fit_error = redactor.text(f"building the index failed: {exc}")
             log.error("%s", state.fit_error)
+            if state.on_fit_error is not None:
+                state.on_fit_error(state.fit_error)
         elif tune_gc:
             _tune_gc()
 
@@ -106,8 +120,8 @@ def create_app(
     )
     routes = Routes(state)
     fast: dict[tuple[str, str], ASGIApp] = {("POST", "/v1/match"): routes.match_fast}
-    app.add_middleware(Guard, state=state, api_key=api_key, fast=fast)
-    routes.register(app, api_key=api_key)
+    app.add_middleware(Guard, state=state, api_key=api_key, admin_key=admin_key, fast=fast)
+    routes.register(app, api_key=api_key or admin_key)
     app.state.nem_llm = state
     return app
 

@@ -33,14 +33,19 @@ class ApiError(Exception):
         self.field = field
 
 
-def error_json(status: int, type_: str, message: str, field: str | None = None) -> JSONResponse:
-    """The error answer (401 says how to authenticate, 503 when to come back)."""
+def error_json(
+    status: int, type_: str, message: str, field: str | None = None, *, close: bool = False
+) -> JSONResponse:
+    """The error answer (401 says how to authenticate, 503 when to come back; ``close``:
+    the connection is closed after it)."""
     body = ErrorResponse(error=ErrorDetail(type=type_, message=message, field=field))
     response = JSONResponse(body.model_dump(), status_code=status)
     if status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     elif status == 503:
         response.headers["Retry-After"] = "1"
+    if close:
+        response.headers["Connection"] = "close"
     return response
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -99,7 +99,15 @@ class Metrics:
             "nem_llm_http_requests_in_flight", "HTTP requests in flight.", registry=r
         )
         self.disconnects = Counter(
-            "nem_llm_http_client_disconnects", "Requests cancelled by their client.", registry=r
+            "nem_llm_http_client_disconnects",
+            "Requests whose client left before the answer (during the body or the work).",
+            registry=r,
+        )
+        self.timeouts = Counter(
+            "nem_llm_http_read_timeouts",
+            "Connections that sent no complete headers or body in time (answered 408).",
+            ["part"],
+            registry=r,
         )
         self.results = Counter(
             "nem_llm_results", "Match results.", ["status", "decided_by"], registry=r
@@ -135,15 +143,14 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def observe(self, results: Iterable[MatchResult]) -> None:
-        """Count results by status and decider, with their latency and LLM attempts."""
-        for result in results:
-            key = (result.status, result.decided_by)
-            counter = self._decided.get(key)
-            if counter is None:
-                counter = self.results.labels(result.status, result.decided_by or "none")
-                self._decided[key] = counter
-            counter.inc()
-            self.result_seconds.observe(result.latency_s)
-            for attempt in result.attempts:
-                self.llm_attempt_seconds.observe(attempt.latency_s)
+    def observe(self, result: MatchResult) -> None:
+        """Count one result by status and decider, with its latency and LLM attempts."""
+        key = (result.status, result.decided_by)
+        counter = self._decided.get(key)
+        if counter is None:
+            counter = self.results.labels(result.status, result.decided_by or "none")
+            self._decided[key] = counter
+        counter.inc()
+        self.result_seconds.observe(result.latency_s)
+        for attempt in result.attempts:
+            self.llm_attempt_seconds.observe(attempt.latency_s)

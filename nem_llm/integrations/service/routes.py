@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -21,12 +21,12 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ...errors import ConfigError, InputError, NemLLMError
 from ...models import Explanation, MatchResult
 from .errors import ApiError, error_json, invalid_json, nem_error_json
-from .limits import check_queries, check_where
+from .limits import check_aliases, check_options, check_queries, check_where
 from .schemas import (
     EntitiesChanged,
     EntitiesRequest,
@@ -38,7 +38,7 @@ from .schemas import (
 )
 from .state import ServiceState
 
-__all__ = ["NDJSONResponse", "Routes"]
+__all__ = ["ResultStream", "Routes", "deadline_result"]
 
 T = TypeVar("T")
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -47,39 +47,73 @@ _RESULTS = TypeAdapter(list[MatchResult])
 _EXPLANATIONS = TypeAdapter(list[Explanation])
 
 
-class NDJSONResponse(Response):
-    """Streams NDJSON lines with plain awaits (no task group).
+def deadline_result(index: int, query: str, seconds: float) -> MatchResult:
+    """The record of a query the request's deadline stopped (its LLM call is cancelled)."""
+    return MatchResult(
+        query=query[:1000],
+        index=index,
+        status="error",
+        error=f"the request's deadline ({seconds:g} s) passed before a decision",
+        error_type="deadline",
+        latency_s=seconds,
+    )
+
+
+class ResultStream(Response):
+    """Streams results as NDJSON lines with plain awaits (no task group), until a deadline.
 
     Starlette's ``StreamingResponse`` runs the body in an anyio task group; cancelling
     it there interrupts the clean-up of the Matcher's stream, so httpcore never closes the
     LLM connection of a cancelled call (the provider keeps working for nobody). Here a
-    disconnect cancels the request task (see ``Guard``) and the clean-up runs whole.
+    disconnect cancels the request task (see ``Guard``) and the clean-up runs whole. At
+    the deadline the stream is closed and every query not answered yet gets its
+    ``deadline`` record: one line per query, always.
     """
 
     media_type = "application/x-ndjson"
 
-    def __init__(self, lines: AsyncGenerator[bytes, None]) -> None:
+    def __init__(
+        self,
+        results: AsyncGenerator[MatchResult, None],
+        queries: list[str],
+        *,
+        deadline_at: float,
+        seconds: float,
+        line: Callable[[MatchResult], bytes],
+    ) -> None:
         super().__init__(media_type=self.media_type)
-        self.lines = lines
+        self.results = results
+        self.queries = queries
+        self.deadline_at = deadline_at
+        self.seconds = seconds
+        self.line = line
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        async with aclosing(self.lines):
-            async for line in self.lines:
-                await send({"type": "http.response.body", "body": line, "more_body": True})
+        sent: set[int] = set()
+        try:
+            async with asyncio.timeout_at(self.deadline_at), aclosing(self.results):
+                async for result in self.results:
+                    sent.add(result.index)
+                    await send(_chunk(self.line(result)))
+        except TimeoutError:
+            for i, query in enumerate(self.queries):
+                if i not in sent:
+                    await send(_chunk(self.line(deadline_result(i, query, self.seconds))))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def parse_body(model: type[ModelT], scope: Scope, body: bytes) -> ModelT:
-    """Validate a JSON body as FastAPI reads it (a body of another media type is invalid).
+def _chunk(body: bytes) -> Message:
+    return {"type": "http.response.body", "body": body, "more_body": True}
+
+
+def parse_body(model: type[ModelT], body: bytes) -> ModelT:
+    """Validate a JSON body (the guard has made sure it is JSON, whatever its declared type).
 
     Raises:
         ValidationError: the body is not JSON or does not fit ``model``.
     """
-    for name, value in scope.get("headers", []):
-        if name == b"content-type" and b"json" not in value.lower():
-            return model.model_validate(body)  # raises: bytes are not an object
     return model.model_validate_json(body or b"null")
 
 
@@ -129,37 +163,57 @@ class Routes:
 
     # -- matching ------------------------------------------------------------------------
 
-    async def matched(self, body: MatchRequest) -> Response:
-        """The answer of ``POST /v1/match`` (both endpoints serve it)."""
+    def _checked(self, body: MatchOptions, queries: list[str], name: str, many: bool) -> None:
+        """Refuse what the limits do not allow: sizes, options, filters."""
         self.state.require_ready()
         limits = self.state.limits
+        check_queries(queries, name, limits)
+        check_options(body.top_k, body.threshold, limits, self.matcher.settings.top_k)
+        check_where(body.where, len(queries), many)
+
+    async def matched(self, body: MatchRequest) -> Response:
+        """The answer of ``POST /v1/match`` (both endpoints serve it)."""
         many = isinstance(body.query, list)
         queries = body.query if isinstance(body.query, list) else [body.query]
-        check_queries(queries, "query", limits)
-        check_where(body.where, len(queries), many)
+        self._checked(body, queries, "query", many)
+        seconds = self.state.limits.deadline
+        deadline_at = asyncio.get_running_loop().time() + seconds
         if body.explain:
-            explanations = await self._explained(body, queries)
-            self.state.metrics.observe(e.result for e in explanations)
+            explanations = await self._explained(body, queries, deadline_at)
+            self.state.observe(e.result for e in explanations)
             if not many:
                 return self.json_bytes(explanations[0].model_dump_json().encode())
             return self.json_bytes(_EXPLANATIONS.dump_json(explanations))
         opts = body.matcher_options()
         if not many:
-            result = await self.call(body, self.matcher.match_async(queries[0], **opts))
-            self.state.metrics.observe([result])
+            try:
+                async with asyncio.timeout_at(deadline_at):
+                    result = await self.call(body, self.matcher.match_async(queries[0], **opts))
+            except TimeoutError:
+                result = deadline_result(0, queries[0], seconds)
+            self.state.observe((result,))
             return self.json_bytes(result.model_dump_json().encode())
+        found: dict[int, MatchResult] = {}
         # no more workers than queries: a request of 10 should not start 64 tasks
-        results = await self.call(
-            body,
-            self.matcher.match_batch_async(
-                queries, strategy="gather", batch_size=min(64, len(queries)), **opts
-            ),
+        stream = self.matcher.match_stream_async(
+            queries, strategy="gather", batch_size=min(64, len(queries)), **opts
         )
-        self.state.metrics.observe(results)
+        try:
+            with self.options_named(body):
+                async with asyncio.timeout_at(deadline_at), aclosing(stream):
+                    async for result in stream:
+                        found[result.index] = result
+        except TimeoutError:
+            pass
+        results = [found.get(i) or deadline_result(i, q, seconds) for i, q in enumerate(queries)]
+        self.state.observe(results)
         return self.json_bytes(_RESULTS.dump_json(results))
 
-    async def _explained(self, body: MatchRequest, queries: list[str]) -> list[Explanation]:
-        """One explanation per query, at most ``max_explain_concurrency`` at once."""
+    async def _explained(
+        self, body: MatchRequest, queries: list[str], deadline_at: float
+    ) -> list[Explanation]:
+        """One explanation per query, at most ``max_explain_concurrency`` at once (504 at
+        the deadline: an explanation needs a decision)."""
         opts = body.matcher_options()
         gate = asyncio.Semaphore(self.state.limits.max_explain_concurrency)
 
@@ -173,7 +227,13 @@ class Routes:
                 work = self.matcher.explain_match_async(q, **own)
                 return await self.call(body, work, f"where[{i}]")
 
-        return list(await asyncio.gather(*(explain(i, q) for i, q in enumerate(queries))))
+        try:
+            async with asyncio.timeout_at(deadline_at):
+                return list(await asyncio.gather(*(explain(i, q) for i, q in enumerate(queries))))
+        except TimeoutError:
+            seconds = self.state.limits.deadline
+            message = f"the request's deadline ({seconds:g} s) passed before a decision"
+            raise ApiError(504, "deadline", message) from None
 
     async def match(self, body: MatchRequest) -> Response:
         """Match one query or a list (input order)."""
@@ -183,7 +243,7 @@ class Routes:
     async def match_fast(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /v1/match`` without FastAPI's routing, dependencies and wrappers."""
         try:
-            body = parse_body(MatchRequest, scope, (await receive())["body"])
+            body = parse_body(MatchRequest, (await receive())["body"])
             response = await self.matched(body)
         except ValidationError as exc:
             response = invalid_json(exc.errors(include_url=False))
@@ -195,9 +255,9 @@ class Routes:
 
     async def match_stream(self, body: StreamRequest) -> Response:
         """Match many queries; NDJSON, one MatchResult a line, as each finishes."""
-        self.state.require_ready()
-        check_queries(body.queries, "queries", self.state.limits)
-        check_where(body.where, len(body.queries), many=True)
+        self._checked(body, body.queries, "queries", many=True)
+        seconds = self.state.limits.deadline
+        deadline_at = asyncio.get_running_loop().time() + seconds
         opts = body.matcher_options()
         if isinstance(body.where, dict):
             # checked before the 200 goes out: the Matcher checks a shared filter only once
@@ -206,19 +266,20 @@ class Routes:
                 self.matcher.catalog.where_mask(body.where)
         stream = self.matcher.match_stream_async(body.queries, strategy="as_completed", **opts)
 
-        async def lines() -> AsyncGenerator[bytes, None]:
-            async with aclosing(stream):
-                async for result in stream:
-                    self.state.metrics.observe([result])
-                    yield self.redactor.data(result.model_dump_json().encode()) + b"\n"
+        def line(result: MatchResult) -> bytes:
+            self.state.observe((result,))
+            return self.redactor.data(result.model_dump_json().encode()) + b"\n"
 
-        return NDJSONResponse(lines())
+        return ResultStream(
+            stream, body.queries, deadline_at=deadline_at, seconds=seconds, line=line
+        )
 
     # -- entity administration -----------------------------------------------------------
 
     async def add_entities(self, body: EntitiesRequest) -> EntitiesChanged:
         """Add entities to the live index (no rebuild)."""
         self.state.require_ready()
+        check_aliases(body.entities, self.state.limits)
         try:
             await self.matcher.add_entities_async(body.entities)
         except InputError as exc:  # a duplicate id, an invalid entity
@@ -228,6 +289,7 @@ class Routes:
     async def update_entities(self, body: EntitiesRequest) -> EntitiesChanged:
         """Replace entities by id in the live index."""
         self.state.require_ready()
+        check_aliases(body.entities, self.state.limits)
         try:
             await self.matcher.update_entities_async(body.entities)
         except InputError as exc:  # an unknown id, an invalid entity
@@ -258,12 +320,15 @@ class Routes:
         """Ready: index built and the LLM reachable (or not configured)."""
         state = self.state
         llm, detail = await state.probe.check()
+        failing = state.health.failing() if llm == "reachable" else None
+        if failing is not None:
+            llm, detail = "failing", self.redactor.text(failing)
         built = self.matcher.ready
         if state.draining:
             detail = "shutting down"
         elif not built:
             detail = state.fit_error or "the index is being built"
-        ready = built and llm != "unreachable" and not state.draining
+        ready = built and llm in ("reachable", "not_configured") and not state.draining
         body = ReadyStatus(ready=ready, index_built=built, llm=llm, detail=detail)  # type: ignore[arg-type]
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
@@ -296,7 +361,7 @@ class Routes:
             self.match_stream,
             methods=["POST"],
             summary="Match many queries; NDJSON, one MatchResult a line, as each finishes.",
-            response_class=NDJSONResponse,
+            response_class=ResultStream,
             status_code=200,
             responses={200: {"content": {"application/x-ndjson": {}}, "model": MatchResult}},
         )
@@ -319,7 +384,8 @@ class Routes:
             responses=changed,
         )
         v1.add_api_route(
-            "/entities/{entity_id}",
+            # an id may hold "/" (as in "10.1000/xyz"): the rest of the path is the id
+            "/entities/{entity_id:path}",
             self.remove_entity,
             methods=["DELETE"],
             response_model=EntitiesChanged,

@@ -21,13 +21,22 @@ __all__ = [
 
 
 class MatchOptions(BaseModel):
-    """The per-request options both match endpoints take."""
+    """The per-request options both match endpoints take (strict: ``"5"`` is not 5)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    top_k: int | None = Field(default=None, ge=1, le=1000, description="Candidates retrieved.")
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Candidates retrieved (at most the server's --max-top-k; else 422).",
+    )
     threshold: float | None = Field(
-        default=None, description="Per-request threshold (passed to the Matcher when set)."
+        default=None,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="The accept threshold for this request (only where the server allows "
+        "it: --allow-request-thresholds; else 422).",
     )
     where: dict[str, Any] | list[dict[str, Any] | None] | None = Field(
         default=None,
@@ -84,7 +93,10 @@ class ReadyStatus(BaseModel):
 
     ready: bool
     index_built: bool
-    llm: Literal["not_configured", "reachable", "unreachable"]
+    llm: Literal["not_configured", "reachable", "unreachable", "failing"] = Field(
+        description="``failing``: the last LLM calls failed (connection, timeout, 5xx, "
+        "auth, deadline); ``unreachable``: the probe got no answer."
+    )
     detail: str | None = None
 
 
