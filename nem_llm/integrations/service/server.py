@@ -21,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from ...errors import ConfigError
+from .limits import ServiceLimits
 from .state import ServiceState
 
 __all__ = ["run_server", "server_config"]
@@ -105,6 +106,10 @@ def _protocol(header_timeout: float, on_timeout: Any) -> type[asyncio.Protocol]:
     return GuardedHTTP
 
 
+def _nothing() -> None:
+    pass
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -124,7 +129,8 @@ def server_config(
     access_log: bool = True,
     insecure_no_auth: bool = False,
 ) -> uvicorn.Config:
-    """The uvicorn configuration ``nem-llm serve`` runs ``app`` (from :func:`create_app`) with.
+    """The uvicorn configuration ``nem-llm serve`` runs ``app`` (from :func:`create_app`, or
+    an app of yours that mounts one: then the defaults of ``ServiceLimits`` apply) with.
 
     On SIGTERM/Ctrl-C uvicorn stops accepting connections and lets in-flight requests
     finish for up to ``drain_timeout`` seconds (default: the app's
@@ -137,16 +143,18 @@ def server_config(
             unless ``insecure_no_auth`` (anyone who reaches the port could match, read
             the metrics and delete entities).
     """
-    state: ServiceState = app.state.nem_llm
-    if not _loopback(host) and not state.api_key_set and not insecure_no_auth:
+    state: ServiceState | None = getattr(app.state, "nem_llm", None)
+    keyed = state is not None and state.api_key_set
+    if not _loopback(host) and not keyed and not insecure_no_auth:
         raise ConfigError(
             f"refusing to serve {host} without a key: anyone who can reach it could match, "
             "read /metrics and change entities; set --api-key-env (and --admin-key-env for "
             "entity writes), or pass --insecure-no-auth"
         )
+    limits = state.limits if state is not None else ServiceLimits()
     if drain_timeout is None:
-        drain_timeout = state.limits.drain_timeout
-    timeouts = state.metrics.timeouts.labels("headers")
+        drain_timeout = limits.drain_timeout
+    on_timeout = state.metrics.timeouts.labels("headers").inc if state is not None else _nothing
     return uvicorn.Config(
         app,
         host=host,
@@ -156,7 +164,7 @@ def server_config(
         access_log=access_log,
         timeout_graceful_shutdown=max(1, math.ceil(drain_timeout)),
         server_header=False,
-        http=_protocol(state.limits.header_timeout, timeouts.inc),
+        http=_protocol(limits.header_timeout, on_timeout),
     )
 
 
