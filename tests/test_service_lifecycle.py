@@ -371,23 +371,23 @@ def test_shutdown_cancels_what_is_still_running_after_the_drain_timeout(
 def test_shutdown_logs_no_traceback_for_the_requests_it_cancels(
     countries: list[dict[str, Any]],
 ) -> None:
-    with (
-        run_simulator(SimConfig(latency="fixed", latency_p50=60.0)) as sim,
-        logged("uvicorn.error") as records,
-    ):
+    with run_simulator(SimConfig(latency="fixed", latency_p50=60.0)) as sim:
         m = sim_matcher(countries, sim.base_url)
         running = Running(app_for(m), drain_timeout=0.1)
-        running.start()
-        wait_for(lambda: m.ready)
-        answers: list[httpx.Response] = []
-        caller = threading.Thread(
-            target=lambda: answers.append(post(running, "/v1/match", {"query": "Germani"}))
-        )
-        caller.start()
-        wait_for(lambda: sim.in_flight == 1)
-        running.stop()
-        caller.join()
+        # after uvicorn's logging set-up (it replaces the handlers of its loggers)
+        with logged("uvicorn.error") as records:
+            running.start()
+            wait_for(lambda: m.ready)
+            answers: list[httpx.Response] = []
+            caller = threading.Thread(
+                target=lambda: answers.append(post(running, "/v1/match", {"query": "Germani"}))
+            )
+            caller.start()
+            wait_for(lambda: sim.in_flight == 1)
+            running.stop()
+            caller.join()
     assert answers[0].status_code == 503
+    assert [r.getMessage() for r in records if "Cancel 1 running task" in r.getMessage()]
     assert not [r for r in records if r.exc_info or "Exception in ASGI" in r.getMessage()]
 
 
