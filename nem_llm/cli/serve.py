@@ -103,9 +103,13 @@ def serve(
 ) -> None:
     """Serve the catalog over HTTP (FastAPI + uvicorn; needs the `service` extra)."""
     try:
-        from ..integrations.service import ServiceLimits, create_app, server_config
-        from ..integrations.service.server import run_server
-        from ..integrations.service.startup import serving_catalog
+        from ..integrations.service import (
+            ServiceLimits,
+            create_app,
+            run_server,
+            server_config,
+            serving_catalog,
+        )
     except ImportError as exc:
         raise fail(f"{exc.name} is missing: pip install 'nem_llm[service]'") from None
     from ..matcher import Matcher

@@ -15,19 +15,33 @@ Endpoints::
 One Matcher serves every request, so concurrent requests share its micro-batcher and its
 governor (one RPM/TPM budget, one 429 cooldown): 200 clients of one query each become
 micro-batches of ~100 queries (``nem_llm_embed_texts / nem_llm_embed_batches`` in
-``/metrics``). With ``api_key`` set, ``/v1/*`` and ``/metrics`` need ``Authorization:
-Bearer <key>`` (compared in constant time); the probes and the docs stay open. Request
-limits answer 413 (body) or 422 (queries, query length) with ``{"error": {"type",
-"field", "message"}}``. A client that disconnects cancels its work (and so its LLM calls);
-on shutdown in-flight requests drain up to ``ServiceLimits.drain_timeout`` and are
-cancelled after. Secrets (the LLM client's API key and the bearer token) are replaced by
-``[redacted]`` in every response body and log line.
+``/metrics``).
+
+What a request may do is the operator's (:class:`ServiceLimits`): with ``api_key`` set,
+``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>`` (constant-time compare;
+the probes and the docs stay open), and with ``admin_key`` entity writes need that one;
+off localhost, ``server_config`` refuses to serve without a key unless told
+``insecure_no_auth``. A body is JSON whatever its declared Content-Type (anything else
+is 415); it must arrive within ``body_timeout`` and its headers within
+``header_timeout`` (408). Sizes answer 413 (body) or 422 (queries, query length,
+aliases); ``top_k`` above ``max_top_k`` and a ``threshold`` the operator did not allow
+are refused (422), never silently changed. Every error is ``{"error": {"type",
+"message", "field"}}``. A request has ``deadline`` seconds: a query undecided by then is
+an ``error`` result with ``error_type="deadline"`` (its LLM call cancelled).
+``/readyz`` answers 503 while the index is being built, while the LLM probe gets no
+answer (named as results name it: ``connection``, ``timeout``, ...) or after
+``llm_failures`` LLM calls failed in a row. Entity writes are built aside and swapped in:
+matching goes on meanwhile. A client that disconnects cancels its work (and so its LLM
+calls); on shutdown in-flight requests drain up to ``drain_timeout`` and are answered 503
+after. Secrets (the LLM client's API key and the bearer tokens) are replaced by
+``[redacted]`` in every response body and log line (uvicorn's access log included).
 
 The modules, one job each: ``limits`` (what a request may ask), ``schemas`` (the bodies),
 ``errors`` (error answers), ``redaction`` (secrets), ``metrics`` (Prometheus), ``health``
-(the LLM probe), ``state`` (what one app holds), ``guard`` (the ASGI middleware: auth, body,
-disconnects), ``routes`` (the endpoints), ``app`` (:func:`create_app`) and ``server``
-(:func:`server_config`).
+(the LLM probe and recent failures), ``state`` (what one app holds), ``guard`` (the ASGI
+middleware: keys, bodies, disconnects, shutdown), ``routes`` (the endpoints), ``results``
+(the NDJSON stream and the deadline), ``app`` (:func:`create_app`), ``server``
+(:func:`server_config`, :func:`run_server`) and ``startup`` (which catalog to serve).
 
 Example:
     >>> app = create_app(Matcher("entities.jsonl"), api_key="s3cret")  # doctest: +SKIP
@@ -46,7 +60,8 @@ from .schemas import (
     ReadyStatus,
     StreamRequest,
 )
-from .server import server_config
+from .server import run_server, server_config
+from .startup import serving_catalog
 
 __all__ = [
     "EntitiesRequest",
@@ -56,6 +71,8 @@ __all__ = [
     "ServiceLimits",
     "StreamRequest",
     "create_app",
+    "run_server",
     "server_config",
+    "serving_catalog",
     "tune_gc",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -21,12 +21,13 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from ...errors import ConfigError, InputError, NemLLMError
 from ...models import Explanation, MatchResult
 from .errors import ApiError, error_json, invalid_json, nem_error_json
 from .limits import check_aliases, check_options, check_queries, check_where
+from .results import ResultStream, deadline_result
 from .schemas import (
     EntitiesChanged,
     EntitiesRequest,
@@ -38,74 +39,13 @@ from .schemas import (
 )
 from .state import ServiceState
 
-__all__ = ["ResultStream", "Routes", "deadline_result"]
+__all__ = ["Routes"]
 
 T = TypeVar("T")
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 _RESULTS = TypeAdapter(list[MatchResult])
 _EXPLANATIONS = TypeAdapter(list[Explanation])
-
-
-def deadline_result(index: int, query: str, seconds: float) -> MatchResult:
-    """The record of a query the request's deadline stopped (its LLM call is cancelled)."""
-    return MatchResult(
-        query=query[:1000],
-        index=index,
-        status="error",
-        error=f"the request's deadline ({seconds:g} s) passed before a decision",
-        error_type="deadline",
-        latency_s=seconds,
-    )
-
-
-class ResultStream(Response):
-    """Streams results as NDJSON lines with plain awaits (no task group), until a deadline.
-
-    Starlette's ``StreamingResponse`` runs the body in an anyio task group; cancelling
-    it there interrupts the clean-up of the Matcher's stream, so httpcore never closes the
-    LLM connection of a cancelled call (the provider keeps working for nobody). Here a
-    disconnect cancels the request task (see ``Guard``) and the clean-up runs whole. At
-    the deadline the stream is closed and every query not answered yet gets its
-    ``deadline`` record: one line per query, always.
-    """
-
-    media_type = "application/x-ndjson"
-
-    def __init__(
-        self,
-        results: AsyncGenerator[MatchResult, None],
-        queries: list[str],
-        *,
-        deadline_at: float,
-        seconds: float,
-        line: Callable[[MatchResult], bytes],
-    ) -> None:
-        super().__init__(media_type=self.media_type)
-        self.results = results
-        self.queries = queries
-        self.deadline_at = deadline_at
-        self.seconds = seconds
-        self.line = line
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        sent: set[int] = set()
-        try:
-            async with asyncio.timeout_at(self.deadline_at), aclosing(self.results):
-                async for result in self.results:
-                    sent.add(result.index)
-                    await send(_chunk(self.line(result)))
-        except TimeoutError:
-            for i, query in enumerate(self.queries):
-                if i not in sent:
-                    await send(_chunk(self.line(deadline_result(i, query, self.seconds))))
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-def _chunk(body: bytes) -> Message:
-    return {"type": "http.response.body", "body": body, "more_body": True}
 
 
 def parse_body(model: type[ModelT], body: bytes) -> ModelT:
