@@ -1,14 +1,17 @@
 """The retrieval stage: the index, candidate filters, and catalog changes.
 
 :class:`Retriever` owns the :class:`~nem_llm.retrieval.index.HybridIndex` and the encoder
-that feeds it. Everything that encodes or searches runs in one worker thread (the
-``executor``), never on the event loop: :meth:`Retriever.search_batch` is the function the
-Matcher's micro-batcher calls with a flush of concurrent queries, and
-:meth:`Retriever.retrieve_many` searches large lists straight away (calibration).
+that feeds it. Every search (and the encoding of its queries) runs in one worker thread
+(the ``executor``), never on the event loop: :meth:`Retriever.search_batch` is the function
+the Matcher's micro-batcher calls with a flush of concurrent queries, and
+:meth:`Retriever.retrieve_many` searches large lists straight away (calibration). Entity
+changes are encoded and built in a thread of their own, beside the searches, and swapped
+in at once: a large change never holds queries up (so the embedder is called from two
+threads; the torch and onnx encoders were checked to give the same vectors that way).
 
 Filters (``where``) are turned into a boolean mask over the catalog once and kept; entity
-changes outdate a mask, which is then recomputed in the worker thread, so a search never
-sees a mask of another catalog.
+changes outdate a mask, which is then recomputed for the catalog a search reads, so a
+search never sees a mask of another catalog.
 """
 
 from __future__ import annotations
