@@ -113,7 +113,7 @@ class Matcher:
         api_key: the key of the client made here (never part of the settings).
         embedder: any ``Embedder``; default: the offline all-MiniLM-L6-v2 on
             ``settings.encoder``. Not with ``encoder=``.
-        cache: a ``DecisionCache`` object (a path goes in ``settings.cache``).
+        **options: settings fields; ``cache=`` may also be a ``DecisionCache`` object.
 
     Raises:
         ConfigError: an invalid option, named with the value given.
@@ -130,10 +130,7 @@ class Matcher:
         embedder: Embedder | None = None,
         **options: Any,
     ) -> None:
-        if embedder is not None and options.get("encoder") not in (None, "auto"):
-            raise ConfigError("pass embedder= or encoder=, not both")
-        options = {k: v for k, v in options.items() if not (k == "encoder" and v is None)}
-        self.settings, cache = settings_from_options(settings, options)
+        self.settings, cache = settings_from_options(settings, options, embedder is not None)
         s = self.settings
         self.catalog = load_catalog(
             entities, include_description=s.index_description, columns=s.columns
@@ -227,8 +224,12 @@ class Matcher:
     @property
     def governor_stats(self) -> GovernorStats | None:
         """Running LLM totals of the current event loop's governor (``None`` before use)."""
-        state = self._runtime.state
-        return state.governor.stats if state is not None else None
+        return self._runtime.governor_stats
+
+    @property
+    def micro_batches(self) -> tuple[int, int]:
+        """Micro-batches encoded on the current loop and the queries in them (0, 0 before)."""
+        return self._runtime.micro_batches
 
     # -- fit -----------------------------------------------------------------------------
 
@@ -274,10 +275,10 @@ class Matcher:
         """
         if self._runtime.closed:
             raise NemLLMError("this Matcher is closed")
-        targets = Targets(
-            matched=self._target("target_precision", target_precision),
-            novel=self._target("novel_target_precision", novel_target_precision),
-        )
+        given = {"target_precision": target_precision, "novel_target_precision":
+                 novel_target_precision}  # fmt: skip
+        self.settings = self.settings.replace(**{k: v for k, v in given.items() if v is not None})
+        targets = Targets(self.settings.target_precision, self.settings.novel_target_precision)
         labels = check_labels(training_data or (), self.settings.max_query_chars)
         budget = self.settings.resolved_label_budget(self.llm_configured, label_budget)
         queries, records = valid_queries(workload or (), self.settings.max_query_chars)
@@ -293,12 +294,6 @@ class Matcher:
             teacher=self.pipeline.label_async,
         )
         return self
-
-    def _target(self, name: str, value: float | None) -> float:
-        if value is None:
-            return float(getattr(self.settings, name))
-        self.settings = self.settings.replace(**{name: value})
-        return float(value)
 
     # -- public async API --------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from openai import AsyncOpenAI
 from ..errors import ConfigError, NemLLMError
 from ..llm.adjudication import Adjudicator
 from ..llm.cache import DecisionCache
-from ..llm.governor import Governor
+from ..llm.governor import Governor, GovernorStats
 from ..llm.transport import resolve_client, skip_param_transform
 from ..models import Candidate
 from ..retrieval.embedding import MicroBatcher
@@ -37,14 +37,19 @@ _RENAMED = {"index": "search", "index_path": "index_dir"}
 
 
 def settings_from_options(
-    settings: MatcherSettings | None, options: dict[str, Any]
+    settings: MatcherSettings | None, options: dict[str, Any], has_embedder: bool = False
 ) -> tuple[MatcherSettings, DecisionCache | None]:
     """Settings from ``settings=`` and keyword options, and a cache object if one was given.
 
     ``mode=`` may be an ``instructor.Mode``; ``cache=`` a ``DecisionCache`` (a path goes in
     the settings); ``index=`` and ``index_path=`` are old spellings of ``search=`` and
-    ``index_dir=`` (a ``DeprecationWarning``).
+    ``index_dir=`` (a ``DeprecationWarning``). ``has_embedder``: an embedder object was
+    given, so ``encoder=`` may not be.
     """
+    if options.get("encoder", "auto") is None:
+        del options["encoder"]
+    if has_embedder and options.get("encoder", "auto") != "auto":
+        raise ConfigError("pass embedder= or encoder=, not both")
     cache_object: DecisionCache | None = None
     for old, new in _RENAMED.items():
         if old in options:
@@ -166,6 +171,17 @@ class Runtime:
             state = LoopState(loop, Governor(s.limits, model=s.model), batcher)
             self.state = state
         return state
+
+    @property
+    def governor_stats(self) -> GovernorStats | None:
+        """Running LLM totals of the current loop's governor (``None`` before use)."""
+        return self.state.governor.stats if self.state is not None else None
+
+    @property
+    def micro_batches(self) -> tuple[int, int]:
+        """Micro-batches encoded so far and the queries in them (``(0, 0)`` before use)."""
+        state = self.state
+        return (state.batcher.batches, state.batcher.items) if state is not None else (0, 0)
 
     async def close_async(self) -> None:
         """Stop the micro-batcher (on its own loop when called from another one)."""

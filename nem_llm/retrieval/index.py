@@ -18,7 +18,7 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,7 @@ _QUERY_CHUNK = 64  # queries scored at once: bounds the (queries x forms) score 
 _SHORTLIST = 100
 _SHORTLIST_SHARE = 1_500
 _EXACT_SUBSET = 20_000  # a filter allowing at most this many forms: exact over them
+_ANN_ADD_CHUNK = 4_096  # vectors added to the ANN index while searches wait (a moment)
 # Below this many multiply-adds (queries x forms x dim, ~1 ms on one core) the dense product
 # runs on one BLAS thread: OpenBLAS's helper threads cost more than they save on a product
 # this small, and they busy-wait after it (CPU taken from the encoder and the event loop).
@@ -261,7 +262,8 @@ class HybridIndex:
             self._ann = DenseANN.build(vectors, slots, nprobe=nprobe) if self.use_ann else None
         self._state = _state(catalog, vectors, lex_forms, slots)
         self._rare = self._rare_ngrams(self._state)
-        self._update_lock = threading.Lock()
+        self._update_lock = threading.Lock()  # one writer at a time
+        self._search_lock = threading.Lock()  # the ANN index: searched or changed, not both
 
     @property
     def catalog(self) -> Catalog:
@@ -338,7 +340,7 @@ class HybridIndex:
         queries: Sequence[str],
         k: int,
         *,
-        allowed: npt.NDArray[np.bool_] | None = None,
+        allowed: npt.NDArray[np.bool_] | Callable[[Catalog], npt.NDArray[np.bool_]] | None = None,
     ) -> list[list[Candidate]]:
         """Top-``k`` candidates per query, best first.
 
@@ -346,11 +348,15 @@ class HybridIndex:
             query_vecs: ``(n, dim)`` unit vectors of the normalized queries.
             queries: the normalized query texts (for the lexical part).
             k: candidates per query (capped at the catalog size).
-            allowed: a boolean mask over entities (a filter): no other entity is returned.
+            allowed: a boolean mask over entities (a filter): no other entity is returned;
+                or a function of the catalog searched that returns it (entity changes may
+                swap the catalog in another thread at any time).
         """
         if query_vecs.ndim != 2 or query_vecs.shape[0] != len(queries):
             raise ConfigError("query_vecs must be (len(queries), dim)")
         st = self._state
+        if callable(allowed):
+            allowed = allowed(st.catalog)
         n_entities = len(st.catalog.entities)
         n_allowed = n_entities
         if allowed is not None:
@@ -394,7 +400,8 @@ class HybridIndex:
             return self._top_k(st, qv, qlex, k, allowed, np.flatnonzero(allowed))
         widen = n_forms / max(1, allowed_forms)
         n = min(n_forms, int(max(_SHORTLIST, n_forms // _SHORTLIST_SHARE, 4 * k) * widen))
-        slots = self._ann.search(qv, n, nprobe=int(self.nprobe * min(widen, 4.0)))
+        with self._search_lock:
+            slots = self._ann.search(qv, n, nprobe=int(self.nprobe * min(widen, 4.0)))
         lexical: list[npt.NDArray[np.int64]] = []
         if qlex is not None and st.inverted is not None and self._rare is not None:
             lexical = shortlist(qlex, st.inverted, self._rare, n)
@@ -542,8 +549,10 @@ class HybridIndex:
         """Remove entities by id and append new ones (their forms and vectors): no rebuild.
 
         New forms are read by the build-time lexical vocabulary; the ANN index gets the new
-        vectors under fresh slots and drops the removed ones. Searches running meanwhile
-        see the old or the new catalog, never a mix (the state is swapped at once).
+        vectors under fresh slots and drops the removed ones. The new state is built aside
+        while searches go on (safe from another thread than the searches'); they are held
+        only while the ANN index changes, a chunk at a time, and for the swap: they see
+        the old or the new catalog, never a mix.
 
         Raises:
             CatalogError: an unknown id to remove, or an added id already present.
@@ -593,13 +602,21 @@ class HybridIndex:
             slots = np.concatenate([st.slots[kept], new_slots]).astype(np.int64)
             vectors = _take_rows(st.vectors, kept, new_vectors)
             new_state = _state(catalog, vectors, lex, slots)
+            rare = self._rare_ngrams(new_state)
             if self._ann is not None:
-                self._ann.remove(st.slots[~keep_forms])
+                # a search of the old state skips slots it does not know (new ones) and
+                # misses removed ones: the ANN index may change before the swap
+                with self._search_lock:
+                    self._ann.remove(st.slots[~keep_forms])
                 if add is not None and add_vectors is not None:
-                    self._ann.add(np.asarray(add_vectors, dtype=np.float32), new_slots)
-            self._state = new_state
-            self._rare = self._rare_ngrams(new_state)
-            self.version += 1
+                    dense = np.asarray(add_vectors, dtype=np.float32)
+                    for lo in range(0, len(dense), _ANN_ADD_CHUNK):
+                        with self._search_lock:
+                            hi = lo + _ANN_ADD_CHUNK
+                            self._ann.add(dense[lo:hi], new_slots[lo:hi])
+            with self._search_lock:
+                self._state, self._rare = new_state, rare
+                self.version += 1
 
     # -- persistence ---------------------------------------------------------------------
 

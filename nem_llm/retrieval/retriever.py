@@ -1,20 +1,25 @@
 """The retrieval stage: the index, candidate filters, and catalog changes.
 
 :class:`Retriever` owns the :class:`~nem_llm.retrieval.index.HybridIndex` and the encoder
-that feeds it. Everything that encodes or searches runs in one worker thread (the
-``executor``), never on the event loop: :meth:`Retriever.search_batch` is the function the
-Matcher's micro-batcher calls with a flush of concurrent queries, and
-:meth:`Retriever.retrieve_many` searches large lists straight away (calibration).
+that feeds it. Every search (and the encoding of its queries) runs in one worker thread
+(the ``executor``), never on the event loop: :meth:`Retriever.search_batch` is the function
+the Matcher's micro-batcher calls with a flush of concurrent queries, and
+:meth:`Retriever.retrieve_many` searches large lists straight away (calibration). Entity
+changes are encoded and built in a thread of their own, beside the searches, and swapped
+in at once: a large change never holds queries up (so the embedder is called from two
+threads; the torch and onnx encoders were checked to give the same vectors that way).
 
 Filters (``where``) are turned into a boolean mask over the catalog once and kept; entity
-changes outdate a mask, which is then recomputed in the worker thread, so a search never
-sees a mask of another catalog.
+changes outdate a mask, which is then recomputed for the catalog a search reads, so a
+search never sees a mask of another catalog.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -99,6 +104,7 @@ class Retriever:
         self.index: HybridIndex | None = None
         # filter key -> (the catalog its mask was computed on, the mask, the filter)
         self._masks: dict[str, tuple[Catalog, npt.NDArray[np.bool_], Where]] = {}
+        self._write_lock = threading.Lock()  # entity changes, one at a time
 
     def require_index(self) -> HybridIndex:
         """The built index, or a :class:`NotReadyError` that says what to call."""
@@ -157,7 +163,7 @@ class Retriever:
             groups.setdefault(mask_key, []).append(i)
         for mask_key, rows in groups.items():
             k = max(items[i][1] for i in rows)
-            allowed = self._allowed(index, mask_key) if mask_key is not None else None
+            allowed = functools.partial(self._allowed, mask_key) if mask_key is not None else None
             found = index.search(vectors[rows], [texts[i] for i in rows], k, allowed=allowed)
             for i, cands in zip(rows, found, strict=True):
                 out[i] = cands[: items[i][1]]
@@ -173,19 +179,17 @@ class Retriever:
             found.extend(await loop.run_in_executor(self.executor, self.search_batch, chunk))
         return found
 
-    def _allowed(self, index: HybridIndex, key: str) -> npt.NDArray[np.bool_]:
-        """A filter's mask over the index's catalog now (entity changes outdate older masks).
-
-        Runs in the worker thread, as the changes do: a search never sees a mask of
-        another catalog.
-        """
-        catalog, mask, where = self._masks[key]
-        if catalog is not index.catalog:
+    def _allowed(self, key: str, catalog: Catalog) -> npt.NDArray[np.bool_]:
+        """A filter's mask over ``catalog``, the one being searched (entity changes outdate
+        older masks; the index asks with the catalog of the state it searches, so a search
+        never sees a mask of another catalog)."""
+        seen, mask, where = self._masks[key]
+        if seen is not catalog:
             try:
-                mask = index.catalog.where_mask(where)
+                mask = catalog.where_mask(where)
             except ConfigError:  # the last entity with the filter's attribute was removed
-                mask = np.zeros(len(index.catalog.entities), dtype=bool)
-            self._masks[key] = (index.catalog, mask, where)
+                mask = np.zeros(len(catalog.entities), dtype=bool)
+            self._masks[key] = (catalog, mask, where)
         return mask
 
     # -- catalog changes -----------------------------------------------------------------
@@ -200,24 +204,30 @@ class Retriever:
     ) -> Catalog:
         """Add, remove or replace entities in the built index; returns the new catalog.
 
-        Only the new surface forms are encoded, in the worker thread; the index is saved
-        to ``index_dir`` when given. The next query sees the change.
+        Only the new surface forms are encoded. A change is built aside, in a thread of its
+        own, while queries go on being answered from the index as it was; then the new
+        state is swapped in at once (``HybridIndex.apply_changes``) and saved to
+        ``index_dir`` when given. Changes run one at a time; the next query sees them.
+        (The embedder is called from this thread and the search thread at once.)
         """
         index = self.require_index()
         if isinstance(remove, str):
             raise ConfigError("ids must be a list of entity ids, not one string")
         if isinstance(add, list | tuple) and not add:
             add = None
-        new = load_catalog(add, include_description=self.index_description) if add else None
-        gone = [e.id for e in new.entities] if new is not None and replace else list(remove)
-        loop = asyncio.get_running_loop()
 
         def work() -> None:
-            vectors = self.embedder.encode(list(new.forms)) if new is not None else None
-            index.apply_changes(remove=gone, add=new, add_vectors=vectors)
-            if index_dir is not None:
-                index.save(index_dir)
+            with self._write_lock:
+                new = None
+                if add:
+                    new = load_catalog(add, include_description=self.index_description)
+                gone = [e.id for e in new.entities] if new is not None and replace else remove
+                vectors = self.embedder.encode(list(new.forms)) if new is not None else None
+                index.apply_changes(remove=list(gone), add=new, add_vectors=vectors)
+                if index_dir is not None:
+                    index.save(index_dir)
 
-        await loop.run_in_executor(self.executor, work)
+        # not the search thread (self.executor): a large change must not hold queries up
+        await asyncio.get_running_loop().run_in_executor(None, work)
         self.catalog = index.catalog
         return index.catalog
