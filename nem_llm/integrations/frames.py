@@ -165,6 +165,7 @@ async def match_frame_async(
     batch_size: int = 64,
     candidates: bool = False,
     prefix: str = "",
+    fields: Sequence[str] | Mapping[str, str] | None = None,
 ) -> Any:
     """Match every row's ``column`` and return a new frame of the same kind with results.
 
@@ -181,6 +182,10 @@ async def match_frame_async(
         candidates: also add a ``candidates`` column (a list of
             ``{entity_id, name, score}``).
         prefix: put before every added column's name (e.g. ``"match_"``).
+        fields: the rows are records: these columns are their fields (a list of names,
+            the same in frame and catalog, or a mapping ``{attribute: column}``), compared
+            field by field by the matcher's field model (fit it with a workload of
+            records: ``matcher.fit(workload=...)``).
 
     Raises:
         ConfigError: not a frame, a missing column, an added column that already exists,
@@ -199,7 +204,17 @@ async def match_frame_async(
         raise ConfigError(
             f"the frame already has column(s) {clash}: pass prefix= (e.g. prefix='match_')"
         )
-    queries = _values(frame, kind, column)
+    queries: list[Any] = _values(frame, kind, column)
+    record = {attr: col for col, attr in _where_spec(fields).items()}
+    for col in record.values():
+        if col not in present:
+            raise ConfigError(f"fields: column {col!r} is not in the frame (columns: {present})")
+    if record:
+        columns = {attr: _values(frame, kind, col) for attr, col in record.items()}
+        queries = [
+            {"query": q, "attributes": {a: v[i] for a, v in columns.items() if not _null(v[i])}}
+            for i, q in enumerate(queries)
+        ]
     n = len(queries)
     buffers = _Buffers(n, candidates)
     groups = _groups(frame, kind, spec, n)
@@ -235,6 +250,15 @@ async def match_frame_async(
 def match_frame(matcher: Matcher, frame: Any, **options: Any) -> Any:
     """Sync twin of :func:`match_frame_async` (the same keyword options)."""
     return matcher.run_sync(match_frame_async(matcher, frame, **options))
+
+
+def _null(value: Any) -> bool:
+    """A missing cell: None, NaN or an empty string."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
 
 
 def _assemble(frame: Any, kind: FrameKind, b: _Buffers, prefix: str) -> Any:

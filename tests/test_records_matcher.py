@@ -1,0 +1,191 @@
+"""Record queries through the Matcher, the CLI's --fields, frames and ``nem-llm dedupe``.
+
+A small people catalog of our own (names, street, town, birth date) with mentions that
+carry the same fields, typo'd or missing; no LLM, no labels: the field model fit on the
+workload routes them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nem_llm import Matcher
+from nem_llm.jobs.dedupe import dedupe_catalog
+from nem_llm.testing import FakeEmbedder
+
+FIRST = ["anna", "ben", "clara", "david", "emma", "felix", "greta", "hugo", "ida", "jonas",
+         "karl", "lena", "max", "nora", "otto", "paula", "quinn", "rosa", "sam",
+         "tina"]  # fmt: skip
+LAST = ["meier", "schulz", "wagner", "becker", "hoffmann", "koch", "richter", "klein", "wolf",
+        "neumann", "schwarz", "braun", "zimmer", "kruger", "hartmann", "lange"]  # fmt: skip
+TOWNS = ["berlin", "hamburg", "munich", "cologne", "bremen", "dresden", "leipzig", "essen"]
+
+
+def _typo(text: str, rng: random.Random) -> str:
+    if len(text) < 4:
+        return text
+    i = rng.randrange(1, len(text) - 1)
+    return text[:i] + text[i + 1 :]
+
+
+@pytest.fixture(scope="module")
+def people() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str | None]]:
+    rng = random.Random(11)
+    catalog: list[dict[str, Any]] = []
+    for i in range(160):
+        first, last = rng.choice(FIRST), rng.choice(LAST)
+        attrs = {
+            "first": first,
+            "last": last,
+            "street": f"{rng.randrange(1, 200)} {rng.choice(['main', 'park', 'mill'])} street",
+            "town": rng.choice(TOWNS),
+            "dob": f"19{rng.randrange(30, 99)}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}",
+        }
+        catalog.append({"id": f"p{i}", "name": f"{first} {last}", "attributes": attrs})
+    queries: list[dict[str, Any]] = []
+    gold: list[str | None] = []
+    for e in catalog[:120]:  # present, typo'd or with a field missing
+        attrs = dict(e["attributes"])
+        field = rng.choice(["first", "last", "street"])
+        attrs[field] = _typo(attrs[field], rng)
+        if rng.random() < 0.3:
+            attrs.pop("town")
+        queries.append({"query": f"{attrs['first']} {attrs.get('last', '')}", "attributes": attrs})
+        gold.append(e["id"])
+    for _ in range(40):  # absent people: new names, towns and dates
+        attrs = {"first": rng.choice(FIRST), "last": rng.choice(["vogel", "haas", "frank"]),
+                 "street": f"{rng.randrange(200, 400)} river road", "town": "kiel",
+                 "dob": f"20{rng.randrange(0, 9)}0101"}  # fmt: skip
+        queries.append({"query": f"{attrs['first']} {attrs['last']}", "attributes": attrs})
+        gold.append(None)
+    return catalog, queries, gold
+
+
+def _scored(results: list[Any], gold: list[str | None]) -> tuple[float, int, int]:
+    """(accuracy, auto decisions, wrong auto decisions)."""
+    right = sum(
+        (r.status == "matched" and r.entity_id == g) or (r.status == "novel" and g is None)
+        for r, g in zip(results, gold, strict=True)
+    )
+    auto = [(r, g) for r, g in zip(results, gold, strict=True) if r.decided_by == "embedding"]
+    wrong = sum(
+        (r.status == "matched" and r.entity_id != g) or (r.status == "novel" and g is not None)
+        for r, g in auto
+    )
+    return right / len(gold), len(auto), wrong
+
+
+@pytest.fixture(autouse=True)
+def no_llm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+
+def test_record_queries_are_routed_by_their_fields_without_labels_or_an_llm(
+    people: tuple[list[dict[str, Any]], list[dict[str, Any]], list[str | None]],
+) -> None:
+    catalog, queries, gold = people
+    with Matcher(catalog, llm=False, embedder=FakeEmbedder(), index_description=True) as m:
+        m.fit(workload=queries, show_progress=False)
+        assert m.policy.fields is not None
+        assert set(m.policy.fields.fields) >= {"first", "last", "dob"}
+        results = m.match_batch(queries)
+    accuracy, auto, wrong = _scored(results, gold)
+    assert wrong <= 0.01 * auto
+    assert auto >= 0.8 * len(queries)
+    assert accuracy >= 0.8
+    decided = next(r for r in results if r.fields is not None and r.status == "matched")
+    assert decided.fields is not None and decided.fields.probability >= 0.5
+    assert set(decided.fields.contributions) == set(m.policy.fields.fields)
+
+
+def test_a_text_query_against_a_record_catalog_keeps_working(
+    people: tuple[list[dict[str, Any]], list[dict[str, Any]], list[str | None]],
+) -> None:
+    catalog, queries, _ = people
+    with Matcher(catalog, llm=False, embedder=FakeEmbedder()) as m:
+        m.fit(workload=queries, show_progress=False)
+        result = m.match(catalog[0]["name"])
+    assert result.fields is None  # no fields given: routed on the text, as before
+    assert result.status in ("matched", "review")
+
+
+def test_a_records_attributes_must_be_a_mapping() -> None:
+    with Matcher([{"id": "a", "name": "Ann"}], llm=False, embedder=FakeEmbedder()) as m:
+        m.fit(show_progress=False)
+        [bad] = m.match_batch([{"query": "Ann", "attributes": ["not", "a", "mapping"]}])
+    assert (bad.status, bad.error_type) == ("error", "input")
+
+
+@pytest.mark.timeout(600)
+def test_the_cli_reads_record_rows_by_their_fields_columns(
+    tmp_path: Path,
+    people: tuple[list[dict[str, Any]], list[dict[str, Any]], list[str | None]],
+) -> None:
+    catalog, queries, _ = people
+    (tmp_path / "people.jsonl").write_text("".join(json.dumps(e) + "\n" for e in catalog))
+    with (tmp_path / "mentions.jsonl").open("w") as fh:
+        for i, q in enumerate(queries):
+            fh.write(json.dumps({"id": f"q{i}", "query": q["query"], **q["attributes"]}) + "\n")
+    args = [sys.executable, "-m", "nem_llm.cli", "match", "--catalog", "people.jsonl",
+            "--queries", "mentions.jsonl", "--out", "out.jsonl", "--no-llm", "--quiet",
+            "--index-description"]  # fmt: skip
+    fields = [
+        x for f in ("first", "last", "street", "town", "dob") for x in ("--fields", f"{f}={f}")
+    ]
+    done = subprocess.run([*args, *fields], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(rows) == len(queries)
+    assert sum(r["fields"] is not None for r in rows) == len(rows)
+
+
+async def test_dedupe_clusters_a_catalogs_duplicates_with_one_golden_record_each() -> None:
+    rng = random.Random(3)
+    base = [
+        {"first": f, "last": last, "town": rng.choice(TOWNS), "dob": f"19{50 + i:02d}0101"}
+        for i, (f, last) in enumerate(zip(FIRST, LAST, strict=False))
+    ]
+    entities = [{"id": f"e{i}", "name": f"{b['first']} {b['last']}", "attributes": b}
+                for i, b in enumerate(base)]  # fmt: skip
+    # three duplicates: typo'd names, a missing town
+    for i, j in ((0, 100), (3, 101), (7, 102)):
+        dup = dict(base[i], last=_typo(base[i]["last"], rng))
+        dup.pop("town")
+        entities.append({"id": f"e{j}", "name": f"{dup['first']} {dup['last']}", "attributes": dup})
+    result = await dedupe_catalog(entities, embedder=FakeEmbedder(), threshold=0.9)
+    by_id = {e.id: result.cluster_of[i] for i, e in enumerate(result.catalog.entities)}
+    for i, j in ((0, 100), (3, 101), (7, 102)):
+        assert by_id[f"e{i}"] == by_id[f"e{j}"]
+    assert result.duplicates == 6 and len(result.golden) == 3
+    golden = {g["cluster"]: g for g in result.golden}["e0"]
+    assert golden["last"] == base[0]["last"] and golden["town"] == base[0]["town"]
+
+
+def test_a_frames_columns_are_a_records_fields(
+    people: tuple[list[dict[str, Any]], list[dict[str, Any]], list[str | None]],
+) -> None:
+    pd = pytest.importorskip("pandas")
+    from nem_llm.integrations.frames import match_frame
+
+    catalog, queries, _ = people
+    frame = pd.DataFrame(
+        [{"text": q["query"], **{f"q_{k}": v for k, v in q["attributes"].items()}}
+         for q in queries]
+    )  # fmt: skip
+    fields = {f: f"q_{f}" for f in ("first", "last", "street", "town", "dob")}
+    with Matcher(catalog, llm=False, embedder=FakeEmbedder(), index_description=True) as m:
+        m.fit(workload=queries, show_progress=False)
+        out = match_frame(m, frame, column="text", fields=fields)
+        plain = m.match_batch(queries)
+    got = [None if pd.isna(e) else e for e in out["entity_id"].tolist()]
+    assert got == [r.entity_id for r in plain]
+    assert out["status"].tolist() == [r.status for r in plain]
