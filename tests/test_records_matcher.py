@@ -189,3 +189,24 @@ def test_a_frames_columns_are_a_records_fields(
     got = [None if pd.isna(e) else e for e in out["entity_id"].tolist()]
     assert got == [r.entity_id for r in plain]
     assert out["status"].tolist() == [r.status for r in plain]
+
+
+def test_the_report_draws_the_closest_record_call_as_a_waterfall(
+    people: tuple[list[dict[str, Any]], list[dict[str, Any]], list[str | None]],
+) -> None:
+    pytest.importorskip("matplotlib")
+    from nem_llm.jobs.report import ReportData, hardest_record, render_html
+
+    catalog, queries, _ = people
+    with Matcher(catalog, llm=False, embedder=FakeEmbedder(), index_description=True) as m:
+        m.fit(workload=queries, show_progress=False)
+        results = m.match_batch(queries)
+    hardest = hardest_record(results)
+    assert hardest is not None and hardest.fields is not None
+    assert all(
+        abs(hardest.fields.probability - 0.5) <= abs(r.fields.probability - 0.5)
+        for r in results
+        if r.fields is not None
+    )
+    page = render_html(ReportData(results=results, golds=None, title="t", source="s"))
+    assert 'id="chart-waterfall"' in page and "field by field" in page

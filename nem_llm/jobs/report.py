@@ -354,6 +354,35 @@ def _chart_retries(data: ReportData) -> Any:
     return fig
 
 
+def hardest_record(results: Sequence[MatchResult]) -> MatchResult | None:
+    """The record query whose best candidate's probability is nearest 1/2 (the closest call
+    of the field model), or ``None`` without record queries."""
+    records = [r for r in results if r.fields is not None and r.fields.contributions]
+    if not records:
+        return None
+    return min(records, key=lambda r: abs(r.fields.probability - 0.5) if r.fields else 1.0)
+
+
+def _chart_waterfall(result: MatchResult) -> Any:
+    """A record query's match weight built up field by field (bits: log2 Bayes factors)."""
+    evidence = result.fields
+    assert evidence is not None
+    steps = [("prior", evidence.prior_bits), *evidence.contributions.items()]
+    fig = _figure(6.4, 2.8 + 0.15 * len(steps))
+    ax = fig.add_subplot()
+    level = 0.0
+    for i, (_, bits) in enumerate(steps):
+        color = "#2a9d8f" if bits >= 0 else "#e76f51"
+        ax.bar(i, bits, bottom=level, color=color)
+        level += bits
+    ax.bar(len(steps), level, color="#264653")
+    labels = [f"{n}\n{evidence.levels.get(n, '')}" for n, _ in steps] + ["weight"]
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.axhline(0, color="#888", linewidth=0.8)
+    ax.set_ylabel("bits")
+    return fig
+
+
 def confusions(
     results: Sequence[MatchResult], golds: Sequence[str | None], top: int = 12
 ) -> list[tuple[str, str, int]]:
@@ -496,6 +525,17 @@ def render_html(data: ReportData) -> str:
             _chart_bars(largest_novel_groups(data), "#e9c46a", "mentions"),
         ),
     ]
+    hardest = hardest_record(data.results)
+    if hardest is not None and hardest.fields is not None:
+        charts.append(
+            (
+                "waterfall",
+                "Match weight, field by field",
+                f"the closest call of the field model: {_short(hardest.query)!r} vs "
+                f"{hardest.fields.entity_id} (P = {hardest.fields.probability:.3f})",
+                _chart_waterfall(hardest),
+            )
+        )
     figures = []
     for key, title, note, fig in charts:
         figures.append(
