@@ -383,3 +383,25 @@ def test_the_openai_key_never_appears_in_responses_metrics_or_logs(
         assert TOKEN not in body
     assert OPENAI_KEY not in caplog.text
     assert TOKEN not in caplog.text
+
+
+def test_a_record_query_is_matched_by_its_fields_over_http() -> None:
+    people = [
+        {"id": f"p{i}", "name": f"{first} {last}",
+         "attributes": {"first": first, "last": last, "dob": f"19{50 + i:02d}0101"}}
+        for i, (first, last) in enumerate(
+            (f, la) for f in ("ann", "bo", "cy", "di", "ed", "flo") for la in ("lee", "li", "ng")
+        )
+    ]  # fmt: skip
+    workload = [{"query": e["name"], "attributes": dict(e["attributes"])} for e in people] * 2
+    matcher = Matcher(people, embedder=FakeEmbedder(), llm=False, index_description=True)
+    matcher.fit(workload=workload, show_progress=False)
+    with serve(app_for(matcher)) as running:
+        record = {"query": "", "attributes": {"first": "ann", "last": "lee", "dob": "19500101"}}
+        one = post(running, "/v1/match", {"query": record})
+        many = post(running, "/v1/match", {"query": [record, "bo li"]})
+        bad = post(running, "/v1/match", {"query": {"attributes": "not a mapping"}})
+    assert one.status_code == 200, one.text
+    assert one.json()["fields"]["entity_id"] == "p0"
+    assert [r["fields"] is not None for r in many.json()] == [True, False]
+    assert bad.status_code == 422

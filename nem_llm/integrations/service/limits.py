@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ...errors import ConfigError
 from ...models import Entity
@@ -83,8 +85,11 @@ def _check_int(name: str, value: object) -> None:
         raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def check_queries(queries: list[str], name: str, limits: ServiceLimits) -> None:
-    """Refuse more queries than allowed, or one too long (a 422 naming it: ``query[3]``)."""
+def check_queries(
+    queries: Sequence[str | Mapping[str, Any]], name: str, limits: ServiceLimits
+) -> None:
+    """Refuse more queries than allowed, or one too long (a 422 naming it: ``query[3]``);
+    a record's size is its text and its fields (as JSON)."""
     if len(queries) > limits.max_queries:
         raise ApiError(
             422,
@@ -93,11 +98,12 @@ def check_queries(queries: list[str], name: str, limits: ServiceLimits) -> None:
             name,
         )
     for i, q in enumerate(queries):
-        if len(q) > limits.max_query_chars:
+        size = len(q) if isinstance(q, str) else len(json.dumps(q, default=str))
+        if size > limits.max_query_chars:
             raise ApiError(
                 422,
                 "query_too_long",
-                f"query of {len(q)} characters; at most {limits.max_query_chars}",
+                f"query of {size} characters; at most {limits.max_query_chars}",
                 f"{name}[{i}]",
             )
 

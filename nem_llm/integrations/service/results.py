@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 
 from fastapi.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from ...matching.pipeline import query_text
 from ...models import MatchResult
 
 __all__ = ["ResultStream", "deadline_result"]
 
 
-def deadline_result(index: int, query: str, seconds: float) -> MatchResult:
+def deadline_result(index: int, query: object, seconds: float) -> MatchResult:
     """The record of a query the request's deadline stopped (its LLM call is cancelled)."""
     return MatchResult(
-        query=query[:1000],
+        query=query_text(query)[:1000],
         index=index,
         status="error",
         error=f"the request's deadline ({seconds:g} s) passed before a decision",
@@ -42,7 +43,7 @@ class ResultStream(Response):
     def __init__(
         self,
         results: AsyncGenerator[MatchResult, None],
-        queries: list[str],
+        queries: Sequence[object],
         *,
         deadline_at: float,
         seconds: float,

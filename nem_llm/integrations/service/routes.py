@@ -36,6 +36,7 @@ from .schemas import (
     MatchRequest,
     ReadyStatus,
     StreamRequest,
+    plain,
 )
 from .state import ServiceState
 
@@ -103,7 +104,9 @@ class Routes:
 
     # -- matching ------------------------------------------------------------------------
 
-    def _checked(self, body: MatchOptions, queries: list[str], name: str, many: bool) -> None:
+    def _checked(
+        self, body: MatchOptions, queries: list[str | dict[str, Any]], name: str, many: bool
+    ) -> None:
         """Refuse what the limits do not allow: sizes, options, filters."""
         self.state.require_ready()
         limits = self.state.limits
@@ -114,7 +117,7 @@ class Routes:
     async def matched(self, body: MatchRequest) -> Response:
         """The answer of ``POST /v1/match`` (both endpoints serve it)."""
         many = isinstance(body.query, list)
-        queries = body.query if isinstance(body.query, list) else [body.query]
+        queries = [plain(q) for q in (body.query if isinstance(body.query, list) else [body.query])]
         self._checked(body, queries, "query", many)
         seconds = self.state.limits.deadline
         deadline_at = asyncio.get_running_loop().time() + seconds
@@ -150,14 +153,14 @@ class Routes:
         return self.json_bytes(_RESULTS.dump_json(results))
 
     async def _explained(
-        self, body: MatchRequest, queries: list[str], deadline_at: float
+        self, body: MatchRequest, queries: list[str | dict[str, Any]], deadline_at: float
     ) -> list[Explanation]:
         """One explanation per query, at most ``max_explain_concurrency`` at once (504 at
         the deadline: an explanation needs a decision)."""
         opts = body.matcher_options()
         gate = asyncio.Semaphore(self.state.limits.max_explain_concurrency)
 
-        async def explain(i: int, q: str) -> Explanation:
+        async def explain(i: int, q: Any) -> Explanation:
             if not isinstance(body.where, list):
                 async with gate:
                     return await self.call(body, self.matcher.explain_match_async(q, **opts))
@@ -195,7 +198,8 @@ class Routes:
 
     async def match_stream(self, body: StreamRequest) -> Response:
         """Match many queries; NDJSON, one MatchResult a line, as each finishes."""
-        self._checked(body, body.queries, "queries", many=True)
+        queries = [plain(q) for q in body.queries]
+        self._checked(body, queries, "queries", many=True)
         seconds = self.state.limits.deadline
         deadline_at = asyncio.get_running_loop().time() + seconds
         opts = body.matcher_options()
@@ -204,15 +208,13 @@ class Routes:
             # the stream is read, when an error can no longer change the status
             with self.options_named(body):
                 self.matcher.catalog.where_mask(body.where)
-        stream = self.matcher.match_stream_async(body.queries, strategy="as_completed", **opts)
+        stream = self.matcher.match_stream_async(queries, strategy="as_completed", **opts)
 
         def line(result: MatchResult) -> bytes:
             self.state.observe((result,))
             return self.redactor.data(result.model_dump_json().encode()) + b"\n"
 
-        return ResultStream(
-            stream, body.queries, deadline_at=deadline_at, seconds=seconds, line=line
-        )
+        return ResultStream(stream, queries, deadline_at=deadline_at, seconds=seconds, line=line)
 
     # -- entity administration -----------------------------------------------------------
 

@@ -15,8 +15,11 @@ __all__ = [
     "ErrorResponse",
     "MatchOptions",
     "MatchRequest",
+    "QueryItem",
+    "QueryRecord",
     "ReadyStatus",
     "StreamRequest",
+    "plain",
 ]
 
 
@@ -53,17 +56,40 @@ class MatchOptions(BaseModel):
         return {name: value for name, value in options.items() if value is not None}
 
 
+class QueryRecord(BaseModel):
+    """A record query: its text (optional) and its fields, compared field by field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(default="", description="The text (default: the fields' values).")
+    attributes: dict[str, str | int | float | bool | None] = Field(
+        description="The record's fields, named as the catalog's attributes."
+    )
+
+
+#: One query as a request carries it: a text, or a record.
+QueryItem = str | QueryRecord
+
+
+def plain(query: QueryItem) -> str | dict[str, Any]:
+    """A request's query as the Matcher takes it."""
+    return query.model_dump() if isinstance(query, QueryRecord) else query
+
+
 class MatchRequest(MatchOptions):
     """Body of ``POST /v1/match``: one query or a list, and the options."""
 
-    query: str | list[str] = Field(description="One query, or a list (results in input order).")
+    query: QueryItem | list[QueryItem] = Field(
+        description="One query (a text, or a record with its fields), or a list (results in "
+        "input order)."
+    )
     explain: bool = Field(default=False, description="Return Explanations (route, reasons).")
 
 
 class StreamRequest(MatchOptions):
     """Body of ``POST /v1/match:stream``: the queries and the options."""
 
-    queries: list[str]
+    queries: list[QueryItem]
 
 
 class EntitiesRequest(BaseModel):
