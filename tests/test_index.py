@@ -281,7 +281,9 @@ async def test_minilm_ranks_the_right_entity_first_for_a_paraphrase(
         await matcher.fit_async()
         result = await matcher.match_async(query)
     assert result.candidates[0].entity_id == gold
-    assert result.status == "review"  # not an exact form: it is the LLM's call, and none is set
+    # not an exact form: auto-matched only where calibration opened the score rule, and then
+    # to the right entity; else it is the LLM's call (none is set: review)
+    assert (result.status, result.entity_id) in (("matched", gold), ("review", None))
 
 
 async def test_minilm_calls_a_country_missing_from_the_catalog_novel(
