@@ -256,7 +256,9 @@ class Matcher:
         - ``"full"``: also fine-tune the embedding model on the labelled pairs plus the
           catalog's own alias pairs (contrastive, on CPU, bounded by ``max_seconds``,
           default 600, and ``epochs``, default 1; ``learning_rate`` default 1e-4).
-        - ``None``: chosen by the number of labelled pairs (see ``learning.choose_mode``).
+        - ``None``: chosen by measurement: the mode whose recall@top_k on the held-out
+          share is highest (full is tried from 5,000 labelled pairs); ties go to the
+          cheaper mode; ``calibration.fit_mode`` says which and the figures.
 
         In "aliases" and "full" a seeded share of the labels (``holdout``, default 0.3) is
         held out of training and calibrates the thresholds. With at least 20 labels the

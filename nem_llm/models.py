@@ -284,6 +284,8 @@ class Calibration(BaseModel):
     #: with labels: what the routing model decides beside the thresholds, or why none was
     #: fit (``None``: no labels, no model)
     routing_model: str | None = None
+    #: the fit mode used and why (``fit(mode=None)``: the recall each mode reached)
+    fit_mode: str = ""
     #: workload queries the LLM labelled at ``fit`` (``label_budget``), and what it cost
     labelled: int = 0
     label_usage: Usage = Field(default_factory=Usage)

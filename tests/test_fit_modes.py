@@ -11,7 +11,6 @@ import pytest
 
 from nem_llm.errors import ConfigError
 from nem_llm.matcher import Matcher
-from nem_llm.retrieval.learning import choose_mode
 from nem_llm.testing import FakeEmbedder
 
 ENTITIES: list[dict[str, Any]] = [
@@ -72,11 +71,35 @@ async def test_fit_rejects_an_unknown_mode_or_option() -> None:
             await m.fit_async(LABELS, learning_rat=0.1)
 
 
-def test_mode_none_picks_by_the_number_of_labelled_pairs_with_an_id() -> None:
-    assert choose_mode([("x", None)] * 100) == "zero-shot"
-    assert choose_mode([("x", "a")] * 19) == "zero-shot"
-    assert choose_mode([("x", "a")] * 20) == "aliases"
-    assert choose_mode([("x", "a")] * 5000) == "full"
+async def test_mode_none_is_zero_shot_with_too_few_labels_to_measure() -> None:
+    async with Matcher(ENTITIES, embedder=FakeEmbedder(), llm=False) as m:
+        await m.fit_async([("Hellas", "E1")] * 19, show_progress=False)
+        assert m.calibration is not None
+        assert m.calibration.fit_mode.startswith("zero-shot: 19 labelled pairs")
+
+
+async def test_mode_none_chooses_aliases_when_they_lift_held_out_recall() -> None:
+    # mentions retrieval cannot place (other words altogether), repeated across the split:
+    # learned as aliases they are found, zero-shot they are not
+    words = ["Bundesrepublik", "Hellas", "Hexagone", "Alpenrepublik", "Iberia", "Stiefel"]
+    labels = [(w, f"E{i}") for i, w in enumerate(words) for _ in range(8)]
+    async with Matcher(ENTITIES, embedder=FakeEmbedder(), llm=False, top_k=1) as m:
+        await m.fit_async(labels, show_progress=False)
+        assert m.calibration is not None
+        mode = m.calibration.fit_mode
+    assert mode.startswith("aliases: recall@1 on")
+    zero, aliases = (float(part.split()[-1]) for part in mode.split(": ", 2)[2].split(", "))
+    assert aliases > zero
+
+
+async def test_mode_none_keeps_the_cheaper_mode_on_a_tie() -> None:
+    # the catalog's own names: zero-shot already finds every one; learning adds nothing
+    labels = [(e["name"], e["id"]) for e in ENTITIES] * 4
+    async with Matcher(ENTITIES, embedder=FakeEmbedder(), llm=False) as m:
+        await m.fit_async(labels, show_progress=False)
+        assert m.calibration is not None
+        assert m.calibration.fit_mode.startswith("zero-shot: recall@5")
+        assert m.learned is None
 
 
 async def test_holdout_labels_calibrate_and_training_labels_teach() -> None:

@@ -28,7 +28,7 @@ from ..config import Thresholds
 from ..errors import ConfigError
 from ..models import Calibration, Candidate, RouteEstimate, Usage
 from ..settings import MatcherSettings
-from ..text import validate_query
+from ..text import fold, validate_query
 from .calibration import (
     PROBE_NOVEL_SHARE,
     PROBE_VERSION,
@@ -49,10 +49,11 @@ from .fields_route import MIN_RECORDS, FieldRoute
 from .index import HybridIndex, catalog_fingerprint
 from .learning import (
     FIT_MODES,
+    MIN_PAIRS_FOR_ALIASES,
+    MIN_PAIRS_FOR_FULL,
     FinetuneResult,
     FitMode,
     LearnedLabels,
-    choose_mode,
     finetune,
     learn_labels,
     pairs_from_catalog,
@@ -142,6 +143,8 @@ class Fitter:
         self.index_dir = settings.index_dir
         self.learned: LearnedLabels | None = None
         self.last_finetune: FinetuneResult | None = None
+        #: the fit mode the last fit used, and why (``fit(mode=None)`` measures)
+        self.mode_choice = ""
         self._tmp_model_dir: Path | None = None
 
     def initial_thresholds(self) -> Thresholds:
@@ -187,10 +190,17 @@ class Fitter:
             raise ConfigError(f"fit: unknown option(s) {', '.join(sorted(unknown))}")
         if mode is not None and mode not in FIT_MODES:
             raise ConfigError(f"mode must be one of {', '.join(FIT_MODES)} or None, got {mode!r}")
-        chosen = mode or choose_mode(labels)
         calibrate_on: Sequence[tuple[str, str | None]] = labels
-        if chosen != "zero-shot" and labels:
+        if mode is None and labels:
+            chosen, trained, why = await self._measure_modes_async(labels, show_progress, options)
+        else:
+            chosen, trained = mode or "zero-shot", None
+            why = "chosen by the caller" if mode else "no labels"
+        if trained is not None:
+            calibrate_on = trained
+        elif chosen != "zero-shot" and labels:
             calibrate_on = await self._train(labels, chosen, show_progress, options)
+        self.mode_choice = f"{chosen}: {why}"
         loop = asyncio.get_running_loop()
         if self.retriever.index is None:
             self.retriever.index = await loop.run_in_executor(self.retriever.executor, self._build)
@@ -216,6 +226,7 @@ class Fitter:
             # actor, a restart): that fit's routes, not a label-free estimate
             calibration, model, saved_fields = saved
             fields = fields or saved_fields
+        calibration = calibration.model_copy(update={"fit_mode": self.mode_choice})
         if calibrate_on or taught or fields is not None:
             self._save_policy(targets, calibration, model, fields)
         return dataclasses.replace(self._adopt(calibration, model, targets), fields=fields)
@@ -464,6 +475,83 @@ class Fitter:
 
     # -- learning ------------------------------------------------------------------------
 
+    def _split(
+        self, labels: list[tuple[str, str | None]], options: dict[str, Any]
+    ) -> tuple[list[tuple[str, str | None]], list[tuple[str, str | None]]]:
+        """(held out, training) shares of the labels: seeded, as ``_train`` splits them."""
+        holdout = float(options.get("holdout", 0.3))
+        if not 0.0 <= holdout < 1.0:
+            raise ConfigError(f"holdout must be in [0, 1), got {holdout}")
+        order = list(range(len(labels)))
+        random.Random(int(options.get("seed", 0))).shuffle(order)
+        cut = int(len(order) * holdout)
+        return [labels[i] for i in sorted(order[:cut])], [labels[i] for i in sorted(order[cut:])]
+
+    async def _measure_modes_async(
+        self, labels: list[tuple[str, str | None]], show_progress: bool, options: dict[str, Any]
+    ) -> tuple[FitMode, list[tuple[str, str | None]] | None, str]:
+        """``fit(mode=None)``: the mode whose recall@top_k on the held-out labels is highest.
+
+        Zero-shot and aliases are always measured (one retrieval of the held-out queries);
+        full too from ``MIN_PAIRS_FOR_FULL`` labelled pairs with the default model (it
+        fine-tunes on the training share and encodes the catalog again: measured, it is
+        kept only if it wins). Ties go to the cheaper mode. Returns (mode, the held-out
+        labels when full was trained and kept, else ``None``, why).
+        """
+        with_id = sum(1 for _, g in labels if g is not None)
+        if with_id < MIN_PAIRS_FOR_ALIASES:
+            return "zero-shot", None, (
+                f"{with_id} labelled pairs with an id: too few to measure "
+                f"(need {MIN_PAIRS_FOR_ALIASES})"
+            )  # fmt: skip
+        held, train = self._split(labels, options)
+        probe = [(q, g) for q, g in held if g is not None]
+        if not probe:
+            return "aliases", None, "no held-out label with an id: aliases by default"
+        loop = asyncio.get_running_loop()
+        if self.retriever.index is None:
+            self.retriever.index = await loop.run_in_executor(self.retriever.executor, self._build)
+        k = self.settings.top_k
+        catalog = self.retriever.catalog
+        learned, _ = learn_labels(train, catalog, strict=False)
+        lookup = {fold(q): e for e, qs in learned.aliases.items() for q in qs}
+
+        async def recall(known: Mapping[str, str]) -> float:
+            found = await self.retriever.retrieve_many_async([q for q, _ in probe], k)
+            hits = sum(
+                known.get(fold(q)) == g or g in {c.entity_id for c in cands}
+                for (q, g), cands in zip(probe, found, strict=True)
+            )
+            return hits / len(probe)
+
+        scores: dict[FitMode, float] = {"zero-shot": await recall({}), "aliases": 0.0}
+        scores["aliases"] = await recall(lookup)
+        trained = None
+        if with_id >= MIN_PAIRS_FOR_FULL and self.own_embedder:
+            before = (self.retriever.embedder, self.retriever.index, self.learned)
+            trained = await self._train(labels, "full", show_progress, options)
+            tuned = await loop.run_in_executor(
+                self.retriever.executor, lambda: self.retriever.build(None)
+            )
+            self.retriever.index = tuned
+            scores["full"] = await recall(lookup)
+            if scores["full"] > max(scores["zero-shot"], scores["aliases"]):
+                if (index_dir := self.index_dir) is not None:
+                    await loop.run_in_executor(
+                        self.retriever.executor, lambda: tuned.save(index_dir)
+                    )
+            else:  # not worth it: back to the default model and its index
+                self.retriever.embedder, self.retriever.index, self.learned = before
+                self.last_finetune = None
+                trained = None
+        best = max(scores, key=lambda m: (scores[m], -FIT_MODES.index(m)))
+        if best == "zero-shot" and self.index_dir is not None:
+            (self.index_dir / LEARNED_FILE).unlink(missing_ok=True)
+        measured = ", ".join(f"{m} {r:.3f}" for m, r in scores.items())
+        why = f"recall@{k} on {len(probe)} held-out labels: {measured}"
+        log.info("nem_llm: fit mode %s (%s)", best, why)
+        return best, trained if best == "full" else None, why
+
     async def _train(
         self,
         labels: list[tuple[str, str | None]],
@@ -472,14 +560,7 @@ class Fitter:
         options: dict[str, Any],
     ) -> list[tuple[str, str | None]]:
         """Learn from a training share of the labels; return the held-out share."""
-        holdout = float(options.get("holdout", 0.3))
-        if not 0.0 <= holdout < 1.0:
-            raise ConfigError(f"holdout must be in [0, 1), got {holdout}")
-        order = list(range(len(labels)))
-        random.Random(int(options.get("seed", 0))).shuffle(order)
-        cut = int(len(order) * holdout)
-        held = [labels[i] for i in sorted(order[:cut])]
-        train = [labels[i] for i in sorted(order[cut:])]
+        held, train = self._split(labels, options)
         catalog = self.retriever.catalog
         learned, problems = learn_labels(train, catalog, strict=bool(options.get("strict")))
         for problem in problems[:20]:

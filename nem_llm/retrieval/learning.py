@@ -40,7 +40,6 @@ __all__ = [
     "FinetuneResult",
     "FitMode",
     "LearnedLabels",
-    "choose_mode",
     "finetune",
     "learn_labels",
     "no_duplicate_batches",
@@ -491,21 +490,6 @@ FIT_MODES: tuple[str, ...] = ("zero-shot", "aliases", "full")
 MIN_PAIRS_FOR_ALIASES = 20
 #: mode=None: from this many labelled pairs with an id, "full" (minutes of CPU).
 MIN_PAIRS_FOR_FULL = 5000
-
-
-def choose_mode(labels: Sequence[tuple[str, str | None]]) -> FitMode:
-    """The documented rule behind ``fit(mode=None)``, by labelled pairs with an id.
-
-    - fewer than ``MIN_PAIRS_FOR_ALIASES`` (20): "zero-shot" (labels only calibrate);
-    - fewer than ``MIN_PAIRS_FOR_FULL`` (5,000): "aliases";
-    - otherwise "full" (fine-tuning, bounded by ``max_seconds``).
-    """
-    with_id = sum(1 for _, gold in labels if gold is not None)
-    if with_id < MIN_PAIRS_FOR_ALIASES:
-        return "zero-shot"
-    if with_id < MIN_PAIRS_FOR_FULL:
-        return "aliases"
-    return "full"
 
 
 @dataclass(frozen=True)
