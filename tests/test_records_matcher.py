@@ -210,3 +210,15 @@ def test_the_report_draws_the_closest_record_call_as_a_waterfall(
     )
     page = render_html(ReportData(results=results, golds=None, title="t", source="s"))
     assert 'id="chart-waterfall"' in page and "field by field" in page
+
+
+def test_a_route_the_user_closes_is_closed_for_the_fields_too(
+    people: tuple[list[dict[str, Any]], list[dict[str, Any]], list[str | None]],
+) -> None:
+    catalog, queries, _ = people
+    closed = {"accept_threshold": 1.5, "novel_threshold": 0.0}  # every query to the LLM
+    with Matcher(catalog, llm=False, embedder=FakeEmbedder(), **closed) as m:
+        m.fit(workload=queries, show_progress=False)
+        results = m.match_batch(queries[:20])
+    assert all(r.decided_by != "embedding" for r in results)
+    assert all(r.fields is not None for r in results)  # the evidence is still shown

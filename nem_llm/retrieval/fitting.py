@@ -376,7 +376,18 @@ class Fitter:
         for name, est in (("auto-match", calibration.matched), ("auto-novel", calibration.novel)):
             if not est.open:
                 log.info("nem_llm: the %s route is closed: %s", name, est.reason)
-        policy = RoutePolicy(thresholds=chosen, calibration=calibration, model=model)
+        s = self.settings
+        user_closed = frozenset(
+            name
+            for name, closed in (
+                ("matched", s.accept_threshold is not None and s.accept_threshold > 1),
+                ("novel", s.novel_threshold is not None and s.novel_threshold <= 0),
+            )
+            if closed
+        )
+        policy = RoutePolicy(
+            thresholds=chosen, calibration=calibration, model=model, user_closed=user_closed
+        )
         return policy.with_learned(self.learned)
 
     def _user_calibration(self, targets: Targets) -> Calibration:

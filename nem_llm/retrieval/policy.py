@@ -46,6 +46,9 @@ class RoutePolicy:
     learned_ids: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     #: the field model of record queries (fit on a workload of them), or ``None``
     fields: FieldRoute | None = None
+    #: auto routes the user closed by setting (``accept_threshold > 1``: "matched",
+    #: ``novel_threshold = 0``: "novel"): closed for the field model too
+    user_closed: frozenset[str] = frozenset()
 
     def with_learned(self, learned: LearnedLabels | None) -> RoutePolicy:
         """This policy with ``learned`` mentions (an exact lookup before routing)."""
@@ -93,18 +96,24 @@ class RoutePolicy:
                 rest = [c for c in candidates if c.entity_id != eid]
                 why = f"a labelled example says this mention is {eid!r}"
                 return Route("matched", why, first.score, None, "learned"), [first, *rest]
+        chosen = thresholds if thresholds is not None else self.thresholds
         if attributes and self.fields is not None and candidates:
-            routed = self._by_fields(candidates, attributes, catalog)
+            routed = self._by_fields(candidates, attributes, catalog, chosen)
             if routed is not None:
                 return routed
-        chosen = thresholds if thresholds is not None else self.thresholds
         model = self.model if chosen is self.thresholds else None
         return route(candidates, chosen, normalized, model), candidates
 
     def _by_fields(
-        self, candidates: list[Candidate], attributes: Mapping[str, Any], catalog: Catalog
+        self,
+        candidates: list[Candidate],
+        attributes: Mapping[str, Any],
+        catalog: Catalog,
+        thresholds: Thresholds,
     ) -> tuple[Route, list[Candidate]] | None:
-        """A record query routed by the field model (its best candidate put first)."""
+        """A record query routed by the field model (its best candidate put first); a
+        route the user closed (by setting, or a per-call ``threshold`` above 1) is closed
+        here too. A route calibration closed is not: it was estimated for the text."""
         assert self.fields is not None
         d = self.fields.decide(attributes, candidates, catalog)
         if d is None:
@@ -113,4 +122,10 @@ class RoutePolicy:
         ranked = [best, *(c for c in candidates if c is not best)]
         margin = best.score - (ranked[1].score if len(ranked) > 1 else 0.0)
         kind = "adjudicate" if d.kind == "undecided" else d.kind
-        return Route(kind, d.reason, best.score, margin, "fields", d), ranked
+        reason = d.reason
+        closed = set(self.user_closed)
+        if thresholds is not self.thresholds and thresholds.accept > 1:
+            closed.add("matched")
+        if kind in closed:
+            kind, reason = "adjudicate", f"{d.reason}; but the auto-{d.kind} route is closed"
+        return Route(kind, reason, best.score, margin, "fields", d), ranked
