@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import functools
 import inspect
+import math
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -63,7 +64,7 @@ from .retrieval.learning import FinetuneResult, FitMode, LearnedLabels
 from .retrieval.policy import RoutePolicy
 from .retrieval.retriever import Retriever, Where, Wheres, where_lookup
 from .retrieval.route_model import RouteModel
-from .settings import MatcherSettings
+from .settings import DEFAULT_LABEL_SHARE, MatcherSettings
 from .text import validate_query
 
 __all__ = ["Matcher", "ProgressCallback", "Query", "Where"]
@@ -282,8 +283,10 @@ class Matcher:
         self.settings = self.settings.replace(**{k: v for k, v in given.items() if v is not None})
         targets = Targets(self.settings.target_precision, self.settings.novel_target_precision)
         labels = check_labels(training_data or (), self.settings.max_query_chars)
-        budget = self.settings.resolved_label_budget(self.llm_configured, label_budget)
         queries, records = valid_queries(workload or (), self.settings.max_query_chars)
+        budget = self.settings.resolved_label_budget(self.llm_configured, label_budget)
+        if label_budget is None and self.settings.label_budget is None:  # the default
+            budget = min(budget, math.ceil(DEFAULT_LABEL_SHARE * len(queries)))
         self.policy = await self.fitter.fit_async(
             labels,
             mode,

@@ -68,8 +68,10 @@ OutputOrder = Literal["input", "completion"]
 #: Where a batch job runs (see ``integrations/engines.py``).
 EngineName = Literal["local", "ray", "batch-api"]
 
-#: ``label_budget=None`` with an LLM: workload queries labelled at fit
+#: ``label_budget=None`` with an LLM: workload queries labelled at fit, at most
+#: ``DEFAULT_LABEL_SHARE`` of the workload (a small job is not labelled end to end)
 DEFAULT_LABEL_BUDGET = 200
+DEFAULT_LABEL_SHARE = 0.2
 #: ``audit_rate=None`` with an LLM: the share of auto decisions audited
 DEFAULT_AUDIT_RATE = 0.02
 
@@ -112,7 +114,8 @@ class MatcherSettings(BaseModel):
             reach before ``fit`` opens it.
         label_budget: workload queries the LLM labels at ``fit`` (given a workload) so the
             routes are calibrated on the user's own mentions; ``None``:
-            :data:`DEFAULT_LABEL_BUDGET` when an LLM is configured, ``0``: off.
+            :data:`DEFAULT_LABEL_BUDGET` when an LLM is configured (at most a fifth of the
+            workload), ``0``: off.
         field_model: route record queries (``{"query": ..., "attributes": {...}}``) by
             a Fellegi-Sunter model of their fields (``nem_llm.records``), fit on the
             workload given to ``fit`` without labels.
