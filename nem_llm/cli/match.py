@@ -22,11 +22,14 @@ from ..errors import NemLLMError
 from ..settings import EngineName, MatcherSettings, OutputOrder, Strategy
 from ._app import app, err, fail, run, stats_table
 from ._settings import with_settings
+from .sim import LOCAL_LLM_HELP, LLMChoice, use_local_llm, warn_small_model
 
 __all__ = ["JOB_FLAGS", "match", "parse_where"]
 
 #: The flags of ``match`` that are not settings: the files, the query-side columns, how
 #: the job runs and reports (``tests/test_settings.py`` checks flags = these + settings).
+#: ``--llm`` is the settings field ``llm`` spelt ``env|off|local`` (``local`` starts the
+#: bundled model for the job), so it is a settings flag, not one of these.
 JOB_FLAGS = frozenset(
     {
         "catalog", "queries", "out", "query_column", "id_column", "where", "strategy", "order",
@@ -48,12 +51,16 @@ def parse_where(specs: list[str] | None) -> dict[str, str]:
 
 
 @app.command()
-@with_settings()
+@with_settings(exclude=("llm",))
 def match(
     catalog: Annotated[Path, typer.Option(help="Entities: JSONL or CSV (id, name, ...).")],
     queries: Annotated[Path, typer.Option(help="Queries: JSONL, CSV, TSV or TXT.")],
     out: Annotated[Path, typer.Option(help="Results JSONL (one row per input row).")],
     settings: MatcherSettings,
+    llm: Annotated[
+        LLMChoice,
+        typer.Option(help=f"env: the OPENAI_* endpoint (or --base-url); off: none; {LOCAL_LLM_HELP}."),
+    ] = LLMChoice.env,
     strategy: Annotated[
         Strategy, typer.Option(help="Order LLM work starts in (answers are the same).")
     ] = "as_completed",
@@ -104,6 +111,13 @@ def match(
         if engine == "ray":
             raise fail("--engine ray and --llm-mode batch-api are two engines: choose one")
         engine_name = "batch-api"
+    settings = settings.replace(llm=llm is not LLMChoice.off)
+    if llm is LLMChoice.local:
+        if engine_name != "local":
+            raise fail(f"--llm local runs with --engine local, not {engine_name}")
+        settings = use_local_llm(settings)  # stopped when the command ends
+    else:
+        warn_small_model(settings.model)
     try:
         job = MatchJob(
             catalog=catalog,
