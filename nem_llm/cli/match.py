@@ -59,7 +59,9 @@ def match(
     settings: MatcherSettings,
     llm: Annotated[
         LLMChoice,
-        typer.Option(help=f"env: the OPENAI_* endpoint (or --base-url); off: none; {LOCAL_LLM_HELP}."),
+        typer.Option(
+            help=f"env: the OPENAI_* endpoint (or --base-url); off: none; {LOCAL_LLM_HELP}."
+        ),
     ] = LLMChoice.env,
     strategy: Annotated[
         Strategy, typer.Option(help="Order LLM work starts in (answers are the same).")

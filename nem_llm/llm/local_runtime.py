@@ -52,7 +52,11 @@ FEW_SHOT: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
         "2",
     ),
     ("Minas Tirith", (("MIN", "Minsk"), ("MTR", "Mitre Peak"), ("TIR", "Tirana")), "none"),
-    ("Frnakfurt am Main", (("FRA", "Frankfurt"), ("FRO", "Frankfurt (Oder)"), ("MZ", "Mainz")), "1"),
+    (
+        "Frnakfurt am Main",
+        (("FRA", "Frankfurt"), ("FRO", "Frankfurt (Oder)"), ("MZ", "Mainz")),
+        "1",
+    ),
 )
 # the packages transformers needs to read GGUF files
 _RUNTIME_PACKAGES = {"torch": "torch", "transformers": "transformers", "gguf": "gguf",

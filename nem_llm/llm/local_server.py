@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["answer_arguments", "find_schema", "make_server", "main"]
+__all__ = ["answer_arguments", "find_schema", "main", "make_server"]
 
 Chooser = Callable[[Sequence[dict[str, str]], Sequence[str]], tuple[int, list[float], int]]
 
@@ -131,7 +131,7 @@ def make_server(host: str, port: int, choose: Chooser, model: str) -> ThreadingH
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass  # one line per call is noise; errors are answered, not logged
 
         def _send(self, status: int, payload: dict[str, Any]) -> None:
