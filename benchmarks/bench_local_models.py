@@ -30,7 +30,7 @@ this platform (an sdist only, a 5-30 minute build): it is not measured here.
 
     python benchmarks/bench_local_models.py --per-set 75 --save
     python benchmarks/bench_local_models.py --per-set 10 --save-as local-models-variants \
-        --variants chat,chat+few,json,plain,plain+few,free
+        --variants "smollm2-135m=chat,json,free,chat+few;gemma3-270m=plain+few,plain,free"
 """
 
 from __future__ import annotations
@@ -204,6 +204,32 @@ class OrtGenaiRuntime(TransformersRuntime):
         raise NotImplementedError("free generation is measured on transformers only")
 
 
+def _row(title: str, runtime: str, got: dict[str, Any]) -> list[Any]:
+    acc, top_acc = got["accuracy_accepted"], got["top_accuracy_accepted"]
+    return [
+        title,
+        runtime,
+        got["variant"],
+        f"{got['s_per_call']:.2f}",
+        f"{got['accuracy']:.2f}",
+        f"{got['top_accuracy']:.2f}",
+        got["invalid"],
+        f"{got['accepted']:.0%}",
+        "-" if acc is None else f"{acc:.2f} vs {top_acc:.2f}",
+    ]
+
+
+def variants_for(spec: str, key: str) -> list[str]:
+    """``chat,json`` (every model) or ``smollm2-135m=chat,json;gemma3-270m=plain`` (each
+    its own); empty: the model's own variant."""
+    if not spec:
+        return [DEFAULT_VARIANTS[key]]
+    if "=" not in spec:
+        return spec.split(",")
+    per_model = dict(part.split("=", 1) for part in spec.split(";"))
+    return per_model[key].split(",") if key in per_model else []
+
+
 def run_variant(rt: Any, items: list[dict[str, Any]], variant: str) -> dict[str, Any]:
     """Answers of one runtime/model/variant on every item, with timing."""
     import numpy as np
@@ -266,73 +292,17 @@ def score(items: list[dict[str, Any]], run: dict[str, Any], policy: Any) -> dict
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--per-set", type=int, default=75, help="ambiguous queries per set")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
-    ap.add_argument("--variants", default="", help="comma list (default: each model's own)")
-    ap.add_argument("--runtimes", default="transformers,onnxruntime-genai")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads per model")
-    ap.add_argument("--items", type=Path, default=None, help="cache the sampled queries here")
-    ap.add_argument("--save", action="store_true", help="write results/local-models.{md,json}")
-    ap.add_argument("--save-as", default=None, help="results/<name>.{md,json} instead")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    rep = Report()
-    rep.out("# Local models on adjudication (ambiguous development-set queries)")
-    rep.out()
-    before = loadavg()
-    if args.items is not None and args.items.is_file():
-        items = json.loads(args.items.read_text(encoding="utf-8"))
-    else:
-        items = asyncio.run(ambiguous(args.data, args.per_set))
-        if args.items is not None:
-            args.items.write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
-    from nem_llm.llm.local_models import MODELS
-
-    runtimes = {"transformers": TransformersRuntime, "onnxruntime-genai": OrtGenaiRuntime}
-    rows: list[list[Any]] = []
-    figures: list[dict[str, Any]] = []
-    for key in args.models.split(","):
-        spec = MODELS[key]
-        for rt_name in args.runtimes.split(","):
-            try:
-                rt = runtimes[rt_name](key, args.threads)
-            except Exception as exc:  # a runtime or model that is not installed: say so
-                log(f"{key} on {rt_name}: not measured ({type(exc).__name__}: {exc})")
-                rows.append([spec.title, rt_name, "-", "-", "-", "-", "-", "-", str(exc)[:60]])
-                continue
-            variants = args.variants.split(",") if args.variants else [DEFAULT_VARIANTS[key]]
-            if rt_name != "transformers":  # another runtime: the model's own variant only
-                variants = [DEFAULT_VARIANTS[key]]
-            for variant in variants:
-                if variant.startswith("chat") or variant == "json":
-                    if not spec.instruction_tuned:
-                        continue  # a base model has no chat template
-                log(f"{key} {rt_name} {variant}: {len(items)} calls (load {loadavg()})")
-                run = run_variant(rt, items, variant)
-                got = score(items, run, spec.guard)
-                got.update(model=key, runtime=rt_name, variant=variant, load_s=rt.load_s)
-                got["answers"] = run["answers"]
-                figures.append(got)
-                acc = got["accuracy_accepted"]
-                top_acc = got["top_accuracy_accepted"]
-                rows.append(
-                    [
-                        spec.title,
-                        rt.name,
-                        variant,
-                        f"{got['s_per_call']:.2f}",
-                        f"{got['accuracy']:.2f}",
-                        f"{got['top_accuracy']:.2f}",
-                        got["invalid"],
-                        f"{got['accepted']:.0%}",
-                        "-" if acc is None else f"{acc:.2f} vs {top_acc:.2f}",
-                    ]
-                )
-            del rt
+def report(
+    rep: Report,
+    args: argparse.Namespace,
+    items: list[dict[str, Any]],
+    before: str,
+    rows: list[list[Any]],
+    figures: list[dict[str, Any]],
+    head: int,
+) -> None:
+    """Print the tables (again) and save them: called after every variant."""
+    del rep.lines[head:]
     nulls = sum(1 for it in items if it["gold"] is None)
     counts = {s: sum(1 for it in items if it["set"] == s) for s in SETS}
     rep.out(
@@ -371,6 +341,87 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dumps({"items": len(items), "figures": figures}, indent=2), encoding="utf-8"
         )
         print(f"saved {RESULTS / name}.md/.json", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--per-set", type=int, default=75, help="ambiguous queries per set")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    ap.add_argument(
+        "--variants", default="", help="a,b or model=a,b;model=c (default: each model's own)"
+    )
+    ap.add_argument("--runtimes", default="transformers,onnxruntime-genai")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per model")
+    ap.add_argument("--items", type=Path, default=None, help="cache the sampled queries here")
+    ap.add_argument(
+        "--rescore",
+        type=Path,
+        default=None,
+        help="a saved results JSON: score its answers again with the current guards "
+        "(no model calls; needs --items)",
+    )
+    ap.add_argument("--save", action="store_true", help="write results/local-models.{md,json}")
+    ap.add_argument("--save-as", default=None, help="results/<name>.{md,json} instead")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    rep = Report()
+    rep.out("# Local models on adjudication (ambiguous development-set queries)")
+    rep.out()
+    shown = " ".join(sys.argv[1:] if argv is None else argv)
+    rep.out(f"`python benchmarks/bench_local_models.py {shown}`")
+    rep.out()
+    head = len(rep.lines)
+    before = loadavg()
+    if args.items is not None and args.items.is_file():
+        items = json.loads(args.items.read_text(encoding="utf-8"))
+    else:
+        items = asyncio.run(ambiguous(args.data, args.per_set))
+        if args.items is not None:
+            args.items.write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+    from nem_llm.llm.local_models import MODELS
+
+    runtimes = {"transformers": TransformersRuntime, "onnxruntime-genai": OrtGenaiRuntime}
+    rows: list[list[Any]] = []
+    figures: list[dict[str, Any]] = []
+    if args.rescore is not None:
+        saved = json.loads(args.rescore.read_text(encoding="utf-8"))["figures"]
+        for old in saved:
+            spec = MODELS[old["model"]]
+            got = score(items, {"answers": old["answers"], "s_per_call": old["s_per_call"]},
+                        spec.guard)  # fmt: skip
+            got.update({k: old[k] for k in ("model", "runtime", "variant", "load_s", "answers")})
+            figures.append(got)
+            rows.append(_row(spec.title, old["runtime"], got))
+        report(rep, args, items, before, rows, figures, head)
+        return 0
+    for key in args.models.split(","):
+        spec = MODELS[key]
+        for rt_name in args.runtimes.split(","):
+            try:
+                rt = runtimes[rt_name](key, args.threads)
+            except Exception as exc:  # a runtime or model that is not installed: say so
+                log(f"{key} on {rt_name}: not measured ({type(exc).__name__}: {exc})")
+                rows.append([spec.title, rt_name, "-", "-", "-", "-", "-", "-", str(exc)[:60]])
+                continue
+            variants = variants_for(args.variants, key)
+            if rt_name != "transformers":  # another runtime: the model's own variant only
+                variants = [DEFAULT_VARIANTS[key]]
+            for variant in variants:
+                if variant.startswith("chat") or variant == "json":
+                    if not spec.instruction_tuned:
+                        continue  # a base model has no chat template
+                log(f"{key} {rt_name} {variant}: {len(items)} calls (load {loadavg()})")
+                run = run_variant(rt, items, variant)
+                got = score(items, run, spec.guard)
+                got.update(model=key, runtime=rt_name, variant=variant, load_s=rt.load_s)
+                got["answers"] = run["answers"]
+                figures.append(got)
+                rows.append(_row(spec.title, rt.name, got))
+                report(rep, args, items, before, rows, figures, head)
+            del rt
+    report(rep, args, items, before, rows, figures, head)
     return 0
 
 

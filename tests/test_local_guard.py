@@ -8,7 +8,7 @@ from nem_llm.errors import ConfigError
 from nem_llm.llm.local_guard import GuardPolicy, apply_guard, judge, policy_for
 from nem_llm.models import Candidate, MatchResult
 
-POLICY = GuardPolicy(min_confidence=0.5, close=0.05, none_below=0.6)
+POLICY = GuardPolicy(min_confidence=0.5, close=0.05, min_score=0.5, none_below=0.6)
 
 
 def _cands(*scored: tuple[str, float]) -> list[Candidate]:
@@ -27,6 +27,12 @@ def test_a_candidate_against_a_clear_retrieval_lead_is_refused() -> None:
 
 def test_a_candidate_close_to_the_top_may_be_chosen() -> None:
     assert judge(_cands(("SK", 0.70), ("SI", 0.68)), "SI", 0.9, POLICY).accept
+
+
+def test_a_weak_candidate_is_not_matched_even_when_it_is_the_top() -> None:
+    verdict = judge(_cands(("FI", 0.25), ("GR", 0.25)), "FI", 0.99, POLICY)
+    assert not verdict.accept
+    assert "weak candidate" in verdict.reason
 
 
 def test_a_low_confidence_answer_is_refused_even_for_the_top() -> None:
@@ -87,7 +93,7 @@ def test_only_local_model_names_get_a_policy() -> None:
     assert policy_for("gpt-4o-mini") is None
 
 
-@pytest.mark.parametrize("field", ["min_confidence", "close", "none_below"])
+@pytest.mark.parametrize("field", ["min_confidence", "close", "min_score", "none_below"])
 def test_a_policy_value_outside_0_1_is_a_config_error(field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         GuardPolicy(**{field: 1.5})

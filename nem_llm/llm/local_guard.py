@@ -6,6 +6,8 @@ function of the retrieval candidates and the model's answer:
 
 - it may pick a candidate other than the top one only when that candidate's score is
   within ``close`` of the top (never against a clear retrieval lead);
+- it may match only a candidate scoring at least ``min_score`` (a small model agreeing
+  with a weak candidate is no evidence: an absent entity's best candidate is weak too);
 - it may say "none" (the row becomes ``novel``) only when the top candidate's score is
   below ``none_below`` (a strong top candidate is not overruled by a small model);
 - an answer whose probability is below ``min_confidence`` is not accepted.
@@ -53,21 +55,23 @@ class GuardPolicy:
 
     Example:
         >>> GuardPolicy(min_confidence=0.7, close=0.05)
-        GuardPolicy(min_confidence=0.7, close=0.05, none_below=0.6)
+        GuardPolicy(min_confidence=0.7, close=0.05, min_score=0.5, none_below=0.6)
 
     Args:
         min_confidence: the model's probability for its answer must reach this.
         close: a candidate other than the top one may be chosen only if its score is at
             most this far below the top's.
+        min_score: a match needs the chosen candidate to score at least this.
         none_below: "none" is accepted only while the top candidate scores below this.
     """
 
     min_confidence: float = 0.5
     close: float = 0.05
+    min_score: float = 0.5
     none_below: float = 0.6
 
     def __post_init__(self) -> None:
-        for name in ("min_confidence", "close", "none_below"):
+        for name in ("min_confidence", "close", "min_score", "none_below"):
             value = getattr(self, name)
             if isinstance(value, bool) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -112,6 +116,12 @@ def judge(
     chosen = next((c for c in candidates if c.entity_id == entity_id), None)
     if chosen is None:
         return Verdict(False, f"the local model answered {entity_id!r}, not a candidate")
+    if chosen.score < policy.min_score:
+        return Verdict(
+            False,
+            f"the local model chose a weak candidate ({chosen.entity_id} {chosen.score:.2f} "
+            f"< {policy.min_score:g})",
+        )
     lead = top.score - chosen.score
     if lead > policy.close:
         return Verdict(
