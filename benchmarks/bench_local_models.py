@@ -343,6 +343,51 @@ def report(
         print(f"saved {RESULTS / name}.md/.json", file=sys.stderr)
 
 
+def fit_guard(items: list[dict[str, Any]], answers: list[dict[str, Any]]) -> list[str]:
+    """Search guard policies on the even-numbered queries, check them on the odd ones.
+
+    A policy qualifies when, on the even half, the answers it accepts are at least as
+    accurate as the top candidate on the same queries; the qualifying policies that accept
+    the most are shown with their figures on the odd half (held out).
+    """
+    import itertools
+
+    from nem_llm.llm.local_guard import GuardPolicy, judge
+    from nem_llm.models import Candidate
+
+    def counts(half: range, policy: GuardPolicy) -> tuple[int, int, int]:
+        accepted = right = top = 0
+        for i in half:
+            item, ans = items[i], answers[i]
+            said = _answer(item, ans["label"])
+            cands = [Candidate(**c) for c in item["candidates"]]
+            if ans["p"] is not None and judge(cands, said, ans["p"], policy).accept:
+                accepted += 1
+                right += said == item["gold"]
+                top += item["candidates"][0]["entity_id"] == item["gold"]
+        return accepted, right, top
+
+    even, odd = range(0, len(items), 2), range(1, len(items), 2)
+    found = []
+    for mc, close, floor, none_below in itertools.product(
+        (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), (0.0, 0.02, 0.05, 0.1), (0.0, 0.3, 0.4, 0.5, 0.6),
+        (0.3, 0.4, 0.5, 0.6, 0.7, 1.0),
+    ):  # fmt: skip
+        policy = GuardPolicy(min_confidence=mc, close=close, min_score=floor, none_below=none_below)
+        accepted, right, top = counts(even, policy)
+        if accepted and right >= top:
+            found.append((accepted, right - top, policy))
+    found.sort(key=lambda f: (f[0], f[1]), reverse=True)
+    lines = []
+    for accepted, gain, policy in found[:10]:
+        a2, r2, t2 = counts(odd, policy)
+        lines.append(
+            f"| {policy} | {accepted}/{len(even)}, +{gain} | {a2}/{len(odd)}: {r2} right vs "
+            f"top {t2} |"
+        )
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--per-set", type=int, default=75, help="ambiguous queries per set")
@@ -361,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a saved results JSON: score its answers again with the current guards "
         "(no model calls; needs --items)",
     )
+    ap.add_argument("--fit-guard", action="store_true", help="with --rescore: search guards")
     ap.add_argument("--save", action="store_true", help="write results/local-models.{md,json}")
     ap.add_argument("--save-as", default=None, help="results/<name>.{md,json} instead")
     args = ap.parse_args(argv)
@@ -395,6 +441,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             figures.append(got)
             rows.append(_row(spec.title, old["runtime"], got))
         report(rep, args, items, before, rows, figures, head)
+        if args.fit_guard:
+            rep.out("Guard policies searched on the even-numbered queries (answers the policy")
+            rep.out("accepts at least as accurate as the top candidate there), held-out odd half:")
+            rep.out()
+            rep.out("| policy | even: accepted, right - top | odd: accepted, right vs top |")
+            rep.out("|---|---|---|")
+            for line in fit_guard(items, figures[0]["answers"]):
+                rep.out(line)
+            name = args.save_as or ("local-models" if args.save else None)
+            if name:
+                (RESULTS / f"{name}.md").write_text(rep.text(), encoding="utf-8")
         return 0
     for key in args.models.split(","):
         spec = MODELS[key]
