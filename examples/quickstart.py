@@ -24,7 +24,12 @@ from rich.console import Console
 from rich.table import Table
 
 from nem_llm import Limits, Matcher, MatchResult
-from nem_llm.llm.local_llm import local_llm, local_llm_available, small_model_warning
+from nem_llm.llm.local_llm import (
+    LOCAL_LIMITS,
+    LocalLLMServer,
+    local_llm_available,
+    small_model_warning,
+)
 
 CATALOG = Path(__file__).parent / "data" / "countries.jsonl"
 QUERIES = [
@@ -81,6 +86,7 @@ async def main() -> None:
     console = Console()
     with ExitStack() as stack:
         options: dict[str, Any] = {"limits": Limits(concurrency=4, timeout=60.0)}
+        server: LocalLLMServer | None = None
         small_model = False
         model = os.environ.get("NEM_LLM_MODEL", "gpt-4o-mini")
         if os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL"):
@@ -90,11 +96,13 @@ async def main() -> None:
             available, why = local_llm_available()
             if available:
                 console.print("starting the small local model (the first start converts it)...")
-                endpoint = stack.enter_context(local_llm())
-                options.update(base_url=endpoint.base_url, api_key="local",
-                               model=endpoint.model, limits=endpoint.limits)  # fmt: skip
+                # launched now, waited for after the catalog is indexed: both load at once
+                server = LocalLLMServer().start(wait=False)
+                stack.callback(server.stop)
+                options.update(base_url=server.base_url, api_key="local", model=server.model,
+                               limits=LOCAL_LIMITS)  # fmt: skip
                 small_model = True
-                source = f"small local model {endpoint.model}"
+                source = f"small local model {server.model}"
                 console.print(f"[yellow]warning:[/] {small_model_warning()}", highlight=False)
             else:
                 options["llm"] = False
@@ -102,6 +110,8 @@ async def main() -> None:
         console.print(f"[bold]LLM:[/] {source}", highlight=False)
         async with Matcher(CATALOG, **options) as matcher:
             await matcher.fit_async()
+            if server is not None:
+                await asyncio.to_thread(server.wait_ready)
             results = await matcher.match_batch_async(QUERIES, strategy="gather")
 
     table = Table(title="nem_llm quickstart")

@@ -76,6 +76,11 @@ def test_a_server_without_a_port_has_no_url_yet() -> None:
         _ = LocalLLMServer().base_url
 
 
+def test_waiting_for_a_server_that_was_not_started_is_an_error() -> None:
+    with pytest.raises(LocalLLMServerError, match="not started"):
+        LocalLLMServer().wait_ready()
+
+
 def test_stop_before_start_is_harmless() -> None:
     srv = LocalLLMServer()
     srv.stop()

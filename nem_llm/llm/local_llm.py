@@ -185,8 +185,11 @@ class LocalLLMServer:
             cmd += ["--threads", str(self.threads)]
         return cmd
 
-    def start(self) -> LocalLLMServer:
+    def start(self, *, wait: bool = True) -> LocalLLMServer:
         """Start the server and wait until it answers; return ``self``.
+
+        ``wait=False`` returns once the process is launched (:attr:`base_url` is known):
+        load something else meanwhile, then call :meth:`wait_ready`.
 
         Raises:
             LocalLLMUnavailable: a package is missing (the message says what to install).
@@ -219,14 +222,21 @@ class LocalLLMServer:
                 # own session: a Ctrl-C in the terminal reaches only us, and we stop the child
                 start_new_session=True,
             )
-            self._wait_ready()
+            if wait:
+                self.wait_ready()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
+    def wait_ready(self) -> None:
+        """Block until the started server answers ``GET /v1/models``.
+
+        Raises:
+            LocalLLMServerError: it exited, or did not answer within ``startup_timeout``.
+        """
+        if self._proc is None:
+            raise LocalLLMServerError("the local model server is not started: call start()")
         url = f"{self.base_url}/models"
         deadline = time.monotonic() + self.startup_timeout
         while True:
