@@ -104,7 +104,7 @@ def _convert(model: LocalModel, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{model.key}-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        lm = AutoModelForCausalLM.from_pretrained(
+        lm: Any = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
         # the weights are dequantized now: save them as a plain float32 checkpoint
@@ -185,7 +185,7 @@ class ChoiceScorer:
         if not (target / "config.json").is_file():
             _convert(model, target)
         tokenizer = AutoTokenizer.from_pretrained(str(target))
-        lm = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32)
+        lm: Any = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32)
         lm.eval()
         return cls(model, tokenizer, lm)
 
