@@ -177,6 +177,7 @@ def test_match_warns_when_pointed_at_a_local_model_by_name(tmp_path: Path) -> No
 
 @pytest.mark.local_llm
 @requires_local_llm
+@pytest.mark.timeout(900)
 async def test_the_real_model_answers_instructor_within_the_schema() -> None:
     with LocalLLMServer(threads=1) as srv:
         assert srv.running
@@ -203,6 +204,7 @@ async def test_the_real_model_answers_instructor_within_the_schema() -> None:
 
 @pytest.mark.local_llm
 @requires_local_llm
+@pytest.mark.timeout(900)
 def test_match_llm_local_starts_the_model_warns_and_writes_every_row(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     done = _cli(
@@ -222,6 +224,7 @@ def test_match_llm_local_starts_the_model_warns_and_writes_every_row(tmp_path: P
 
 @pytest.mark.local_llm
 @requires_local_llm
+@pytest.mark.timeout(900)
 def test_eval_llm_local_reports_the_local_model(tmp_path: Path) -> None:
     done = _cli(
         "eval", "--catalog", str(CLI_DATA / "catalog.jsonl"), "--queries",

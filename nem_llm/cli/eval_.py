@@ -37,6 +37,7 @@ def eval_(
     catalog: Annotated[Path, typer.Option(help="Entities JSONL/CSV.")],
     queries: Annotated[Path, typer.Option(help="Labelled queries with 'gold_id' (null = absent).")],
     settings: MatcherSettings,
+    ctx: typer.Context,
     llm: Annotated[
         LLMOpt,
         typer.Option(
@@ -71,7 +72,7 @@ def eval_(
     kept: list[Any] | None = [] if report_out is not None else None
     llm_mode = llm.value
     if llm is LLMOpt.local:
-        settings, llm_mode = use_local_llm(settings), "env"  # stopped when the command ends
+        settings, llm_mode = use_local_llm(settings, ctx), "env"  # stopped when the command ends
     elif llm is LLMOpt.env:
         warn_small_model(settings.model)
 

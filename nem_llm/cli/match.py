@@ -57,6 +57,7 @@ def match(
     queries: Annotated[Path, typer.Option(help="Queries: JSONL, CSV, TSV or TXT.")],
     out: Annotated[Path, typer.Option(help="Results JSONL (one row per input row).")],
     settings: MatcherSettings,
+    ctx: typer.Context,
     llm: Annotated[
         LLMChoice,
         typer.Option(
@@ -117,7 +118,7 @@ def match(
     if llm is LLMChoice.local:
         if engine_name != "local":
             raise fail(f"--llm local runs with --engine local, not {engine_name}")
-        settings = use_local_llm(settings)  # stopped when the command ends
+        settings = use_local_llm(settings, ctx)  # stopped when the command ends
     else:
         warn_small_model(settings.model)
     try:

@@ -11,7 +11,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from ..errors import NemLLMError
@@ -45,11 +44,11 @@ def warn_small_model(model: str) -> None:
         err.print(f"[yellow]warning:[/] {small_model_warning(model)}", highlight=False)
 
 
-def use_local_llm(settings: MatcherSettings) -> MatcherSettings:
+def use_local_llm(settings: MatcherSettings, ctx: typer.Context) -> MatcherSettings:
     """Start the local model for the running command; settings that adjudicate with it.
 
-    The model is stopped when the command ends (however it ends): the click context
-    closes the server. Prints the small-model warning, and a note on the first start.
+    The model is stopped when the command ends (however it ends): the command's context
+    ``ctx`` closes the server. Prints the small-model warning, and a note on the first start.
     """
     from ..llm import local_llm as local
     from ..llm.local_runtime import checkpoint_dir
@@ -66,7 +65,7 @@ def use_local_llm(settings: MatcherSettings) -> MatcherSettings:
     except NemLLMError as exc:
         stack.close()
         raise fail(str(exc)) from None
-    click.get_current_context().call_on_close(stack.close)
+    ctx.call_on_close(stack.close)
     return local_settings
 
 
