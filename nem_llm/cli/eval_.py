@@ -11,15 +11,18 @@ import typer
 from ..settings import MatcherSettings
 from ._app import app, err, out, run, say, warn
 from ._settings import with_settings
+from .sim import LOCAL_LLM_HELP, use_local_llm, warn_small_model
 
 
 class LLMOpt(StrEnum):
     off = "off"
     env = "env"
     sim = "sim"
+    local = "local"
 
 
-#: The flags of ``eval`` that are not settings (``llm`` is replaced by ``--llm off|env|sim``).
+#: The flags of ``eval`` that are not settings (``llm`` is replaced by
+#: ``--llm off|env|sim|local``).
 EVAL_FLAGS = frozenset(
     {
         "catalog", "queries", "llm", "oracle_error_rate", "oracle_error_profile", "limit",
@@ -41,8 +44,12 @@ def eval_(
         ),
     ],
     settings: MatcherSettings,
+    ctx: typer.Context,
     llm: Annotated[
-        LLMOpt, typer.Option(help="off: no LLM; env: OPENAI_* settings; sim: simulator oracle.")
+        LLMOpt,
+        typer.Option(
+            help=f"off: no LLM; env: OPENAI_* settings; sim: simulator oracle; {LOCAL_LLM_HELP}."
+        ),
     ] = LLMOpt.off,
     oracle_error_rate: Annotated[float, typer.Option(help="Simulator oracle error rate.")] = 0.1,
     oracle_error_profile: Annotated[
@@ -74,13 +81,18 @@ def eval_(
     from ..jobs.eval_job import run_eval
 
     kept: list[Any] | None = [] if report_out is not None else None
+    llm_mode = llm.value
+    if llm is LLMOpt.local:
+        settings, llm_mode = use_local_llm(settings, ctx), "env"  # stopped when the command ends
+    elif llm is LLMOpt.env:
+        warn_small_model(settings.model)
 
     report = run(
         lambda: run_eval(
             catalog=catalog,
             queries=queries,
             settings=settings,
-            llm=llm.value,
+            llm=llm_mode,
             oracle_error_rate=oracle_error_rate,
             oracle_error_profile=oracle_error_profile,
             limit=limit,

@@ -22,11 +22,14 @@ from ..errors import NemLLMError
 from ..settings import EngineName, MatcherSettings, OutputOrder, Strategy
 from ._app import app, err, escape, fail, run, say, stats_table, warn
 from ._settings import with_settings
+from .sim import LOCAL_LLM_HELP, LLMChoice, use_local_llm, warn_small_model
 
 __all__ = ["JOB_FLAGS", "match", "parse_where"]
 
 #: The flags of ``match`` that are not settings: the files, the query-side columns, how
 #: the job runs and reports (``tests/test_settings.py`` checks flags = these + settings).
+#: ``--llm`` is the settings field ``llm`` spelt ``env|off|local`` (``local`` starts the
+#: bundled model for the job), so it is a settings flag, not one of these.
 JOB_FLAGS = frozenset(
     {
         "catalog", "queries", "out", "query_column", "id_column", "delimiter", "where",
@@ -49,7 +52,7 @@ def parse_where(specs: list[str] | None, flag: str = "--where") -> dict[str, str
 
 
 @app.command()
-@with_settings()
+@with_settings(exclude=("llm",))
 def match(
     catalog: Annotated[
         Path,
@@ -73,6 +76,13 @@ def match(
         ),
     ],
     settings: MatcherSettings,
+    ctx: typer.Context,
+    llm: Annotated[
+        LLMChoice,
+        typer.Option(
+            help=f"env: the OPENAI_* endpoint (or --base-url); off: none; {LOCAL_LLM_HELP}."
+        ),
+    ] = LLMChoice.env,
     strategy: Annotated[
         Strategy, typer.Option(help="Order LLM work starts in (answers are the same).")
     ] = "as_completed",
@@ -145,6 +155,13 @@ def match(
         if engine == "ray":
             raise fail("--engine ray and --llm-mode batch-api are two engines: choose one")
         engine_name = "batch-api"
+    settings = settings.replace(llm=llm is not LLMChoice.off)
+    if llm is LLMChoice.local:
+        if engine_name != "local":
+            raise fail(f"--llm local runs with --engine local, not {engine_name}")
+        settings = use_local_llm(settings, ctx)  # stopped when the command ends
+    else:
+        warn_small_model(settings.model)
     try:
         job = MatchJob(
             catalog=catalog,

@@ -1,14 +1,72 @@
-"""``nem-llm sim`` and ``nem-llm local-llm``: the simulator and the real local model."""
+"""``nem-llm sim`` and ``nem-llm local-llm``: the simulator and the real local model.
+
+Also what ``match --llm local`` and ``eval --llm local`` share: :func:`use_local_llm`
+starts the local model for the command and stops it when the command ends.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
 
 from ..errors import NemLLMError
-from ._app import app, fail, out
+from ..settings import MatcherSettings
+from ._app import app, err, fail, out
+
+__all__ = ["LLMChoice", "local_llm", "sim", "use_local_llm", "warn_small_model"]
+
+
+class LLMChoice(StrEnum):
+    """``--llm`` of ``match``: the OPENAI_* endpoint, none, or the bundled local model."""
+
+    env = "env"
+    off = "off"
+    local = "local"
+
+
+#: ``--llm`` help of ``match`` and ``eval``.
+LOCAL_LLM_HELP = (
+    "local: start the bundled small model for this command (one call at a time, "
+    "answers guarded; see nem-llm local-llm)"
+)
+
+
+def warn_small_model(model: str) -> None:
+    """Print the small-model warning when ``model`` is a bundled local model."""
+    from ..llm.local_guard import LOCAL_MODEL_PREFIX
+    from ..llm.local_llm import small_model_warning
+
+    if model.startswith(LOCAL_MODEL_PREFIX):
+        err.print(f"[yellow]warning:[/] {small_model_warning(model)}", highlight=False)
+
+
+def use_local_llm(settings: MatcherSettings, ctx: typer.Context) -> MatcherSettings:
+    """Start the local model for the running command; settings that adjudicate with it.
+
+    The model is stopped when the command ends (however it ends): the command's context
+    ``ctx`` closes the server. Prints the small-model warning, and a note on the first start.
+    """
+    from ..llm import local_llm as local
+    from ..llm.local_runtime import checkpoint_dir
+
+    def on_start(spec: Any) -> None:
+        warn_small_model(spec.served_name)
+        first = not (checkpoint_dir(spec) / "config.json").is_file()
+        note = " (first start: converting the model once, about a minute)" if first else ""
+        err.print(f"starting the local model {spec.key}{note}...", highlight=False)
+
+    stack = contextlib.ExitStack()
+    try:
+        local_settings = stack.enter_context(local.local_settings(settings, on_start=on_start))
+    except NemLLMError as exc:
+        stack.close()
+        raise fail(str(exc)) from None
+    ctx.call_on_close(stack.close)
+    return local_settings
 
 
 @app.command()
@@ -82,18 +140,26 @@ def sim(
 @app.command("local-llm")
 def local_llm(
     port: Annotated[int, typer.Option(help="Port (0 = a free one).")] = 8090,
+    model: Annotated[
+        str, typer.Option(help="smollm2-135m (default, Apache-2.0) or gemma3-270m.")
+    ] = "smollm2-135m",
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all).")] = None,
 ) -> None:
-    """Serve the real local model (llama.cpp + SmolLM2-135M) on 127.0.0.1."""
+    """Serve the bundled small local model (transformers on CPU) on 127.0.0.1."""
     from ..llm import local_llm as local
 
-    ok, reason = local.local_llm_available()
+    ok, reason = local.local_llm_available(model)
     if not ok:
         raise fail(reason)
+    warn_small_model(f"local/{model}")
     try:
         local.serve_forever(
-            port,
+            port or None,
+            model=model,
+            threads=threads,
             on_ready=lambda srv: out.print(
-                f"local LLM ready: OPENAI_BASE_URL={srv.base_url} model={srv.model}",
+                f"local LLM ready: OPENAI_BASE_URL={srv.base_url} model={srv.model}\n"
+                f"  nem-llm match ... --model {srv.model} --concurrency 1 --timeout 120",
                 highlight=False,
             ),
         )

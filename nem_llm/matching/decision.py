@@ -10,6 +10,10 @@ One step, :meth:`Decider.prepare`, serves the live path and the provider's Batch
 The live path sends a pending call through the governor (:meth:`Decider.call`); the Batch
 API writes its request body into a batch file and finishes it with :meth:`Decider.resolve`
 once the provider answers. Either way the result is built by the same code.
+
+When the model is one of the bundled small local models (``local/...``), its decisions
+(live or cached) pass :func:`~nem_llm.llm.local_guard.apply_guard`: an answer against a
+clear retrieval lead, or an unsure one, comes back as ``review`` (:meth:`Decider.guarded`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..llm.adjudication import (
 from ..llm.batch_api import request_body
 from ..llm.cache import CachedDecision, DecisionCache, ReviewedLabel, decision_key
 from ..llm.governor import Governor
+from ..llm.local_guard import apply_guard, policy_for
 from ..models import Candidate, FieldEvidence, MatchResult, Usage
 from ..retrieval.routing import Route
 from ..settings import MatcherSettings
@@ -85,6 +90,12 @@ class Decider:
         self.adjudicator = adjudicator
         self.cache = cache
         self._reviewed: dict[str, ReviewedLabel] | None = None  # loaded on first use
+        #: the small-model guard, for the bundled local models only (``None`` otherwise)
+        self.guard = policy_for(settings.model)
+
+    def guarded(self, result: MatchResult) -> MatchResult:
+        """``result``, or ``review`` where the small-model guard refuses its LLM decision."""
+        return result if self.guard is None else apply_guard(result, self.guard)
 
     # -- the prompt and its cache key ----------------------------------------------------
 
@@ -192,7 +203,7 @@ class Decider:
             key = self.cache_key(normalized, messages, ids, names=ask_names)
             cached = await self.cache.get_async(key)
             if cached is not None:
-                return from_decision(make, candidates, cached, decided_by="cache")
+                return self.guarded(from_decision(make, candidates, cached, decided_by="cache"))
         provisional = make(status="review", score=score, reason=route.reason)
         return Pending(provisional, normalized, messages, ids, key, route, ask_names)
 
@@ -244,7 +255,7 @@ class Decider:
                 model=self.settings.model,
             )
             await self.cache.put_async(pending.key, stored)
-        result = self.resolve(p, d)
+        result = self.guarded(self.resolve(p, d))
         result.rewritten_as = list(d.names)
         governed.attempts[-1].reasks = d.reasks
         result.attempts = governed.attempts
