@@ -4,7 +4,7 @@
 Each ``bench_*.py`` script is one part; ``bench_governance.py`` runs them all. They share one
 command line (:func:`main`): ``--quick``, ``--save``, ``--transport``, ``--data``. The
 process probes (the simulator in a child process, CPU seconds, load, the client) are the
-harness of ``nem-llm bench`` (``nem_llm.jobs.bench.probes``), not copies of it.
+harness of ``nem-llm bench`` (``nem_llm._jobs.bench.probes``), not copies of it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from nem_llm.jobs.bench import probes
+from nem_llm._jobs.bench import probes
 from nem_llm.sim import SimConfig
 
 HERE = Path(__file__).resolve().parent

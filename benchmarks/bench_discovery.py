@@ -31,15 +31,15 @@ import numpy as np
 import numpy.typing as npt
 from openai import AsyncOpenAI
 
-from nem_llm.jobs.discovery import (
+from nem_llm._jobs.discovery import (
     ClusterConfig,
     cluster_mentions,
     discover_async,
     novel_mentions,
     similarity_matrix,
 )
+from nem_llm._retrieval.embedding import SentenceTransformerEmbedder
 from nem_llm.models import MatchResult
-from nem_llm.retrieval.embedding import SentenceTransformerEmbedder
 from nem_llm.sim import SimConfig, SimServer
 
 SETS = ("languages", "febrl4")

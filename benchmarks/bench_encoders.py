@@ -12,7 +12,7 @@
    rounds (best of ``--rounds``), with the library's default threads and with one thread;
    wall-clock forms/s, the ratio to torch, and the ratio of CPU seconds (less sensitive
    to other processes on a shared machine). Cosine to torch's vectors is printed too.
-3. Quality: ``nem_llm.jobs.eval_job.run_eval`` (the ``nem-llm eval`` path, LLM off) with
+3. Quality: ``nem_llm._jobs.eval_job.run_eval`` (the ``nem-llm eval`` path, LLM off) with
    ``encoder=`` each encoder: R@1 and R@10 on every set. The thresholds are passed (the
    defaults), which skips the label-free probe calibration: recall does not depend on it.
 
@@ -39,10 +39,10 @@ sys.path.insert(0, str(HERE))
 from bench_common import Report  # noqa: E402
 
 from nem_llm import MatcherSettings  # noqa: E402
+from nem_llm._jobs.eval_job import run_eval  # noqa: E402
+from nem_llm._retrieval.encoders import AUTO_ENCODERS, make_embedder  # noqa: E402
 from nem_llm.catalog import load_catalog  # noqa: E402
 from nem_llm.config import Thresholds  # noqa: E402
-from nem_llm.jobs.eval_job import run_eval  # noqa: E402
-from nem_llm.retrieval.encoders import AUTO_ENCODERS, make_embedder  # noqa: E402
 
 DATA = Path(os.environ.get("NEM_LLM_DATA", "/work/shared/data"))
 SETS = {"restaurants": True, "dblp_acm": True, "febrl4": True, "languages": False}
@@ -84,7 +84,7 @@ def build(encoder: str, threads: int | None) -> Any:
 
         torch.set_num_threads(threads)
     if encoder.startswith("onnx"):
-        from nem_llm.retrieval.encoders import OnnxEmbedder
+        from nem_llm._retrieval.encoders import OnnxEmbedder
 
         batch = 16 if encoder == INT8_BATCHED else None
         return OnnxEmbedder(quantize="int8" in encoder, threads=threads, batch_size=batch)

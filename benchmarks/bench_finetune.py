@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from nem_llm._retrieval.embedding import SentenceTransformerEmbedder, default_model_path
+from nem_llm._retrieval.index import HybridIndex
+from nem_llm._retrieval.learning import finetune, pairs_from_catalog, pairs_from_labels
+from nem_llm._text import normalize
 from nem_llm.catalog import Catalog, load_catalog
-from nem_llm.retrieval.embedding import SentenceTransformerEmbedder, default_model_path
-from nem_llm.retrieval.index import HybridIndex
-from nem_llm.retrieval.learning import finetune, pairs_from_catalog, pairs_from_labels
-from nem_llm.text import normalize
 
 KS = (1, 10)
 

@@ -8,7 +8,7 @@ the LLM) are kept. Every model x runtime x prompt variant answers the same queri
 call at a time; a decision is right when it names the gold entity, or "none" when the
 gold is null. The baseline is taking the top candidate.
 
-Each answer also goes through the model's guard (``nem_llm/llm/local_guard.py``): the
+Each answer also goes through the model's guard (``nem_llm/_llm/local_guard.py``): the
 table shows how many answers it accepts and how accurate they are against the top
 candidate on the same queries.
 
@@ -61,7 +61,7 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 async def ambiguous(data: Path, per_set: int) -> list[dict[str, Any]]:
     """The first ``per_set`` LLM-routed queries of a seeded sample of each set."""
     from nem_llm import Matcher
-    from nem_llm.text import validate_query
+    from nem_llm._text import validate_query
 
     items: list[dict[str, Any]] = []
     for name in SETS:
@@ -104,19 +104,19 @@ def _answer(item: dict[str, Any], label: str | None) -> str | None:
 
 
 class TransformersRuntime:
-    """The runtime nem_llm ships: :class:`nem_llm.llm.local_runtime.ChoiceScorer`."""
+    """The runtime nem_llm ships: :class:`nem_llm._llm.local_runtime.ChoiceScorer`."""
 
     name = "transformers (torch CPU, fp32)"
 
     def __init__(self, key: str, threads: int) -> None:
-        from nem_llm.llm.local_models import MODELS
-        from nem_llm.llm.local_runtime import timed_load
+        from nem_llm._llm.local_models import MODELS
+        from nem_llm._llm.local_runtime import timed_load
 
         self.spec = MODELS[key]
         self.scorer, self.load_s = timed_load(self.spec, threads=threads)
 
     def text(self, item: dict[str, Any], variant: str) -> str:
-        from nem_llm.llm.local_runtime import build_prompt
+        from nem_llm._llm.local_runtime import build_prompt
 
         style, _, few = variant.partition("+")
         if variant in ("json", "free"):
@@ -156,8 +156,8 @@ class OrtGenaiRuntime(TransformersRuntime):
 
         import onnxruntime_genai as og
 
-        from nem_llm.llm.local_models import MODELS
-        from nem_llm.llm.local_runtime import checkpoint_dir, timed_load
+        from nem_llm._llm.local_models import MODELS
+        from nem_llm._llm.local_runtime import checkpoint_dir, timed_load
 
         self.spec = MODELS[key]
         self.scorer, _ = timed_load(self.spec, threads=threads)  # tokenizer + checkpoint
@@ -256,7 +256,7 @@ def run_variant(rt: Any, items: list[dict[str, Any]], variant: str) -> dict[str,
 
 def score(items: list[dict[str, Any]], run: dict[str, Any], policy: Any) -> dict[str, Any]:
     """Accuracy of the answers, of the top candidate, and of what the guard accepts."""
-    from nem_llm.llm.local_guard import judge
+    from nem_llm._llm.local_guard import judge
     from nem_llm.models import Candidate
 
     right = top = accepted = acc_right = acc_top = invalid = 0
@@ -355,7 +355,7 @@ def fit_guard(
     """
     import itertools
 
-    from nem_llm.llm.local_guard import GuardPolicy, judge
+    from nem_llm._llm.local_guard import GuardPolicy, judge
     from nem_llm.models import Candidate
 
     def counts(half: range, policy: GuardPolicy) -> tuple[int, int, int]:
@@ -446,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = asyncio.run(ambiguous(args.data, args.per_set))
         if args.items is not None:
             args.items.write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
-    from nem_llm.llm.local_models import MODELS
+    from nem_llm._llm.local_models import MODELS
 
     runtimes = {"transformers": TransformersRuntime, "onnxruntime-genai": OrtGenaiRuntime}
     rows: list[list[Any]] = []

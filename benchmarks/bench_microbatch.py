@@ -40,8 +40,8 @@ def _batches(matcher: Any) -> int:
 
 def part_microbatch(rep: Report, args: argparse.Namespace, _catalog: list | None = None) -> None:
     from nem_llm import Matcher
-    from nem_llm.retrieval.embedding import SentenceTransformerEmbedder
-    from nem_llm.text import validate_query
+    from nem_llm._retrieval.embedding import SentenceTransformerEmbedder
+    from nem_llm._text import validate_query
 
     n = 512
     rounds = 1 if args.quick else 3

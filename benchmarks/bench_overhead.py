@@ -68,8 +68,8 @@ async def _prepare(catalog: list, queries: list[str], warm: int = 0) -> Prepared
     import instructor
     from instructor.processing.response import handle_response_model
 
-    from nem_llm.llm.adjudication import render_messages
-    from nem_llm.text import validate_query
+    from nem_llm._llm.adjudication import render_messages
+    from nem_llm._text import validate_query
 
     matcher = make_matcher(catalog, accept_threshold=0.0, margin=0.0)  # no LLM
     await matcher.fit_async()
@@ -99,7 +99,7 @@ def response_model_for(ids: tuple[str, ...]) -> Any:
     ``choice_model`` took the candidate ids (one class per candidate list) and now may take
     their number ``k`` (numbered choices, one class per k): support both.
     """
-    from nem_llm.llm.adjudication import choice_model
+    from nem_llm._llm.adjudication import choice_model
 
     fn = getattr(choice_model, "__wrapped__", choice_model)
     param = next(iter(inspect.signature(fn).parameters.values()))
@@ -115,7 +115,7 @@ def clear_model_caches() -> None:
     every query on a real catalog had a new one: a timed run starts cold, as production
     does, so that cost is counted.
     """
-    from nem_llm.llm.adjudication import choice_model
+    from nem_llm._llm.adjudication import choice_model
 
     choice_model.cache_clear()
     with contextlib.suppress(ImportError, AttributeError):
@@ -205,8 +205,8 @@ async def _overhead_case(
     import instructor
 
     from nem_llm import Limits
-    from nem_llm.llm.adjudication import Adjudicator, estimate_tokens
-    from nem_llm.llm.governor import Governor
+    from nem_llm._llm.adjudication import Adjudicator, estimate_tokens
+    from nem_llm._llm.governor import Governor
 
     timed = prep.timed
     n = len(timed)
@@ -262,7 +262,7 @@ async def _overhead_case(
             if case == "matcher, no LLM":
                 matcher = make_matcher(catalog, accept_threshold=0.0, margin=0.0)
             elif case in REAL_EMBEDDER:
-                from nem_llm.retrieval.embedding import SentenceTransformerEmbedder
+                from nem_llm._retrieval.embedding import SentenceTransformerEmbedder
 
                 embedder = SentenceTransformerEmbedder(query_threads=REAL_EMBEDDER[case])
                 matcher = llm_matcher(catalog, client, concurrency, embedder=embedder)

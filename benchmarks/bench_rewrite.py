@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from nem_llm import MatcherSettings
-from nem_llm.jobs.eval_job import run_eval
+from nem_llm._jobs.eval_job import run_eval
 from nem_llm.models import MatchResult
 
 

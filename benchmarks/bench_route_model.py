@@ -23,13 +23,13 @@ import random
 import time
 from pathlib import Path
 
+from nem_llm._retrieval.calibration import Example, estimate, labelled_examples, with_route_model
+from nem_llm._retrieval.route_model import RouteModel
+from nem_llm._retrieval.routing import route
 from nem_llm.catalog import load_catalog
 from nem_llm.config import Thresholds
 from nem_llm.matcher import Matcher
 from nem_llm.models import Candidate
-from nem_llm.retrieval.calibration import Example, estimate, labelled_examples, with_route_model
-from nem_llm.retrieval.route_model import RouteModel
-from nem_llm.retrieval.routing import route
 
 HERE = Path(__file__).resolve().parent
 DESCRIPTION = {"restaurants": True, "dblp_acm": True, "febrl4": True, "languages": False}

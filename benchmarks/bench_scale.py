@@ -46,11 +46,11 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.feature_extraction.text import HashingVectorizer
 
+from nem_llm._retrieval.index import HybridIndex
+from nem_llm._retrieval.lexical import shortlist
+from nem_llm._text import validate_query
 from nem_llm.catalog import Catalog, load_catalog
 from nem_llm.models import Entity
-from nem_llm.retrieval.index import HybridIndex
-from nem_llm.retrieval.lexical import shortlist
-from nem_llm.text import validate_query
 
 DATA = Path(os.environ.get("NEM_LLM_DATA", "/work/shared/data"))
 CACHE = Path(os.environ.get("NEM_LLM_SCALE_CACHE", "/tmp/scale_cache"))
@@ -277,7 +277,7 @@ def dev_vectors(name: str) -> tuple[Catalog, list[str], list[str | None], Any, A
     golds = [r.get("gold_id") for r in rows_]
     fv, qv = CACHE / f"{name}_forms.npy", CACHE / f"{name}_queries.npy"
     if not (fv.exists() and qv.exists()):
-        from nem_llm.retrieval.embedding import SentenceTransformerEmbedder
+        from nem_llm._retrieval.embedding import SentenceTransformerEmbedder
 
         emb = SentenceTransformerEmbedder()
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -296,7 +296,7 @@ def dense_shortlist_recall(vectors: Any, qv: Any, n: int) -> tuple[float, float]
     import faiss
 
     truth = np.argsort(-(qv @ vectors.T), axis=1)[:, :n]
-    from nem_llm.retrieval.ann import DenseANN
+    from nem_llm._retrieval.ann import DenseANN
 
     ivf = DenseANN.build(vectors, np.arange(len(vectors), dtype=np.int64))
     got_ivf = ivf.search(qv, n)

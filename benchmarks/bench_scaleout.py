@@ -60,8 +60,8 @@ import asyncio, json, sys
 from functools import partial
 from pathlib import Path
 from nem_llm import Matcher, MatcherSettings
-from nem_llm.jobs.batch import MatchJob
-from nem_llm.jobs.batch_api import BatchApiOptions, run_batch_api_job
+from nem_llm._jobs.batch import MatchJob
+from nem_llm._jobs.batch_api import BatchApiOptions, run_batch_api_job
 from nem_llm.testing import FakeEmbedder
 
 catalog, queries, out, base_url, poll = sys.argv[1:6]
@@ -131,8 +131,8 @@ def bench_batch(n: int) -> list[tuple[str, str]]:
     from functools import partial
 
     from nem_llm import Matcher, MatcherSettings
+    from nem_llm._jobs.batch import MatchJob, run_match_job
     from nem_llm.config import Limits
-    from nem_llm.jobs.batch import MatchJob, run_match_job
     from nem_llm.testing import FakeEmbedder
 
     live_config = SimConfig(seed=7, rate_500=0.05, rate_invalid=0.03)
@@ -189,8 +189,8 @@ def bench_ray(n: int) -> list[tuple[str, str]]:
     import ray
 
     from nem_llm import MatcherSettings
+    from nem_llm._jobs.batch import MatchJob, run_match_job
     from nem_llm.integrations.ray import prepare_index, run_ray_job
-    from nem_llm.jobs.batch import MatchJob, run_match_job
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     catalog = DATA / "restaurants_catalog.jsonl"

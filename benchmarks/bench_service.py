@@ -83,7 +83,7 @@ def _free_port() -> int:
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far (Linux ``/proc``; NaN elsewhere)."""
-    from nem_llm.jobs.bench.probes import process_cpu  # after OMP_NUM_THREADS is set
+    from nem_llm._jobs.bench.probes import process_cpu  # after OMP_NUM_THREADS is set
 
     cpu = process_cpu(pid)
     return float("nan") if cpu is None else cpu

@@ -32,7 +32,7 @@ from bench_common import (
     verdict,
 )
 
-from nem_llm.jobs.bench import theoretical_bound
+from nem_llm._jobs.bench import theoretical_bound
 
 # ----------------------------------------------------------------------------- part 1
 

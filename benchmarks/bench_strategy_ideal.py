@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Strategies against a zero-overhead client on the same latency draws (``nem-llm bench``).
 
-Runs ``nem_llm.jobs.bench.run_bench`` (the simulator in its own process, log-normal latency
+Runs ``nem_llm._jobs.bench.run_bench`` (the simulator in its own process, log-normal latency
 p50 1 s / p99 3 s, seed 0, every query to the LLM) for gather and as_completed at
 concurrency 64 and 256, N=1000 and N=5000, and sequential (20 queries), and prints
 ``makespan / ideal``: ``ideal`` is the makespan a client with no overhead at all would get
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench_common import RESULTS, Report, loadavg, log
 
-from nem_llm.jobs.bench import (
+from nem_llm._jobs.bench import (
     BenchConfig,
     BenchRow,
     SimProcess,
@@ -42,9 +42,9 @@ from nem_llm.jobs.bench import (
     self_cpu,
     simulated_latencies,
 )
-from nem_llm.llm.adjudication import choice_model
+from nem_llm._llm.adjudication import choice_model
+from nem_llm._matching.decision import Pending
 from nem_llm.matcher import Matcher
-from nem_llm.matching.decision import Pending
 from nem_llm.testing import FakeEmbedder
 
 

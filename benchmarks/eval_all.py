@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from nem_llm import MatcherSettings
-from nem_llm.jobs.eval_job import run_eval
-from nem_llm.jobs.evaluation import EvalReport, render_eval_table
+from nem_llm._jobs.eval_job import run_eval
+from nem_llm._jobs.evaluation import EvalReport, render_eval_table
 
 SETS = {  # set -> index "name, description" too (record-like catalogs)
     "restaurants": True,

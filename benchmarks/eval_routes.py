@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from nem_llm import MatcherSettings
-from nem_llm.jobs.eval_job import run_eval
-from nem_llm.jobs.evaluation import EvalReport
+from nem_llm._jobs.eval_job import run_eval
+from nem_llm._jobs.evaluation import EvalReport
 
 SETS = {  # set -> (catalog, queries): record sets as records
     "restaurants": ("restaurants_records_catalog.jsonl", "restaurants_records_queries.jsonl"),

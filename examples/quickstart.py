@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nem_llm import Limits, Matcher, MatchResult
-from nem_llm.llm.local_llm import (
+from nem_llm.local import (
     LOCAL_LIMITS,
     LocalLLMServer,
     local_llm_available,

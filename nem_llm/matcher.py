@@ -7,7 +7,7 @@ One query flows through the stages, each in its own module and tested alone::
              ──> Decider (matching/decision.py: reviewed label, route, cache, governed LLM call)
              ──> Rewriter (matching/rewrite.py: only with ``rewrite=True``)
 
-``fit`` is the :class:`~nem_llm.retrieval.fitting.Fitter` (index, learning, calibration).
+``fit`` is the :class:`~nem_llm._retrieval.fitting.Fitter` (index, learning, calibration).
 The async methods are the implementation; each sync twin runs its async method on a
 private event loop thread (see ``_sync.LoopThread``), so the logic exists once.
 """
@@ -36,18 +36,27 @@ from typing import Any, TypeVar, cast, overload
 
 from openai import AsyncOpenAI
 
+from ._llm.governor import GovernorStats
+from ._llm.stats import StatsCollector
+from ._llm.strategies import Strategy, check_strategy, run_strategy
+from ._matching.audit import Auditor
+from ._matching.decision import Decider, Pending
+from ._matching.explain import diagnosis, explanation
+from ._matching.pipeline import QueryPipeline, valid_queries
+from ._matching.runtime import LLMConnection, Runtime, settings_from_options
+from ._retrieval.embedding import Embedder
+from ._retrieval.encoders import make_embedder
+from ._retrieval.fitting import Fitter, Targets, check_labels
+from ._retrieval.index import HybridIndex
+from ._retrieval.learning import FinetuneResult, FitMode, LearnedLabels
+from ._retrieval.policy import RoutePolicy
+from ._retrieval.retriever import Retriever, Where, Wheres, where_lookup
+from ._retrieval.route_model import RouteModel
 from ._sync import LoopThread
+from ._text import validate_query
 from .catalog import Catalog, EntitySource, load_catalog
 from .config import Thresholds
 from .errors import ConfigError, NemLLMError
-from .llm.governor import GovernorStats
-from .llm.stats import StatsCollector
-from .llm.strategies import Strategy, check_strategy, run_strategy
-from .matching.audit import Auditor
-from .matching.decision import Decider, Pending
-from .matching.explain import diagnosis, explanation
-from .matching.pipeline import QueryPipeline, valid_queries
-from .matching.runtime import LLMConnection, Runtime, settings_from_options
 from .models import (
     Calibration,
     Candidate,
@@ -56,16 +65,7 @@ from .models import (
     MatchResult,
     RunStats,
 )
-from .retrieval.embedding import Embedder
-from .retrieval.encoders import make_embedder
-from .retrieval.fitting import Fitter, Targets, check_labels
-from .retrieval.index import HybridIndex
-from .retrieval.learning import FinetuneResult, FitMode, LearnedLabels
-from .retrieval.policy import RoutePolicy
-from .retrieval.retriever import Retriever, Where, Wheres, where_lookup
-from .retrieval.route_model import RouteModel
 from .settings import DEFAULT_LABEL_SHARE, MatcherSettings
-from .text import validate_query
 
 __all__ = ["Matcher", "ProgressCallback", "Query", "Where"]
 
@@ -492,7 +492,7 @@ class Matcher:
     ) -> MatchResult | Pending:
         """Route one query without calling the LLM: its final result, or the call it needs.
 
-        A :class:`~nem_llm.matching.decision.Pending` carries a provisional ``review``
+        A :class:`~nem_llm._matching.decision.Pending` carries a provisional ``review``
         result and the exact request the live path would send (``decider.request_body``);
         finish it with ``decider.resolve``. Bad input is an error record, as in a batch.
         """

@@ -31,10 +31,10 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ._text import DEFAULT_MAX_QUERY_CHARS
 from .catalog import CatalogColumns
 from .config import Limits
 from .errors import ConfigError
-from .text import DEFAULT_MAX_QUERY_CHARS
 
 __all__ = [
     "DEFAULT_AUDIT_RATE",

@@ -13,9 +13,9 @@ import pytest
 import respx
 from pydantic import ValidationError
 
+from nem_llm._llm.adjudication import choice_model, render_messages
 from nem_llm.catalog import Catalog, load_catalog
 from nem_llm.config import Limits
-from nem_llm.llm.adjudication import choice_model, render_messages
 from nem_llm.matcher import Matcher
 from nem_llm.models import Candidate
 from nem_llm.testing import FakeEmbedder, FakeLLM, completion_json

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from nem_llm._retrieval.index import HybridIndex, catalog_fingerprint
 from nem_llm.catalog import Catalog, load_catalog
 from nem_llm.errors import ConfigError
 from nem_llm.matcher import Matcher
-from nem_llm.retrieval.index import HybridIndex, catalog_fingerprint
 from nem_llm.testing import FakeEmbedder
 
 pytest.importorskip("faiss")

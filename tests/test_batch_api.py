@@ -23,12 +23,10 @@ import pytest
 from openai import AsyncOpenAI
 
 from nem_llm import Matcher, MatcherSettings
-from nem_llm.config import Limits
-from nem_llm.errors import LLMError
-from nem_llm.jobs.batch import MatchJob, run_match_job
-from nem_llm.jobs.batch_api import BatchApiOptions, BatchApiSummary, run_batch_api_job
-from nem_llm.llm.adjudication import Adjudicator, choice_model
-from nem_llm.llm.batch_api import (
+from nem_llm._jobs.batch import MatchJob, run_match_job
+from nem_llm._jobs.batch_api import BatchApiOptions, BatchApiSummary, run_batch_api_job
+from nem_llm._llm.adjudication import Adjudicator, choice_model
+from nem_llm._llm.batch_api import (
     BATCH_PRICE_FACTOR,
     InvalidAnswer,
     batch_prices,
@@ -40,6 +38,8 @@ from nem_llm.llm.batch_api import (
     request_line,
     split_lines,
 )
+from nem_llm.config import Limits
+from nem_llm.errors import LLMError
 from nem_llm.sim import BatchSimConfig, SimConfig, SimServer, run_simulator
 from nem_llm.testing import FakeEmbedder
 
@@ -414,7 +414,7 @@ async def test_stop_leaves_batches_in_flight_for_the_next_run(tmp_path: Path) ->
 async def test_stop_during_planning_resumes_planning_on_the_next_run(
     sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nem_llm.jobs.batch_api as engine
+    import nem_llm._jobs.batch_api as engine
 
     monkeypatch.setattr(engine, "_PLAN_CHUNK", 4)
     job = job_for(tmp_path, "batch", sim.base_url)
@@ -453,8 +453,8 @@ import asyncio, sys
 from functools import partial
 from pathlib import Path
 from nem_llm import Matcher, MatcherSettings
-from nem_llm.jobs.batch import MatchJob
-from nem_llm.jobs.batch_api import BatchApiOptions, run_batch_api_job
+from nem_llm._jobs.batch import MatchJob
+from nem_llm._jobs.batch_api import BatchApiOptions, run_batch_api_job
 from nem_llm.testing import FakeEmbedder
 
 catalog, queries, out, base_url = sys.argv[1:5]

@@ -13,8 +13,8 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
+from nem_llm._retrieval.embedding import MicroBatcher
 from nem_llm.errors import ConfigError
-from nem_llm.retrieval.embedding import MicroBatcher
 
 pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("no_loop_errors")]
 

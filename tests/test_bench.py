@@ -1,4 +1,4 @@
-"""Tests of the strategy benchmark (nem_llm.jobs.bench) and the fault soak (nem_llm.jobs.soak)."""
+"""Tests of the strategy benchmark (nem_llm._jobs.bench) and the fault soak (nem_llm._jobs.soak)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from nem_llm.errors import ConfigError
-from nem_llm.jobs.bench import (
+from nem_llm._jobs.bench import (
     DEFAULT_SCENARIOS,
     BenchConfig,
     BenchReport,
@@ -29,7 +28,8 @@ from nem_llm.jobs.bench import (
     write_json,
     write_plot,
 )
-from nem_llm.jobs.soak import render_soak, run_soak, soak_checks
+from nem_llm._jobs.soak import render_soak, run_soak, soak_checks
+from nem_llm.errors import ConfigError
 from nem_llm.models import Attempt, MatchResult
 from nem_llm.sim import SimConfig, run_simulator
 

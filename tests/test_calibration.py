@@ -12,19 +12,19 @@ import numpy as np
 import openai
 import pytest
 
-from nem_llm.catalog import load_catalog
-from nem_llm.config import CLOSED_ACCEPT, CLOSED_NOVEL
-from nem_llm.errors import ConfigError
-from nem_llm.llm.adjudication import render_messages
-from nem_llm.matcher import Matcher
-from nem_llm.models import Candidate
-from nem_llm.retrieval.calibration import (
+from nem_llm._llm.adjudication import render_messages
+from nem_llm._retrieval.calibration import (
     Example,
     estimate,
     exact_rule_from_catalog,
     make_probes,
 )
-from nem_llm.retrieval.routing import RouteFeatures, route
+from nem_llm._retrieval.routing import RouteFeatures, route
+from nem_llm.catalog import load_catalog
+from nem_llm.config import CLOSED_ACCEPT, CLOSED_NOVEL
+from nem_llm.errors import ConfigError
+from nem_llm.matcher import Matcher
+from nem_llm.models import Candidate
 from nem_llm.testing import FakeEmbedder, FakeLLM
 
 
@@ -258,7 +258,7 @@ def _ex(top: float, margin: float, *, right: bool = False, absent: bool = False)
 
 
 def test_labels_too_few_to_open_a_route_take_the_probes_rule_unless_they_contradict_it() -> None:
-    from nem_llm.retrieval.calibration import combine
+    from nem_llm._retrieval.calibration import combine
 
     probes = estimate(
         [_ex(0.95, 0.3, right=True)] * 400 + [_ex(0.1, 0.0, absent=True)] * 400,

@@ -19,15 +19,15 @@ import openai
 import pytest
 
 from nem_llm import Limits, Matcher
-from nem_llm.errors import LLMError
-from nem_llm.llm.governor import Governor
-from nem_llm.llm.strategies import (
+from nem_llm._llm.governor import Governor
+from nem_llm._llm.strategies import (
     STRATEGIES,
     check_strategy,
     run_ordered,
     run_strategy,
     run_stream,
 )
+from nem_llm.errors import LLMError
 from nem_llm.models import Usage
 from nem_llm.testing import FakeEmbedder, FakeLLM
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from nem_llm import Matcher, MatcherSettings
-from nem_llm.jobs.batch import run_match_job
-from nem_llm.jobs.runs import MatchJob
+from nem_llm._jobs.batch import run_match_job
+from nem_llm._jobs.runs import MatchJob
 from nem_llm.testing import FakeEmbedder
 
 FACTORY = partial(Matcher, embedder=FakeEmbedder())
@@ -285,7 +285,7 @@ def test_an_empty_gold_cell_is_absent_and_every_format_reads_the_same(tmp_path: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from nem_llm.jobs.labels import read_labels
+    from nem_llm._jobs.labels import read_labels
 
     csv_path = write(tmp_path / "l.csv", LABELS_CSV)
     jsonl_path = write(
@@ -314,7 +314,7 @@ def test_an_empty_gold_cell_is_absent_and_every_format_reads_the_same(tmp_path: 
 
 
 def test_each_unknown_gold_id_gets_one_warning_naming_it(tmp_path: Path) -> None:
-    from nem_llm.jobs.labels import read_labels
+    from nem_llm._jobs.labels import read_labels
 
     path = write(tmp_path / "l.csv", LABELS_CSV + "l5,Narnia!,NA\nl6,Oz,OZ\n")
     labels = read_labels(path, catalog_ids={"US", "DE", "FR"})
@@ -326,8 +326,8 @@ def test_each_unknown_gold_id_gets_one_warning_naming_it(tmp_path: Path) -> None
 
 
 def test_a_labels_file_without_gold_ids_is_one_clear_error(tmp_path: Path) -> None:
+    from nem_llm._jobs.labels import read_labels
     from nem_llm.errors import InputError
-    from nem_llm.jobs.labels import read_labels
 
     path = write(tmp_path / "l.csv", "qid,query\nl1,USA\n")
     with pytest.raises(InputError, match=r"l\.csv:2: no 'gold_id' field"):
@@ -337,7 +337,7 @@ def test_a_labels_file_without_gold_ids_is_one_clear_error(tmp_path: Path) -> No
 async def test_eval_reads_a_csv_with_empty_gold_cells_as_absent_and_warns_per_unknown_id(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nem_llm.jobs.eval_job as eval_job
+    import nem_llm._jobs.eval_job as eval_job
 
     monkeypatch.setattr(eval_job, "Matcher", FACTORY)
     catalog = write(tmp_path / "catalog.csv", CATALOG)
@@ -357,7 +357,7 @@ async def test_eval_reads_a_csv_with_empty_gold_cells_as_absent_and_warns_per_un
 
 
 async def test_report_labels_reads_the_csv_eval_reads(tmp_path: Path) -> None:
-    from nem_llm.jobs.report import build_report
+    from nem_llm._jobs.report import build_report
 
     queries = write(tmp_path / "q.csv", "id,query\nl1,USA\nl2,Atlantis\nl3,Deutschland\n")
     await run_match_job(job(tmp_path, queries), matcher_factory=FACTORY)
@@ -367,7 +367,7 @@ async def test_report_labels_reads_the_csv_eval_reads(tmp_path: Path) -> None:
 
 
 def test_review_labels_are_read_by_the_same_reader(tmp_path: Path) -> None:
-    from nem_llm.jobs.review import load_labels
+    from nem_llm._jobs.review import load_labels
 
     path = write(
         tmp_path / "labels.jsonl", '{"query": "a", "gold_id": ""}\n{"query": "b", "gold_id": "X"}\n'
@@ -376,8 +376,8 @@ def test_review_labels_are_read_by_the_same_reader(tmp_path: Path) -> None:
 
 
 async def test_report_and_review_read_parquet_results(tmp_path: Path) -> None:
-    from nem_llm.jobs.report import build_report
-    from nem_llm.jobs.review import export_review
+    from nem_llm._jobs.report import build_report
+    from nem_llm._jobs.review import export_review
 
     queries = write(tmp_path / "q.csv", "id,query\nl1,USA\nl2,Atlantis\nl3,Deutschland\n")
     await run_match_job(job(tmp_path, queries, "r.parquet"), matcher_factory=FACTORY)

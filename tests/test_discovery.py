@@ -14,10 +14,7 @@ import numpy as np
 import pytest
 from openai import AsyncOpenAI
 
-from nem_llm.catalog import load_catalog
-from nem_llm.config import Limits
-from nem_llm.errors import InputError
-from nem_llm.jobs.discovery import (
+from nem_llm._jobs.discovery import (
     ClusterConfig,
     cluster_mentions,
     discover_async,
@@ -26,6 +23,9 @@ from nem_llm.jobs.discovery import (
     similarity_matrix,
     write_proposals,
 )
+from nem_llm.catalog import load_catalog
+from nem_llm.config import Limits
+from nem_llm.errors import InputError
 from nem_llm.models import Candidate, MatchResult
 from nem_llm.sim import SimConfig, SimServer, run_simulator
 from nem_llm.testing import FakeEmbedder, FakeLLM

@@ -12,19 +12,19 @@ import pytest
 from test_index_build import _cli  # the CLI in a subprocess, OPENAI_* unset
 
 from nem_llm import Matcher
-from nem_llm.catalog import load_catalog
-from nem_llm.errors import ConfigError
-from nem_llm.jobs.index_build import build_index
-from nem_llm.retrieval import encoders
-from nem_llm.retrieval.embedding import SentenceTransformerEmbedder
-from nem_llm.retrieval.encoders import (
+from nem_llm._jobs.index_build import build_index
+from nem_llm._retrieval import encoders
+from nem_llm._retrieval.embedding import SentenceTransformerEmbedder
+from nem_llm._retrieval.encoders import (
     OnnxEmbedder,
     encoder_of,
     export_onnx,
     make_embedder,
     model_fingerprint,
 )
-from nem_llm.retrieval.index import HybridIndex
+from nem_llm._retrieval.index import HybridIndex
+from nem_llm.catalog import load_catalog
+from nem_llm.errors import ConfigError
 from nem_llm.testing import FakeEmbedder
 
 pytest.importorskip("onnxruntime", reason="the [fast] extra is not installed")
@@ -229,8 +229,8 @@ def test_static_distillation_is_cached_and_reused(
     import model2vec.distill
     from tokenizers import Tokenizer
 
-    from nem_llm.retrieval.embedding import default_model_path
-    from nem_llm.retrieval.encoders import StaticEmbedder
+    from nem_llm._retrieval.embedding import default_model_path
+    from nem_llm._retrieval.encoders import StaticEmbedder
 
     calls: list[str] = []
 

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 from nem_llm import MatcherSettings
+from nem_llm._jobs.runs import MatchJob
 from nem_llm.catalog import CatalogColumns
 from nem_llm.errors import ConfigError
 from nem_llm.integrations.engines import make_engine
-from nem_llm.jobs.runs import MatchJob
 from nem_llm.sim import BatchSimConfig, SimConfig, run_simulator
 from nem_llm.testing import FakeEmbedder
 

@@ -1,6 +1,6 @@
 """The governor: rate limits, the concurrency slot, retries, cooldown and the budget.
 
-Every test drives :class:`nem_llm.llm.governor.Governor` with fake async ``fn`` callables that
+Every test drives :class:`nem_llm._llm.governor.Governor` with fake async ``fn`` callables that
 raise real ``openai`` exceptions, on looptime's virtual clock: ``asyncio.sleep`` and
 ``loop.time()`` are virtual, so waits of minutes take no real time and times are exact.
 """
@@ -19,8 +19,8 @@ import openai
 import pytest
 
 from nem_llm import Limits, Matcher
+from nem_llm._llm.governor import Governed, Governor, RequestPacer, TokenBucket, classify_error
 from nem_llm.errors import AdjudicationError, BudgetExceededError, LLMError, http_error_code
-from nem_llm.llm.governor import Governed, Governor, RequestPacer, TokenBucket, classify_error
 from nem_llm.models import Usage
 from nem_llm.testing import FakeEmbedder, FakeLLM
 
@@ -461,7 +461,7 @@ async def test_malformed_retry_after_ms_falls_back_to_retry_after() -> None:
 
 @pytest.mark.looptime
 async def test_retry_after_http_date_sets_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("nem_llm.llm.governor.time.time", lambda: 1_700_000_000.0)
+    monkeypatch.setattr("nem_llm._llm.governor.time.time", lambda: 1_700_000_000.0)
     governor = Governor(Limits(), rng=random.Random(0))
     # 1_700_000_000 is Tue, 14 Nov 2023 22:13:20 GMT
     fn = Script(rate_limited(retry_after="Tue, 14 Nov 2023 22:13:32 GMT"), Reply(Usage()))

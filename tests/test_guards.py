@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from nem_llm import Matcher
+from nem_llm._retrieval.guards import code_tokens, name_compatible, number_conflict
 from nem_llm.models import Candidate, MatchResult
-from nem_llm.retrieval.guards import code_tokens, name_compatible, number_conflict
 
 FIRST = ["john", "mary", "peter", "anna", "james", "linda", "robert", "susan", "david", "karen",
          "michael", "laura", "thomas", "sarah", "daniel", "julia", "george", "emma", "paul",

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from nem_llm._retrieval.index import HybridIndex, catalog_fingerprint
 from nem_llm.catalog import load_catalog
 from nem_llm.errors import CatalogError
 from nem_llm.matcher import Matcher
-from nem_llm.retrieval.index import HybridIndex, catalog_fingerprint
 from nem_llm.testing import FakeEmbedder
 
 pytest.importorskip("faiss")

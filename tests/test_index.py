@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from nem_llm._retrieval.embedding import SentenceTransformerEmbedder
+from nem_llm._retrieval.index import HybridIndex
 from nem_llm.catalog import Catalog, load_catalog
 from nem_llm.errors import ConfigError
 from nem_llm.matcher import Matcher
 from nem_llm.models import Candidate
-from nem_llm.retrieval.embedding import SentenceTransformerEmbedder
-from nem_llm.retrieval.index import HybridIndex
 from nem_llm.testing import FakeEmbedder
 
 FIXTURES = Path(__file__).parent / "data"
@@ -296,8 +296,8 @@ async def test_minilm_calls_a_country_missing_from_the_catalog_novel(
 
 
 def test_allowed_mask_never_returns_an_entity_outside_it() -> None:
+    from nem_llm._retrieval.index import HybridIndex
     from nem_llm.catalog import load_catalog
-    from nem_llm.retrieval.index import HybridIndex
     from nem_llm.testing import FakeEmbedder
 
     catalog = load_catalog(
@@ -316,8 +316,8 @@ def test_allowed_mask_never_returns_an_entity_outside_it() -> None:
 
 
 def test_transliterated_query_finds_a_name_in_another_script() -> None:
+    from nem_llm._retrieval.index import HybridIndex
     from nem_llm.catalog import load_catalog
-    from nem_llm.retrieval.index import HybridIndex
     from nem_llm.testing import FakeEmbedder
 
     names = ["Greece", "Moscow", "Ellada Travel", "Moskva River", "Côte d'Ivoire", "Coast"]

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from nem_llm._jobs.index_build import build_index
+from nem_llm._retrieval.index import HybridIndex
 from nem_llm.catalog import load_catalog
-from nem_llm.jobs.index_build import build_index
-from nem_llm.retrieval.index import HybridIndex
 from nem_llm.testing import FakeEmbedder
 
 ROOT = Path(__file__).parent.parent

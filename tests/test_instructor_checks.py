@@ -12,8 +12,8 @@ import pytest
 from instructor.v2.validation import async_validators
 from pydantic import BaseModel
 
-from nem_llm.llm import instructor_checks
-from nem_llm.llm.adjudication import choice_model
+from nem_llm._llm import instructor_checks
+from nem_llm._llm.adjudication import choice_model
 from nem_llm.matcher import Matcher
 from nem_llm.testing import FakeEmbedder, FakeLLM
 

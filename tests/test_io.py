@@ -1,4 +1,4 @@
-"""Tests for nem_llm.jobs.io: streaming query readers, results writer and tail repair."""
+"""Tests for nem_llm._jobs.io: streaming query readers, results writer and tail repair."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import nem_llm.jobs.io._lines as nio_lines
-from nem_llm.errors import ConfigError, InputError
-from nem_llm.jobs.io import (
+import nem_llm._jobs.io._lines as nio_lines
+from nem_llm._jobs.io import (
     AtomicLineWriter,
     QueryRow,
     count_rows,
@@ -18,6 +17,7 @@ from nem_llm.jobs.io import (
     read_queries,
     repair_jsonl_tail,
 )
+from nem_llm.errors import ConfigError, InputError
 
 
 def write(path: Path, text: str | bytes) -> Path:

@@ -16,17 +16,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from nem_llm.catalog import load_catalog
-from nem_llm.errors import ConfigError, InputError
-from nem_llm.retrieval.embedding import (
+from nem_llm._retrieval.embedding import (
     DEFAULT_MODEL_NAME,
     TUNED_MANIFEST,
     SentenceTransformerEmbedder,
     default_model_path,
     model_name_of,
 )
-from nem_llm.retrieval.index import HybridIndex
-from nem_llm.retrieval.learning import (
+from nem_llm._retrieval.index import HybridIndex
+from nem_llm._retrieval.learning import (
     FinetuneResult,
     finetune,
     no_duplicate_batches,
@@ -34,6 +32,8 @@ from nem_llm.retrieval.learning import (
     pairs_from_labels,
     weights_fingerprint,
 )
+from nem_llm.catalog import load_catalog
+from nem_llm.errors import ConfigError, InputError
 
 # endonym -> English name; the base model ranks "Greece" 5th of these 8 names for "Hellas"
 PAIRS = [
@@ -108,7 +108,7 @@ def test_tuned_model_reloads_offline_in_a_fresh_process(tuned: FinetuneResult) -
     here = SentenceTransformerEmbedder(tuned.path).encode(["Hellas"])
     code = (
         "import sys, numpy as np\n"
-        "from nem_llm.retrieval.embedding import SentenceTransformerEmbedder\n"
+        "from nem_llm._retrieval.embedding import SentenceTransformerEmbedder\n"
         "e = SentenceTransformerEmbedder(sys.argv[1])\n"
         "print(e.name)\n"
         "np.save(sys.argv[2], e.encode(['Hellas']))\n"

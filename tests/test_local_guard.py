@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from nem_llm._llm.local_guard import GuardPolicy, apply_guard, judge, policy_for
 from nem_llm.errors import ConfigError
-from nem_llm.llm.local_guard import GuardPolicy, apply_guard, judge, policy_for
 from nem_llm.models import Candidate, MatchResult
 
 POLICY = GuardPolicy(min_confidence=0.5, close=0.05, min_score=0.5, none_below=0.6)

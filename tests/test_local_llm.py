@@ -21,10 +21,9 @@ import pytest
 from openai import AsyncOpenAI
 
 from nem_llm import Limits, MatcherSettings
-from nem_llm.errors import ConfigError
-from nem_llm.llm import local_llm as local
-from nem_llm.llm.adjudication import Adjudicator
-from nem_llm.llm.local_llm import (
+from nem_llm._llm import local_llm as local
+from nem_llm._llm.adjudication import Adjudicator
+from nem_llm._llm.local_llm import (
     LOCAL_LIMITS,
     LocalEndpoint,
     LocalLLMServer,
@@ -34,7 +33,8 @@ from nem_llm.llm.local_llm import (
     local_settings,
     small_model_warning,
 )
-from nem_llm.llm.local_models import DEFAULT_MODEL, MODELS, local_model
+from nem_llm._llm.local_models import DEFAULT_MODEL, MODELS, local_model
+from nem_llm.errors import ConfigError
 
 AVAILABLE, REASON = local_llm_available()
 requires_local_llm = pytest.mark.skipif(not AVAILABLE, reason=f"local LLM not installed: {REASON}")
@@ -64,7 +64,7 @@ def test_served_names_carry_the_local_prefix_the_guard_keys_on() -> None:
 def test_the_server_command_runs_the_bundled_server_module() -> None:
     srv = LocalLLMServer(8123, threads=1)
     cmd = srv.command()
-    assert cmd[1:3] == ["-m", "nem_llm.llm.local_server"]
+    assert cmd[1:3] == ["-m", "nem_llm._llm.local_server"]
     assert cmd[cmd.index("--model") + 1] == DEFAULT_MODEL
     assert cmd[cmd.index("--threads") + 1] == "1"
     assert srv.base_url == "http://127.0.0.1:8123/v1"

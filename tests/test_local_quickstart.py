@@ -22,10 +22,10 @@ import instructor
 import pytest
 from openai import AsyncOpenAI
 
-from nem_llm.llm.adjudication import Adjudicator
-from nem_llm.llm.local_guard import judge
-from nem_llm.llm.local_llm import LocalLLMServer, local_llm_available
-from nem_llm.llm.local_models import DEFAULT_MODEL, MODELS
+from nem_llm._llm.adjudication import Adjudicator
+from nem_llm._llm.local_guard import judge
+from nem_llm._llm.local_llm import LocalLLMServer, local_llm_available
+from nem_llm._llm.local_models import DEFAULT_MODEL, MODELS
 from nem_llm.models import Candidate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from nem_llm import Matcher
-from nem_llm.llm.adjudication import Adjudicator
-from nem_llm.llm.local_server import answer_arguments, make_server
+from nem_llm._llm.adjudication import Adjudicator
+from nem_llm._llm.local_server import answer_arguments, make_server
 from nem_llm.testing import FakeEmbedder
 
 CATALOG = [

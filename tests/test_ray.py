@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from nem_llm import Matcher, MatcherSettings
+from nem_llm._jobs.batch import MatchJob, run_match_job
 from nem_llm.config import Limits
-from nem_llm.jobs.batch import MatchJob, run_match_job
 from nem_llm.sim import SimConfig, run_simulator
 from nem_llm.testing import FakeEmbedder
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from nem_llm import Matcher
-from nem_llm.jobs.dedupe import dedupe_catalog
+from nem_llm._jobs.dedupe import dedupe_catalog
 from nem_llm.testing import FakeEmbedder
 
 FIRST = ["anna", "ben", "clara", "david", "emma", "felix", "greta", "hugo", "ida", "jonas",
@@ -195,7 +195,7 @@ def test_the_report_draws_the_closest_record_call_as_a_waterfall(
     people: tuple[list[dict[str, Any]], list[dict[str, Any]], list[str | None]],
 ) -> None:
     pytest.importorskip("matplotlib")
-    from nem_llm.jobs.report import ReportData, hardest_record, render_html
+    from nem_llm._jobs.report import ReportData, hardest_record, render_html
 
     catalog, queries, _ = people
     with Matcher(catalog, llm=False, embedder=FakeEmbedder(), index_description=True) as m:

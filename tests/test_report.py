@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nem_llm.jobs.report import (
+from nem_llm._jobs.report import (
     ReportData,
     build_report,
     confusions,

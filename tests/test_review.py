@@ -15,10 +15,10 @@ import pytest
 from openai import AsyncOpenAI
 
 from nem_llm import MatcherSettings
+from nem_llm._jobs.batch import MatchJob, run_match_job
+from nem_llm._jobs.review import LABELS_FILE, export_review, import_review, load_labels
+from nem_llm._llm.cache import DecisionCache
 from nem_llm.errors import InputError
-from nem_llm.jobs.batch import MatchJob, run_match_job
-from nem_llm.jobs.review import LABELS_FILE, export_review, import_review, load_labels
-from nem_llm.llm.cache import DecisionCache
 from nem_llm.matcher import Matcher
 from nem_llm.models import Candidate, MatchResult
 from nem_llm.testing import FakeEmbedder, FakeLLM

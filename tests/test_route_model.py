@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from nem_llm._retrieval.calibration import Example, estimate, with_route_model
+from nem_llm._retrieval.route_model import MIN_LABELS, RouteModel, fit_route_model, vector
+from nem_llm._retrieval.routing import RouteFeatures, route
 from nem_llm.config import Thresholds
 from nem_llm.matcher import Matcher
 from nem_llm.models import Candidate
-from nem_llm.retrieval.calibration import Example, estimate, with_route_model
-from nem_llm.retrieval.route_model import MIN_LABELS, RouteModel, fit_route_model, vector
-from nem_llm.retrieval.routing import RouteFeatures, route
 from nem_llm.testing import FakeEmbedder
 
 

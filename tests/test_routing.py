@@ -9,12 +9,12 @@ import openai
 import pytest
 import respx
 
+from nem_llm._retrieval.calibration import Example, calibrate
+from nem_llm._retrieval.routing import RouteFeatures, route
 from nem_llm.config import CLOSED_ACCEPT, CLOSED_NOVEL, Thresholds
 from nem_llm.errors import ConfigError
 from nem_llm.matcher import Matcher
 from nem_llm.models import Candidate
-from nem_llm.retrieval.calibration import Example, calibrate
-from nem_llm.retrieval.routing import RouteFeatures, route
 from nem_llm.testing import FakeEmbedder, FakeLLM
 
 LLM_BASE = "http://llm.test/v1"

@@ -546,8 +546,8 @@ def test_query_is_stripped_and_unescaped() -> None:
 async def test_oracle_answers_nem_llms_numbered_choice_with_the_gold_candidates_number(
     tmp_path: Path,
 ) -> None:
+    from nem_llm._llm.adjudication import choice_model, render_messages
     from nem_llm.catalog import load_catalog
-    from nem_llm.llm.adjudication import choice_model, render_messages
     from nem_llm.models import Candidate
 
     catalog = load_catalog(

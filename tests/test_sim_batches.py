@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from openai import AsyncOpenAI, BadRequestError
 
-from nem_llm.llm.adjudication import choice_model
-from nem_llm.llm.batch_api import request_body, request_line
+from nem_llm._llm.adjudication import choice_model
+from nem_llm._llm.batch_api import request_body, request_line
 from nem_llm.sim import BatchSimConfig, SimConfig, SimServer
 
 pytestmark = pytest.mark.usefixtures("no_loop_errors")

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nem_llm._jobs import checkpoint as checkpoint_module
+from nem_llm._jobs.checkpoint import DoneIndexes, RunStore
+from nem_llm._llm.cache import CachedDecision, DecisionCache, decision_key
 from nem_llm._sqlite import SCHEMA_VERSION, StoreError
 from nem_llm.errors import InputError, NemLLMError
-from nem_llm.jobs import checkpoint as checkpoint_module
-from nem_llm.jobs.checkpoint import DoneIndexes, RunStore
-from nem_llm.llm.cache import CachedDecision, DecisionCache, decision_key
 from nem_llm.models import Usage
 
 KEY_PARTS = ("usa", ["US", "UM"], "gpt-4o-mini", "v1")
@@ -346,7 +346,7 @@ def test_cache_and_run_store_share_one_file(db_path: Path) -> None:
 _CHILD = textwrap.dedent(
     """
     import json, sys
-    from nem_llm.jobs.checkpoint import RunStore
+    from nem_llm._jobs.checkpoint import RunStore
 
     runs = RunStore(sys.argv[1])
     runs.open_run("run", {"n": 1})

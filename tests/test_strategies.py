@@ -1,6 +1,6 @@
 """Strategies decide the order work starts and results arrive; every input yields one result.
 
-The runners in ``nem_llm.llm.strategies`` are driven directly with workers that wait for
+The runners in ``nem_llm._llm.strategies`` are driven directly with workers that wait for
 events the test releases in a chosen order; the Matcher's strategies run on the fake
 embedder and the fake LLM (``httpx.MockTransport``), so nothing touches a network.
 """
@@ -19,15 +19,15 @@ import openai
 import pytest
 
 from nem_llm import Limits, Matcher, MatchResult
-from nem_llm.errors import ConfigError
-from nem_llm.llm.stats import percentile
-from nem_llm.llm.strategies import (
+from nem_llm._llm.stats import percentile
+from nem_llm._llm.strategies import (
     STRATEGIES,
     check_strategy,
     run_ordered,
     run_strategy,
     run_stream,
 )
+from nem_llm.errors import ConfigError
 from nem_llm.sim.protocol import parse_request
 from nem_llm.testing import FakeEmbedder, FakeLLM
 

@@ -9,7 +9,7 @@ import openai
 import pytest
 import respx
 
-from nem_llm.llm.transport import aiohttp_installed, make_async_client, skip_param_transform
+from nem_llm._llm.transport import aiohttp_installed, make_async_client, skip_param_transform
 
 BASE = "http://llm.test/v1"
 

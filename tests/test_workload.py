@@ -18,10 +18,10 @@ import pytest
 from openai import AsyncOpenAI
 
 from nem_llm import Matcher, MatcherSettings
-from nem_llm.matching.audit import MIN_AUDITS, Auditor
+from nem_llm._matching.audit import MIN_AUDITS, Auditor
+from nem_llm._retrieval.calibration import Example, stratified_sample, teacher_check
+from nem_llm._retrieval.routing import RouteFeatures
 from nem_llm.models import Calibration, RouteEstimate
-from nem_llm.retrieval.calibration import Example, stratified_sample, teacher_check
-from nem_llm.retrieval.routing import RouteFeatures
 from nem_llm.sim import SimConfig, SimServer
 from nem_llm.testing import FakeEmbedder, FakeLLM
 

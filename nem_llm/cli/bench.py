@@ -54,10 +54,10 @@ def bench(
     ] = 3600.0,
 ) -> None:
     """Compare sequential, gather and as_completed (each capped and rate limited)."""
-    from ..jobs import bench as b
+    from .._jobs import bench as b
 
     if soak:
-        from ..jobs.soak import render_soak, run_soak
+        from .._jobs.soak import render_soak, run_soak
 
         soak_report = run(lambda: run_soak(n, rpm=soak_rpm, concurrency=concurrency))
         out.print(render_soak(soak_report), markup=False, highlight=False, soft_wrap=True)

@@ -43,7 +43,7 @@ def dedupe(
 ) -> None:
     """Find duplicates within one catalog: links of the field model, clusters of links,
     and one golden record per cluster (most votes, then the most complete, then first)."""
-    from ..jobs.dedupe import DedupeResult, dedupe_catalog, write_dedupe
+    from .._jobs.dedupe import DedupeResult, dedupe_catalog, write_dedupe
 
     if not catalog.is_file():
         raise fail(f"{catalog}: catalog file not found")

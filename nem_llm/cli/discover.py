@@ -59,7 +59,7 @@ def discover(
     ] = None,
 ) -> None:
     """Cluster the novel rows and ask the LLM for a proposed entity per cluster."""
-    from ..jobs import discovery as d
+    from .._jobs import discovery as d
 
     if promote is not None:
         summary = run(lambda: as_coro(lambda: d.promote(promote, catalog, state=state)))

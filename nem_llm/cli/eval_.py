@@ -78,7 +78,7 @@ def eval_(
     ] = None,
 ) -> None:
     """Measure retrieval recall, routing and end-to-end accuracy on labelled queries."""
-    from ..jobs.eval_job import run_eval
+    from .._jobs.eval_job import run_eval
 
     kept: list[Any] | None = [] if report_out is not None else None
     llm_mode = llm.value
@@ -106,13 +106,13 @@ def eval_(
             on_warning=warn,
         )
     )
-    from ..jobs.evaluation import render_eval_table
+    from .._jobs.evaluation import render_eval_table
 
     out.print(render_eval_table([report]), markup=False, highlight=False, soft_wrap=True)
     if json_out is not None:
         json_out.write_text(report.model_dump_json(indent=2), encoding="utf-8")
     if report_out is not None and kept is not None:
-        from ..jobs.report import ReportData, write_report
+        from .._jobs.report import ReportData, write_report
 
         data = ReportData(
             results=[r for r, _ in kept],

@@ -50,9 +50,9 @@ def index_build(
     ] = None,
 ) -> None:
     """Encode a catalog (resumable in chunks; Ctrl-C safe) and save its index to --out."""
+    from .._jobs.index_build import build_index
+    from .._retrieval.encoders import make_embedder
     from ..catalog import load_catalog
-    from ..jobs.index_build import build_index
-    from ..retrieval.encoders import make_embedder
 
     if index is not None:
         warn("index build --index is deprecated: use --search")

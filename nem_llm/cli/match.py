@@ -105,7 +105,7 @@ def match(
         typer.Option(
             metavar="ATTRIBUTE=COLUMN",
             help="ATTRIBUTE=COLUMN: each row's candidates are the entities whose attribute "
-            "equals the row's COLUMN value (repeatable; an empty value: no filter)."
+            "equals the row's COLUMN value (repeatable; an empty value: no filter).",
         ),
     ] = None,
     fields: Annotated[
@@ -143,8 +143,8 @@ def match(
     actors: Annotated[int, typer.Option(help="Ray actors (limits are split across them).")] = 2,
 ) -> None:
     """Match every row of a queries file against a catalog; resumable and cached."""
+    from .._jobs.runs import MatchJob
     from ..integrations.engines import make_engine
-    from ..jobs.runs import MatchJob
 
     for label, path in (("catalog", catalog), ("queries", queries)):
         if not path.is_file():

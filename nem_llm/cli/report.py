@@ -12,9 +12,7 @@ from ._app import app, as_coro, run, say
 
 @app.command()
 def report(
-    results: Annotated[
-        Path, typer.Option(help="Results of `nem-llm match` (JSONL or Parquet).")
-    ],
+    results: Annotated[Path, typer.Option(help="Results of `nem-llm match` (JSONL or Parquet).")],
     out: Annotated[Path, typer.Option(help="The HTML file to write.")],
     labels: Annotated[
         Path | None,
@@ -35,7 +33,7 @@ def report(
     ] = None,
 ) -> None:
     """Write one self-contained HTML page of charts about a run (no network to view it)."""
-    from ..jobs.report import build_report, write_report
+    from .._jobs.report import build_report, write_report
 
     def main() -> Path:
         data = build_report(

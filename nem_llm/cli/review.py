@@ -26,7 +26,7 @@ def review_export(
     novel: Annotated[bool, typer.Option(help="Also queue 'novel' rows.")] = True,
 ) -> None:
     """Write review, novel and low-confidence rows to a CSV with a 'decision' column."""
-    from ..jobs.review import export_review
+    from .._jobs.review import export_review
 
     summary = run(
         lambda: as_coro(
@@ -50,7 +50,7 @@ def review_import(
     ] = None,
 ) -> None:
     """Store the decisions as labels; rerunning the match applies them with no LLM call."""
-    from ..jobs.review import import_review
+    from .._jobs.review import import_review
 
     summary = run(lambda: as_coro(lambda: import_review(csv_file, state, catalog=catalog)))
     say(

@@ -37,8 +37,8 @@ LOCAL_LLM_HELP = (
 
 def warn_small_model(model: str) -> None:
     """Print the small-model warning when ``model`` is a bundled local model."""
-    from ..llm.local_guard import LOCAL_MODEL_PREFIX
-    from ..llm.local_llm import small_model_warning
+    from .._llm.local_guard import LOCAL_MODEL_PREFIX
+    from .._llm.local_llm import small_model_warning
 
     if model.startswith(LOCAL_MODEL_PREFIX):
         err.print(f"[yellow]warning:[/] {small_model_warning(model)}", highlight=False)
@@ -50,8 +50,8 @@ def use_local_llm(settings: MatcherSettings, ctx: typer.Context) -> MatcherSetti
     The model is stopped when the command ends (however it ends): the command's context
     ``ctx`` closes the server. Prints the small-model warning, and a note on the first start.
     """
-    from ..llm import local_llm as local
-    from ..llm.local_runtime import checkpoint_dir
+    from .._llm import local_llm as local
+    from .._llm.local_runtime import checkpoint_dir
 
     def on_start(spec: Any) -> None:
         warn_small_model(spec.served_name)
@@ -146,7 +146,7 @@ def local_llm(
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all).")] = None,
 ) -> None:
     """Serve the bundled small local model (transformers on CPU) on 127.0.0.1."""
-    from ..llm import local_llm as local
+    from .._llm import local_llm as local
 
     ok, reason = local.local_llm_available(model)
     if not ok:

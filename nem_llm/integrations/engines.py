@@ -1,6 +1,6 @@
 """The engines of a match job behind one protocol: local, Ray, the provider's Batch API.
 
-Every engine receives the same :class:`~nem_llm.jobs.runs.MatchJob` (files, query-side
+Every engine receives the same :class:`~nem_llm._jobs.runs.MatchJob` (files, query-side
 columns and :class:`~nem_llm.MatcherSettings`) and either honours every option or refuses
 the job up front with a :class:`~nem_llm.errors.ConfigError` naming the option
 (:meth:`Engine.check`). ``tests/test_engines.py`` holds the parity matrix: for each
@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, get_args
 
+from .._jobs.runs import JobSummary, MatchJob, ProgressHook
 from ..errors import ConfigError
-from ..jobs.runs import JobSummary, MatchJob, ProgressHook
 from ..settings import EngineName
 
 __all__ = [
@@ -66,7 +66,7 @@ class LocalEngine:
     async def run_async(
         self, job: MatchJob, *, stop: asyncio.Event | None, on_progress: ProgressHook | None
     ) -> JobSummary:
-        from ..jobs.batch import run_match_job
+        from .._jobs.batch import run_match_job
 
         return await run_match_job(
             job, stop=stop, on_progress=on_progress, matcher_factory=_factory(self.embedder)
@@ -119,14 +119,14 @@ class BatchApiEngine:
     name: str = "batch-api"
 
     def check(self, job: MatchJob) -> None:
-        from ..jobs.batch_api import refuse_batch_api
+        from .._jobs.batch_api import refuse_batch_api
 
         refuse_batch_api(job)
 
     async def run_async(
         self, job: MatchJob, *, stop: asyncio.Event | None, on_progress: ProgressHook | None
     ) -> JobSummary:
-        from ..jobs.batch_api import BatchApiOptions, run_batch_api_job
+        from .._jobs.batch_api import BatchApiOptions, run_batch_api_job
 
         options = BatchApiOptions(poll_interval=self.poll_interval)
         return await run_batch_api_job(

@@ -121,8 +121,7 @@ class _Buffers:
         self.cost[row] = r.usage.cost_usd
         if self.candidates is not None:
             self.candidates[row] = [
-                {"entity_id": c.entity_id, "name": c.name, "score": c.score}
-                for c in r.candidates
+                {"entity_id": c.entity_id, "name": c.name, "score": c.score} for c in r.candidates
             ]
 
 

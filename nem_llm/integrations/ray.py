@@ -40,12 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Limits
-from ..errors import ConfigError
-from ..jobs.batch import load_job_catalog
-from ..jobs.checkpoint import RunStore
-from ..jobs.io import QueryRow, count_rows
-from ..jobs.runs import (
+from .._jobs.batch import load_job_catalog
+from .._jobs.checkpoint import RunStore
+from .._jobs.io import QueryRow, count_rows
+from .._jobs.runs import (
     JobSummary,
     MatchJob,
     error_row,
@@ -55,11 +53,13 @@ from ..jobs.runs import (
     workload_sample,
     write_output,
 )
-from ..llm.stats import StatsCollector
-from ..llm.strategies import Strategy
+from .._llm.stats import StatsCollector
+from .._llm.strategies import Strategy
+from .._retrieval.embedding import Embedder
+from ..config import Limits
+from ..errors import ConfigError
 from ..matcher import Matcher
 from ..models import MatchResult
-from ..retrieval.embedding import Embedder
 from ..settings import MatcherSettings
 
 __all__ = ["match_dataset", "prepare_index", "run_ray_job", "split_limits"]

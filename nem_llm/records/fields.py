@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from itertools import permutations
 from typing import Any, Literal, get_args
 
-from ..text import fold
+from .._text import fold
 
 __all__ = [
     "FIELD_KINDS",

@@ -3,7 +3,7 @@
 Every function takes two equal-length sequences of strings (pair ``i`` is ``left[i]``,
 ``right[i]``) and returns one number per pair, computed with numpy over all pairs at once:
 the loops run over character positions (a few dozen), never over pairs (tens of
-thousands). Strings are compared as given: fold them first (``nem_llm.text.fold``).
+thousands). Strings are compared as given: fold them first (``nem_llm._text.fold``).
 
 Pure Python Jaro-Winkler runs at roughly 100k short pairs a second; these run at millions
 (measured in ``docs/records.md``), which is what scoring 50k candidate pairs on eight fields

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import openai
 
-from ...llm.governor import classify_error
+from ..._llm.governor import classify_error
 from ...models import MatchResult
 from .redaction import Redactor
 

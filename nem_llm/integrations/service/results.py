@@ -9,7 +9,7 @@ from contextlib import aclosing
 from fastapi.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ...matching.pipeline import query_text
+from ..._matching.pipeline import query_text
 from ...models import MatchResult
 
 __all__ = ["ResultStream", "deadline_result"]

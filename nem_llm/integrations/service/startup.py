@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..._retrieval.index import HybridIndex
 from ...catalog import Catalog
 from ...errors import ConfigError
-from ...retrieval.index import HybridIndex
 
 __all__ = ["serving_catalog"]
 
