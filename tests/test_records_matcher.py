@@ -11,6 +11,7 @@ import json
 import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,41 @@ def test_a_route_the_user_closes_is_closed_for_the_fields_too(
         results = m.match_batch(queries[:20])
     assert all(r.decided_by != "embedding" for r in results)
     assert all(r.fields is not None for r in results)  # the evidence is still shown
+
+
+async def test_the_simulators_oracle_knows_a_record_querys_gold_by_its_text(
+    people: tuple[list[dict[str, Any]], list[dict[str, Any]], list[str | None]],
+    tmp_path: Path,
+) -> None:
+    """A record query's prompt block is its text plus a ``fields:`` line: the oracle
+    still finds its gold (with no error it answers every query right, over real HTTP)."""
+    from openai import AsyncOpenAI
+
+    from nem_llm.sim import SimConfig, SimServer
+
+    catalog, queries, gold = people
+    path = tmp_path / "gold.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"query": q["query"], "gold_id": g}) + "\n"
+            for q, g in zip(queries, gold, strict=True)
+        )
+    )
+    config = SimConfig(policy="oracle", gold_path=str(path), oracle_error_rate=0.0, seed=1)
+    closed = {"accept_threshold": 1.5, "novel_threshold": 0.0}  # every query to the LLM
+    async with SimServer(config) as sim:
+        client = AsyncOpenAI(base_url=sim.base_url, api_key="sim", max_retries=0)
+        async with Matcher(catalog, client=client, embedder=FakeEmbedder(), label_budget=0,
+                           audit_rate=0.0, **closed) as m:  # fmt: skip
+            await m.fit_async(workload=queries, show_progress=False)
+            results = await m.match_batch_async(queries[:30] + queries[-10:])
+        await client.close()
+    wanted = gold[:30] + gold[-10:]
+    assert all(r.decided_by == "llm" for r in results)
+    texts = Counter(q["query"] for q in queries)  # the oracle knows a text's one gold
+    in_reach = [
+        (r, g)
+        for r, g in zip(results, wanted, strict=True)
+        if texts[r.query] == 1 and (g is None or g in {c.entity_id for c in r.candidates})
+    ]
+    assert len(in_reach) >= 20 and all(r.entity_id == g for r, g in in_reach)

@@ -463,13 +463,20 @@ def load_gold(path: str) -> tuple[dict[str, str | None], dict[str, str | None]]:
 def lookup_gold(
     gold: tuple[dict[str, str | None], dict[str, str | None]], query: str
 ) -> tuple[bool, str | None]:
-    """Return (known, gold id) for ``query``: exact text first, then whitespace/case-folded."""
+    """Return (known, gold id) for ``query``: exact text first, then whitespace/case-folded.
+
+    A record query's block is its text and then a ``fields: name=value; ...`` line (the
+    SDK's prompt): the gold is looked up by the text.
+    """
     exact, normal = gold
     if query in exact:
         return True, exact[query]
     key = _normal(query)
     if key in normal:
         return True, normal[key]
+    text, sep, _ = query.rpartition("\nfields: ")
+    if sep:
+        return lookup_gold(gold, text)
     return False, None
 
 
