@@ -331,6 +331,25 @@ def test_metrics_count_llm_calls_and_tokens(countries: list[dict[str, Any]]) -> 
     assert tokens["prompt"] > 0
 
 
+def test_metrics_report_the_audit_per_route(countries: list[dict[str, Any]]) -> None:
+    """Every auto decision audited (audit_rate 1) by an LLM that always answers "none":
+    /metrics shows the matched route audited, never agreed with, and its bound."""
+    llm = FakeLLM(lambda _query, _ids: "none")
+    m = Matcher(
+        countries, embedder=FakeEmbedder(), client=fake_client(llm), audit_rate=1.0, label_budget=0
+    )
+    with serve(app_for(m)) as running:
+        answers = [post(running, "/v1/match", {"query": q}).json() for q in ("Germany", "France")]
+        families = metric_families(httpx.get(running.url + "/metrics").text)
+    assert all(a["decided_by"] == "embedding" or a["status"] == "review" for a in answers)
+    audited = {s.labels["route"]: s.value for s in families["nem_llm_audit_audited"].samples}
+    agreeing = {s.labels["route"]: s.value for s in families["nem_llm_audit_agreeing"].samples}
+    bound = families["nem_llm_audit_agreement_upper_bound"].samples
+    assert audited.get("matched") == 2.0 and agreeing.get("matched") == 0.0
+    assert bound and bound[0].value < 1.0
+    assert len(llm.requests) == 2
+
+
 def test_openapi_lists_every_endpoint_and_the_public_models(server: Running) -> None:
     schema = httpx.get(server.url + "/openapi.json").json()
     assert set(schema["paths"]) == {

@@ -74,6 +74,34 @@ class _GovernorCollector:
         texts = CounterMetricFamily("nem_llm_embed_texts", "Queries encoded in micro-batches.")
         texts.add_metric([], n_texts)
         yield from (batches, texts)
+        yield from self._audit()
+
+    def _audit(self) -> Iterator[Metric]:
+        """The running audit per route: audited and agreeing auto decisions, the agreement's
+        upper bound, and whether the audit closed the route."""
+        audited = CounterMetricFamily(
+            "nem_llm_audit_audited", "Auto decisions audited by the LLM.", labels=["route"]
+        )
+        agreeing = CounterMetricFamily(
+            "nem_llm_audit_agreeing", "Audited decisions the LLM agreed with.", labels=["route"]
+        )
+        bound = GaugeMetricFamily(
+            "nem_llm_audit_agreement_upper_bound",
+            "One-sided 90% upper bound of the route's agreement with the LLM.",
+            labels=["route"],
+        )
+        closed = GaugeMetricFamily(
+            "nem_llm_audit_route_closed", "1 when the audit closed the route.", labels=["route"]
+        )
+        auditor = getattr(self.matcher, "auditor", None)
+        report = auditor.report() if auditor is not None else {}
+        for route, row in report.items():
+            audited.add_metric([route], row.audited)
+            agreeing.add_metric([route], row.agreeing)
+            if row.agreement_upper_bound is not None:
+                bound.add_metric([route], row.agreement_upper_bound)
+            closed.add_metric([route], 1.0 if row.closed else 0.0)
+        yield from (audited, agreeing, bound, closed)
 
 
 class Metrics:
