@@ -340,3 +340,19 @@ def test_where_mask_filters_by_equality_and_membership() -> None:
     assert catalog.where_mask({"country": "FR", "pop": 5}).tolist() == [False, True, True]
     with pytest.raises(ConfigError, match="no entity has"):
         catalog.where_mask({"region": "x"})
+
+
+def test_a_csv_quote_never_closed_is_refused_naming_its_line(tmp_path: Path) -> None:
+    """The csv module would read B's name as "Beta\\nC,Gamma\\nD,Delta": two entities and
+    no word. The catalog is refused at the line the quote opened on."""
+    path = tmp_path / "c.csv"
+    path.write_text('id,name\nA,Alpha\nB,"Beta\nC,Gamma\nD,Delta\n', encoding="utf-8")
+    with pytest.raises(CatalogError, match=r"c\.csv:3: a quote opened on this line is never"):
+        load_catalog(path)
+
+
+def test_a_quoted_field_over_several_lines_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text('id,name,description\nA,Alpha,"two\nlines"\nB,"Be""ta\nx"\n', encoding="utf-8")
+    got = [(e.id, e.name, e.description) for e in load_catalog(path).entities]
+    assert got == [("A", "Alpha", "two\nlines"), ("B", 'Be"ta\nx', "")]

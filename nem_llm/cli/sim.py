@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from rich.markup import escape
 
 from ..errors import NemLLMError
 from ..settings import MatcherSettings
@@ -41,7 +42,7 @@ def warn_small_model(model: str) -> None:
     from .._llm.local_llm import small_model_warning
 
     if model.startswith(LOCAL_MODEL_PREFIX):
-        err.print(f"[yellow]warning:[/] {small_model_warning(model)}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(small_model_warning(model))}", highlight=False)
 
 
 def use_local_llm(settings: MatcherSettings, ctx: typer.Context) -> MatcherSettings:
@@ -57,7 +58,7 @@ def use_local_llm(settings: MatcherSettings, ctx: typer.Context) -> MatcherSetti
         warn_small_model(spec.served_name)
         first = not (checkpoint_dir(spec) / "config.json").is_file()
         note = " (first start: converting the model once, about a minute)" if first else ""
-        err.print(f"starting the local model {spec.key}{note}...", highlight=False)
+        err.print(f"starting the local model {spec.key}{note}...", highlight=False, markup=False)
 
     stack = contextlib.ExitStack()
     try:
@@ -131,7 +132,9 @@ def sim(
         raise fail(str(exc)) from None
 
     def ready(server: Any) -> None:
-        out.print(f"simulator listening: OPENAI_BASE_URL={server.base_url}", highlight=False)
+        out.print(
+            f"simulator listening: OPENAI_BASE_URL={server.base_url}", highlight=False, markup=False
+        )
         out.print("(a simulator: its answers are not a model's; Ctrl-C to stop)", style="dim")
 
     serve_forever(config, host, port, on_ready=ready)
@@ -161,6 +164,7 @@ def local_llm(
                 f"local LLM ready: OPENAI_BASE_URL={srv.base_url} model={srv.model}\n"
                 f"  nem-llm match ... --model {srv.model} --concurrency 1 --timeout 120",
                 highlight=False,
+                markup=False,
             ),
         )
     except NemLLMError as exc:
