@@ -136,7 +136,7 @@ def test_the_cli_reads_record_rows_by_their_fields_columns(
         for i, q in enumerate(queries):
             fh.write(json.dumps({"id": f"q{i}", "query": q["query"], **q["attributes"]}) + "\n")
     args = [sys.executable, "-m", "nem_llm.cli", "match", "--catalog", "people.jsonl",
-            "--queries", "mentions.jsonl", "--out", "out.jsonl", "--no-llm", "--quiet",
+            "--queries", "mentions.jsonl", "--out", "out.jsonl", "--llm", "off", "--quiet",
             "--index-description"]  # fmt: skip
     fields = [
         x for f in ("first", "last", "street", "town", "dob") for x in ("--fields", f"{f}={f}")

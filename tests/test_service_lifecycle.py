@@ -206,7 +206,9 @@ def test_a_query_the_llm_does_not_decide_in_time_is_a_deadline_record(
     countries: list[dict[str, Any]], hanging: Any
 ) -> None:
     m = sim_matcher(countries, hanging.base_url)
-    with serve(app_for(m, limits=ServiceLimits(deadline=0.3))) as running:
+    # 2 s: long enough for the call to reach the LLM on a loaded machine (at 0.3 s a busy
+    # one could pass the deadline before sending it, and there would be no call to cancel)
+    with serve(app_for(m, limits=ServiceLimits(deadline=2.0))) as running:
         r = post(running, "/v1/match", {"query": "Germani"})
         wait_for(lambda: len(hanging.requests) == 1)
     assert r.status_code == 200

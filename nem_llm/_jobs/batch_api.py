@@ -555,7 +555,7 @@ def refuse_batch_api(job: MatchJob) -> None:
     if job.settings.rewrite:
         raise ConfigError(f"--rewrite with the Batch API: {BATCH_API_REFUSES['rewrite']}")
     if not job.settings.llm:
-        raise ConfigError("the Batch API engine sends rows to an LLM: --no-llm makes it moot")
+        raise ConfigError("the Batch API engine sends rows to an LLM: --llm off makes it moot")
     if job.settings.audit_rate:
         raise ConfigError(f"--audit-rate with the Batch API: {BATCH_API_REFUSES['audit_rate']}")
 
