@@ -149,16 +149,24 @@ def _answer(sock: socket.socket) -> int | str:
         sock.close()
 
 
-def test_sigterm_under_load_answers_every_connection_none_is_reset(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("latency", "drain", "answered"),
+    [(1.0, 30, 200), (30.0, 1, 503)],
+    ids=["drained", "past-the-drain-timeout"],
+)
+def test_sigterm_under_load_answers_every_connection_none_is_reset(
+    tmp_path: Path, latency: float, drain: int, answered: int
+) -> None:
     """50 clients of a slow LLM, SIGTERM: each gets an HTTP answer (200, or 503 past the
     drain), none a reset. Half are in flight; the other half connected and sent their
     request while the server was stopped (SIGSTOP), so they wait unaccepted in the listen
     backlog when the shutdown begins, as under a load the loop cannot keep up with."""
     queries = ["Germani", "Untied States", "Grate Britain", "Deutschlnd", "Frnce"]
-    with run_simulator(SimConfig(latency="fixed", latency_p50=1.0)) as sim:
+    with run_simulator(SimConfig(latency="fixed", latency_p50=latency)) as sim:
         env = serve_env(OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=sim.base_url)
         args = ["--catalog", str(CATALOG), "--model", "nem-llm-sim", "--no-access-log",
-                "--accept-threshold", "1.01", "--concurrency", "64"]  # fmt: skip
+                "--accept-threshold", "1.01", "--concurrency", "64",
+                "--drain-timeout", str(drain)]  # fmt: skip
         with serving(args, tmp_path / "serve.log", env) as server:
             server.wait_ready()
             clients = [raw_post(server.port, {"query": queries[i % 5]}) for i in range(25)]
@@ -176,7 +184,8 @@ def test_sigterm_under_load_answers_every_connection_none_is_reset(tmp_path: Pat
             text = server.text()
     assert code in (0, -signal.SIGTERM), text
     assert [a for a in answers if a not in (200, 503)] == [], text
-    assert answers.count(200) >= 25  # the in-flight ones drained with their full answer
+    # drained: the in-flight ones got their full answer; past the drain: 503 shutting_down
+    assert answers.count(answered) >= 25, answers
 
 
 def test_serve_keeps_the_live_catalog_across_restarts(tmp_path: Path) -> None:
