@@ -144,7 +144,9 @@ def server_config(
 
     On SIGTERM/Ctrl-C uvicorn stops accepting connections and lets in-flight requests
     finish for up to ``drain_timeout`` seconds (default: the app's
-    ``ServiceLimits.drain_timeout``), then cancels them (they are answered 503).
+    ``ServiceLimits.drain_timeout``), then cancels them (they are answered 503). Run it
+    with :class:`GracefulServer` (as :func:`run_server` does) so that the connections
+    still queued in the listen backlog at that moment are answered too, not reset.
     ``access_log=False`` drops uvicorn's line per request (about a tenth of the server's
     CPU per single-query request, measured: ``/metrics`` counts requests either way).
 
