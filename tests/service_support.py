@@ -20,11 +20,10 @@ from typing import Any
 
 import httpx
 import openai
-import uvicorn
 from prometheus_client import parser as prometheus_parser
 
 from nem_llm import Matcher
-from nem_llm.integrations.service import create_app, server_config
+from nem_llm.integrations.service import GracefulServer, create_app, server_config
 from nem_llm.testing import FakeEmbedder, FakeLLM
 
 TOKEN = "test-bearer-token-123"
@@ -38,12 +37,13 @@ PLACES = [
 
 
 class Running:
-    """A uvicorn server running an app in a thread."""
+    """A uvicorn server (the ``GracefulServer`` of ``nem-llm serve``) running an app in a
+    thread."""
 
     def __init__(self, app: Any, *, drain_timeout: float | None = None, **config: Any) -> None:
         config.setdefault("log_level", "warning")
         cfg = server_config(app, port=0, drain_timeout=drain_timeout, **config)
-        self.server = uvicorn.Server(cfg)
+        self.server = GracefulServer(cfg)
         self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
         self.app = app
 

@@ -249,29 +249,56 @@ def test_promote_rejects_an_id_already_in_the_catalog(tmp_path: Path, catalog: P
         promote(proposals, catalog)
 
 
-def test_cli_discovers_with_the_simulator_then_promotes(
-    results: Path, catalog: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "proposals.jsonl"
-    cli = [sys.executable, "-m", "nem_llm.cli", "discover", "--catalog", str(catalog)]
+def _discover_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``nem-llm discover ARGS`` as a user would (no OPENAI_* from the environment)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    return subprocess.run(
+        [sys.executable, "-m", "nem_llm.cli", "discover", *args],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+
+
+def _discover_with_sim(results: Path, catalog: Path, out: Path) -> list[dict[str, Any]]:
+    """Discover with the simulator; the proposals written, all of them ``proposed``."""
     with run_simulator(SimConfig()) as sim:
-        found = subprocess.run(
-            [*cli, "--results", str(results), "--out", str(out), "--base-url", sim.base_url,
-             "--model", "nem-llm-sim", "--lexical-weight", "1"],
-            capture_output=True, text=True, timeout=120, env=env,
+        found = _discover_cli(
+            "--catalog", str(catalog), "--results", str(results), "--out", str(out),
+            "--base-url", sim.base_url, "--model", "nem-llm-sim", "--lexical-weight", "1",
         )  # fmt: skip
     assert found.returncode == 0, found.stderr
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert rows and {r["status"] for r in rows} == {"proposed"}
+    return rows
+
+
+def test_cli_discovers_with_the_simulator_then_promotes(
+    results: Path, catalog: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "proposals.jsonl"
+    rows = _discover_with_sim(results, catalog, out)
     rows[0]["approved"] = True
     out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    promoted = subprocess.run(
-        [*cli, "--promote", str(out)], capture_output=True, text=True, timeout=120, env=env
-    )
+    promoted = _discover_cli("--catalog", str(catalog), "--promote", str(out))
     assert promoted.returncode == 0, promoted.stderr
     assert "1 entities added" in promoted.stderr
     assert load_catalog(catalog).entities[-1].id == rows[0]["proposed_id"]
+
+
+def test_cli_discovers_from_parquet_results_as_from_jsonl(
+    results: Path, catalog: Path, tmp_path: Path
+) -> None:
+    """``match --out r.parquet`` writes Parquet results; discover reads them like JSONL."""
+    from nem_llm._parquet import write_parquet_rows
+
+    rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()]
+    parquet = tmp_path / "out.parquet"
+    write_parquet_rows(parquet, lambda: iter(rows))  # the writer behind `match --out`
+    assert [(m.text, m.count) for m in novel_mentions(parquet)] == [
+        (m.text, m.count) for m in novel_mentions(results)
+    ]
+    proposals = _discover_with_sim(parquet, catalog, tmp_path / "proposals.jsonl")
+    mentions = {m for r in proposals for m in r["mentions"]}
+    assert mentions <= {t for group in GROUPS.values() for t in group}
 
 
 def test_promote_removes_the_stale_index_of_a_match_job(tmp_path: Path, catalog: Path) -> None:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,8 @@ from service_support import (  # noqa: E402
     TOKEN,
     app_for,
     free_port,
+    raw_post,
+    read_response,
     serve,
     serve_env,
     wait_for,
@@ -132,6 +137,55 @@ def test_serve_command_serves_the_catalog_with_auth_and_stops_on_sigterm(
     assert '"POST /v1/match HTTP/1.1" 200' in text  # the access log is on by default
     assert TOKEN not in text
     assert OPENAI_KEY not in text
+
+
+def _answer(sock: socket.socket) -> int | str:
+    """The status of the response on ``sock``, or how the connection ended without one."""
+    try:
+        return read_response(sock)[0]
+    except OSError as exc:  # ConnectionResetError, "closed without a response", a timeout
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("latency", "drain", "answered"),
+    [(1.0, 30, 200), (30.0, 1, 503)],
+    ids=["drained", "past-the-drain-timeout"],
+)
+def test_sigterm_under_load_answers_every_connection_none_is_reset(
+    tmp_path: Path, latency: float, drain: int, answered: int
+) -> None:
+    """50 clients of a slow LLM, SIGTERM: each gets an HTTP answer (200, or 503 past the
+    drain), none a reset. Half are in flight; the other half connected and sent their
+    request while the server was stopped (SIGSTOP), so they wait unaccepted in the listen
+    backlog when the shutdown begins, as under a load the loop cannot keep up with."""
+    queries = ["Germani", "Untied States", "Grate Britain", "Deutschlnd", "Frnce"]
+    with run_simulator(SimConfig(latency="fixed", latency_p50=latency)) as sim:
+        env = serve_env(OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=sim.base_url)
+        args = ["--catalog", str(CATALOG), "--model", "nem-llm-sim", "--no-access-log",
+                "--accept-threshold", "1.01", "--concurrency", "64",
+                "--drain-timeout", str(drain)]  # fmt: skip
+        with serving(args, tmp_path / "serve.log", env) as server:
+            server.wait_ready()
+            clients = [raw_post(server.port, {"query": queries[i % 5]}) for i in range(25)]
+            wait_for(lambda: sim.in_flight == 25)  # every one is at the LLM
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                clients += [raw_post(server.port, {"query": queries[i % 5]}) for i in range(25)]
+                time.sleep(0.3)  # uvicorn's 0.1 s tick comes due: SIGTERM is seen at once
+                server.proc.send_signal(signal.SIGTERM)
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            with ThreadPoolExecutor(len(clients)) as pool:
+                answers = list(pool.map(_answer, clients))
+            code = server.proc.wait(timeout=60)
+            text = server.text()
+    assert code in (0, -signal.SIGTERM), text
+    assert [a for a in answers if a not in (200, 503)] == [], text
+    # drained: the in-flight ones got their full answer; past the drain: 503 shutting_down
+    assert answers.count(answered) >= 25, answers
 
 
 def test_serve_keeps_the_live_catalog_across_restarts(tmp_path: Path) -> None:

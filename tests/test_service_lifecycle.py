@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +30,7 @@ from service_support import (
     metric_families,
     post,
     raw_post,
+    read_response,
     serve,
     sim_matcher,
     wait_for,
@@ -409,6 +411,35 @@ def test_a_request_on_an_idle_keep_alive_connection_at_shutdown_is_answered(
         stopper.join()
     assert (first.status_code, second.status_code) == (200, 200)
     assert second.headers["connection"] == "close"
+
+
+def test_connections_still_queued_unaccepted_at_shutdown_are_answered(
+    matcher: Matcher,
+) -> None:
+    """Connections the kernel completed but the loop has not accepted yet (a busy loop,
+    under load) when the shutdown begins are answered: closing the listener resets them."""
+    running = Running(app_for(matcher))
+    running.start()
+    wait_for(lambda: matcher.ready)
+    busy, clients_sent = threading.Event(), threading.Event()
+
+    def busy_loop() -> None:  # the loop accepts nothing until the shutdown has begun
+        busy.set()
+        clients_sent.wait()
+        running.server.should_exit = True
+        time.sleep(0.3)  # past uvicorn's 0.1 s tick: the shutdown runs before any accept
+
+    running.server.servers[0].get_loop().call_soon_threadsafe(busy_loop)
+    busy.wait()
+    clients = [raw_post(running.port, {"query": q}) for q in ("USA", "Germany", "UK")]
+    clients_sent.set()
+    try:
+        answers = [read_response(sock)[0] for sock in clients]  # uvicorn alone: reset
+    finally:
+        running.stop()
+        for sock in clients:
+            sock.close()
+    assert answers == [200, 200, 200]
 
 
 def test_match_answers_503_until_the_index_is_built(countries: list[dict[str, Any]]) -> None:

@@ -65,7 +65,7 @@ from ..catalog import Catalog, load_catalog
 from ..config import Limits, price_for
 from ..errors import BudgetExceededError, ConfigError, InputError, LLMError
 from ..models import Usage
-from .io import read_jsonl_rows
+from .io import read_jsonl_rows, read_result_rows
 
 __all__ = [
     "PROMPT_VERSION",
@@ -242,12 +242,16 @@ class DiscoveryResult:
 def novel_mentions(results: str | os.PathLike[str]) -> list[Mention]:
     """The distinct ``novel`` mentions of a results file, most frequent first.
 
+    The file is what ``nem-llm match --out`` writes: JSONL, or Parquet for a name ending
+    in ``.parquet`` (read as :func:`~nem_llm._jobs.io.read_result_rows` reads it).
+
     Raises:
-        InputError: a missing or damaged results file (names the line).
+        InputError: a missing or damaged results file (names the line or row).
+        ConfigError: a ``.parquet`` file without pyarrow installed.
     """
     groups: dict[str, Mention] = {}
     forms: dict[str, Counter[str]] = {}
-    for line, row in read_jsonl_rows(results):
+    for line, row in read_result_rows(results):
         query = row.get("query")
         if row.get("status") != "novel" or not isinstance(query, str) or not query.strip():
             continue

@@ -21,7 +21,10 @@ class MethodOpt(StrEnum):
 @app.command()
 def discover(
     catalog: Annotated[Path, typer.Option(help="The catalog (JSONL to --promote into).")],
-    results: Annotated[Path | None, typer.Option(help="Results JSONL of `nem-llm match`.")] = None,
+    results: Annotated[
+        Path | None,
+        typer.Option(help="Results of `nem-llm match`: JSONL, or Parquet (.parquet)."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Proposals JSONL to write.")] = None,
     promote: Annotated[
         Path | None,

@@ -56,7 +56,7 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Off localhost, a key (--api-key-env) or --insecure-no-auth.")
     ] = "127.0.0.1",
-    port: int = 8000,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key_env: Annotated[
         str | None,
         typer.Option(
@@ -96,7 +96,9 @@ def serve(
     drain_timeout: Annotated[
         float, typer.Option(help="Seconds in-flight requests may finish after SIGTERM.")
     ] = 30.0,
-    log_level: str = "info",
+    log_level: Annotated[
+        str, typer.Option(help="uvicorn's log level: critical, error, warning, info, debug.")
+    ] = "info",
     access_log: Annotated[
         bool, typer.Option(help="Log a line per request (off: ~10% less CPU per request).")
     ] = True,

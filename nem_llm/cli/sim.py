@@ -72,31 +72,68 @@ def use_local_llm(settings: MatcherSettings, ctx: typer.Context) -> MatcherSetti
 
 @app.command()
 def sim(
-    port: int = 8089,
-    host: str = "127.0.0.1",
-    rpm: float | None = None,
-    tpm: float | None = None,
-    latency: Annotated[str, typer.Option(help="fixed | uniform | lognormal")] = "fixed",
-    latency_p50: float = 0.0,
-    latency_p99: float | None = None,
-    latency_min: float = 0.0,
-    latency_max: float = 0.0,
-    seed: int = 0,
-    rate_429: float = 0.0,
-    rate_500: float = 0.0,
-    rate_503: float = 0.0,
-    rate_hang: float = 0.0,
-    rate_malformed: float = 0.0,
-    rate_invalid: float = 0.0,
-    retry_after: float = 1.0,
-    policy: Annotated[str, typer.Option(help="top | oracle")] = "top",
+    port: Annotated[int, typer.Option(help="Port to listen on (0 = a free one).")] = 8089,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    rpm: Annotated[
+        float | None, typer.Option(help="Requests per minute accepted (else 429; none: no cap).")
+    ] = None,
+    tpm: Annotated[
+        float | None, typer.Option(help="Tokens per minute accepted (else 429; none: no cap).")
+    ] = None,
+    latency: Annotated[
+        str,
+        typer.Option(
+            help="fixed (--latency-p50), uniform (--latency-min..--latency-max) or lognormal "
+            "(--latency-p50, --latency-p99)."
+        ),
+    ] = "fixed",
+    latency_p50: Annotated[
+        float, typer.Option(help="Seconds: the fixed latency, or the lognormal median.")
+    ] = 0.0,
+    latency_p99: Annotated[
+        float | None, typer.Option(help="Seconds: the lognormal 99th percentile.")
+    ] = None,
+    latency_min: Annotated[
+        float, typer.Option(help="Seconds: the lower bound of the uniform latency.")
+    ] = 0.0,
+    latency_max: Annotated[
+        float, typer.Option(help="Seconds: the upper bound of the uniform latency.")
+    ] = 0.0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the faults, latencies and oracle errors drawn.")
+    ] = 0,
+    rate_429: Annotated[
+        float, typer.Option(help="Probability of an injected 429 (see --retry-after).")
+    ] = 0.0,
+    rate_500: Annotated[float, typer.Option(help="Probability of an injected HTTP 500.")] = 0.0,
+    rate_503: Annotated[float, typer.Option(help="Probability of an injected HTTP 503.")] = 0.0,
+    rate_hang: Annotated[
+        float, typer.Option(help="Probability that a request hangs (an hour, then 503).")
+    ] = 0.0,
+    rate_malformed: Annotated[
+        float, typer.Option(help="Probability of a 200 whose arguments are not JSON.")
+    ] = 0.0,
+    rate_invalid: Annotated[
+        float, typer.Option(help="Probability of a 200 naming an id not among the allowed.")
+    ] = 0.0,
+    retry_after: Annotated[
+        float, typer.Option(help="Seconds sent as Retry-After on injected 429s.")
+    ] = 1.0,
+    policy: Annotated[
+        str,
+        typer.Option(help="top (the first candidate) or oracle (the --gold answer)."),
+    ] = "top",
     gold: Annotated[Path | None, typer.Option(help="Labelled JSONL for the oracle.")] = None,
-    oracle_error_rate: float = 0.0,
+    oracle_error_rate: Annotated[
+        float, typer.Option(help="Probability that the oracle answers a wrong allowed value.")
+    ] = 0.0,
     error_profile: Annotated[
         Literal["uniform", "difficulty"],
         typer.Option(help="Oracle errors: uniform, or concentrated on ambiguous requests."),
     ] = "uniform",
-    model: str = "nem-llm-sim",
+    model: Annotated[
+        str, typer.Option(help="Model id reported by /v1/models and in completions.")
+    ] = "nem-llm-sim",
     catalog: Annotated[
         Path | None, typer.Option(help="Catalog the oracle names entities from (rewrite call).")
     ] = None,

@@ -41,7 +41,8 @@ The modules, one job each: ``limits`` (what a request may ask), ``schemas`` (the
 (the LLM probe and recent failures), ``state`` (what one app holds), ``guard`` (the ASGI
 middleware: keys, bodies, disconnects, shutdown), ``routes`` (the endpoints), ``results``
 (the NDJSON stream and the deadline), ``app`` (:func:`create_app`), ``server``
-(:func:`server_config`, :func:`run_server`) and ``startup`` (which catalog to serve).
+(:func:`server_config`, :func:`run_server`, :class:`GracefulServer`) and ``startup``
+(which catalog to serve).
 
 Example:
     >>> app = create_app(Matcher("entities.jsonl"), api_key="s3cret")  # doctest: +SKIP
@@ -60,12 +61,13 @@ from .schemas import (
     ReadyStatus,
     StreamRequest,
 )
-from .server import run_server, server_config
+from .server import GracefulServer, run_server, server_config
 from .startup import serving_catalog
 
 __all__ = [
     "EntitiesRequest",
     "ErrorResponse",
+    "GracefulServer",
     "MatchRequest",
     "ReadyStatus",
     "ServiceLimits",

@@ -6,7 +6,15 @@ that has not sent a complete request head within ``ServiceLimits.header_timeout`
 408 and is closed; uvicorn itself waits forever) and a gentler shutdown (an idle
 keep-alive connection is not cut at once: a request already on the wire is answered,
 ``Connection: close``, before its keep-alive timer closes it). :func:`run_server` runs
-the server and turns a start that cannot succeed into an error naming the reason.
+the server (a :class:`GracefulServer`) and turns a start that cannot succeed into an
+error naming the reason.
+
+Shutdown and the listen backlog: the kernel completes a client's TCP handshake before the
+server accepts the connection, so under load connections wait in the listening socket's
+backlog; closing the listener resets them (the client sees "connection reset by peer"
+having sent its request). :class:`GracefulServer` accepts what the backlog holds before
+it closes the listener, and those connections are served like the others at shutdown
+(the request answered, ``Connection: close``).
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import asyncio
 import ipaddress
 import logging
 import math
+import os
+import socket
 from typing import Any
 
 import uvicorn
@@ -24,7 +34,7 @@ from ...errors import ConfigError
 from .limits import ServiceLimits
 from .state import ServiceState
 
-__all__ = ["run_server", "server_config"]
+__all__ = ["GracefulServer", "run_server", "server_config"]
 
 log = logging.getLogger("nem_llm.service")
 
@@ -134,7 +144,9 @@ def server_config(
 
     On SIGTERM/Ctrl-C uvicorn stops accepting connections and lets in-flight requests
     finish for up to ``drain_timeout`` seconds (default: the app's
-    ``ServiceLimits.drain_timeout``), then cancels them (they are answered 503).
+    ``ServiceLimits.drain_timeout``), then cancels them (they are answered 503). Run it
+    with :class:`GracefulServer` (as :func:`run_server` does) so that the connections
+    still queued in the listen backlog at that moment are answered too, not reset.
     ``access_log=False`` drops uvicorn's line per request (about a tenth of the server's
     CPU per single-query request, measured: ``/metrics`` counts requests either way).
 
@@ -168,6 +180,58 @@ def server_config(
     )
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, except that a shutdown answers the connections still queued.
+
+    uvicorn's shutdown closes the listening socket first; the connections the kernel has
+    completed and queued but the event loop has not accepted yet (a busy loop under load)
+    are then reset by the kernel. This server first accepts every queued connection,
+    closes the listener straight after (no await in between: a client that connects later
+    is refused, not reset), and hands the accepted ones to the HTTP protocol, so uvicorn's
+    graceful shutdown treats them as it treats the connections accepted before.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        queued = []
+        for server in self.servers:
+            for listener in server.sockets or ():
+                queued += _accept_queued(listener.fileno(), self.config.backlog)
+            server.close()
+        if queued:
+            log.info("serving %d connection(s) queued at shutdown", len(queued))
+            loop = asyncio.get_running_loop()
+            for conn in queued:
+                try:
+                    await loop.connect_accepted_socket(self._protocol, conn)
+                except OSError:  # the client left meanwhile
+                    conn.close()
+        await super().shutdown(sockets)
+
+    def _protocol(self) -> asyncio.Protocol:
+        """The HTTP protocol for one connection, as uvicorn's ``startup`` makes it."""
+        protocol: asyncio.Protocol = self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state
+        )
+        return protocol
+
+
+def _accept_queued(fd: int, limit: int) -> list[socket.socket]:
+    """Accept (without blocking) up to ``limit`` connections queued on the listener ``fd``."""
+    accepted: list[socket.socket] = []
+    with socket.socket(fileno=os.dup(fd)) as listener:  # the same socket, its own fd
+        listener.setblocking(False)
+        while len(accepted) < limit:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. out of file descriptors: serve what we have
+                log.warning("accepting the connections queued at shutdown: %s", exc)
+                break
+            accepted.append(conn)
+    return accepted
+
+
 def run_server(config: uvicorn.Config) -> None:
     """Serve until SIGTERM/Ctrl-C; a start that cannot succeed stops the server.
 
@@ -177,7 +241,7 @@ def run_server(config: uvicorn.Config) -> None:
     Raises:
         ConfigError: the index could not be built (the message says why).
     """
-    server = uvicorn.Server(config)
+    server = GracefulServer(config)
     state: ServiceState = config.app.state.nem_llm  # type: ignore[union-attr]
     state.on_fit_error = lambda _reason: setattr(server, "should_exit", True)
     server.run()
