@@ -62,7 +62,8 @@ from .learning import (
 from .policy import RoutePolicy
 from .retriever import Retriever
 from .route_model import RouteModel
-from .routing import features
+from .routing import features, route
+from .workload import novel_ceiling, workload_check
 
 __all__ = ["FIT_OPTIONS", "LEARNED_FILE", "Fitter", "Targets", "Taught", "Teacher", "check_labels"]
 
@@ -80,6 +81,8 @@ FIT_OPTIONS = frozenset(
 # the workload sample: drawn from at most this many distinct queries, with this seed
 _WORKLOAD_POOL = 20_000
 _WORKLOAD_SEED = 0
+# workload queries the label-free novel route is checked on (retrieved once at fit)
+_CHECK_POOL = 2_000
 # extra candidates retrieved per probe: its own entity may be among them (see calibration)
 _PROBE_EXTRA = 1
 
@@ -214,6 +217,8 @@ class Fitter:
             calibration = self._user_calibration(targets)
         if calibration is None:
             calibration = await self._calibrate_on_probes(targets)
+            if workload:
+                calibration = await self._check_on_workload(calibration, workload)
         fields = await self._fit_fields_async(records, targets)
         taught = workload and label_budget > 0 and teacher is not None
         if taught and calibration.source != "user":
@@ -230,6 +235,26 @@ class Fitter:
         if calibrate_on or taught or fields is not None:
             self._save_policy(targets, calibration, model, fields)
         return dataclasses.replace(self._adopt(calibration, model, targets), fields=fields)
+
+    async def _check_on_workload(
+        self, calibration: Calibration, workload: Sequence[str]
+    ) -> Calibration:
+        """The probes' novel route against the workload's own queries (a seeded sample):
+        closed when clearly more of them fall below its cut than the probes allow
+        (:func:`~nem_llm._retrieval.workload.workload_check`)."""
+        if novel_ceiling(calibration) is None:
+            return calibration
+        pool = list(dict.fromkeys(workload))
+        if len(pool) > _CHECK_POOL:
+            pool = random.Random(_WORKLOAD_SEED).sample(pool, _CHECK_POOL)
+        found = await self.retriever.retrieve_many_async(pool, max(self.settings.top_k, 2))
+        thresholds = Thresholds.from_calibration(calibration)
+        below = sum(
+            route(c, thresholds, query=q).kind == "novel"
+            for q, c in zip(pool, found, strict=True)
+            if c
+        )
+        return workload_check(calibration, below, len(pool))
 
     async def _fit_fields_async(
         self, records: Sequence[tuple[str, Mapping[str, Any]]], targets: Targets
