@@ -9,6 +9,7 @@ import pytest
 
 from nem_llm.matcher import Matcher
 from nem_llm.matching.pipeline import tapped
+from nem_llm.models import MatchResult
 from nem_llm.testing import FakeEmbedder
 
 
@@ -18,7 +19,7 @@ def no_llm_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
 
 
-def _same(result: Any) -> dict[str, Any]:
+def _same(result: MatchResult) -> dict[str, Any]:
     return result.model_dump(exclude={"latency_s"})
 
 
