@@ -301,29 +301,3 @@ async def test_aclose_of_an_unused_batcher_is_harmless(doubler: Doubler) -> None
     batcher = MicroBatcher(doubler)
     await batcher.close_async()
     await batcher.close_async()
-
-
-async def test_a_split_flush_answers_its_first_part_while_the_second_runs() -> None:
-    first_answered = threading.Event()
-    seen: list[bool] = []
-
-    def fn(items: list[int]) -> list[int]:
-        if items[0] >= 50:  # the second part waits until the first part's callers go on
-            seen.append(first_answered.wait(timeout=5))
-        return [2 * item for item in items]
-
-    batcher: MicroBatcher[int, int] = MicroBatcher(fn, max_batch_size=100, max_wait=1.0, split=2)
-
-    async def caller(i: int) -> int:
-        out = await batcher.submit_async(i)
-        if i == 0:
-            first_answered.set()
-        return out
-
-    try:
-        answers = await asyncio.gather(*(caller(i) for i in range(100)))
-    finally:
-        await batcher.close_async()
-    assert answers == [2 * i for i in range(100)]
-    assert batcher.batches == 1 and batcher.items == 100  # one flush, in two parts
-    assert seen == [True]

@@ -162,7 +162,6 @@ class Runtime:
                 max_batch_size=s.max_batch_size if s.batching else 1,
                 max_wait=s.max_wait if s.batching else 0.0,
                 executor=self._executor,
-                split=2,  # routing of one half overlaps the encode of the other
             )
             state = LoopState(loop, Governor(s.limits, model=s.model), batcher)
             self.state = state

@@ -39,8 +39,6 @@ Vectors = npt.NDArray[np.float32]
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 #: The manifest a fine-tuned model directory carries (written by ``retrieval.learning``).
 TUNED_MANIFEST = "nem_llm_finetune.json"
-#: Fewest items in a part of a split flush (see ``MicroBatcher``)
-_MIN_PART = 32
 
 
 @runtime_checkable
@@ -222,9 +220,7 @@ class MicroBatcher(Generic[In, R]):
     with ``flush=True`` (a caller that knows nobody else is coming, such as a sequential
     loop, does not wait ``max_wait`` for company). The function runs in one worker thread;
     while it works on a batch, the next batch fills up. ``max_batch_size=1`` disables
-    batching (every item is processed alone). ``split``: a flush of at least ``split`` x 32
-    items runs in that many parts, each answered when done, so its callers go on while the
-    function works on the next part (the query path: routing overlaps the next encode).
+    batching (every item is processed alone).
 
     Example:
         >>> batcher = MicroBatcher(embedder.encode, max_batch_size=64, max_wait=0.005)
@@ -239,14 +235,12 @@ class MicroBatcher(Generic[In, R]):
         max_batch_size: int = 64,
         max_wait: float = 0.005,
         executor: ThreadPoolExecutor | None = None,
-        split: int = 1,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait < 0:
             raise ConfigError(f"max_wait must be >= 0, got {max_wait}")
         self._fn = fn
-        self.split = max(1, split)
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
         self._own_executor = executor is None
@@ -302,45 +296,28 @@ class MicroBatcher(Generic[In, R]):
             live = [(t, f) for t, f, _ in batch if not f.done()]  # skip cancelled callers
             if not live:
                 continue
-            # a large flush runs in ``split`` parts, each answered as soon as it is done: its
-            # callers' next steps (on the loop) overlap the function's work on the next part
-            parts = max(1, min(self.split, len(live) // _MIN_PART))
-            size = -(-len(live) // parts)
             try:
-                ok = True
-                for lo in range(0, len(live), size):
-                    ok = await self._call(loop, live[lo : lo + size]) and ok
+                answers = await loop.run_in_executor(self._executor, self._fn, [t for t, _ in live])
             except asyncio.CancelledError:
                 for _, f in live:
                     f.cancel()
                 raise
-            if ok:
-                self.batches += 1
-                self.items += len(live)
-
-    async def _call(
-        self, loop: asyncio.AbstractEventLoop, live: list[tuple[In, asyncio.Future[R]]]
-    ) -> bool:
-        """Run the function on ``live`` and answer its callers; whether it succeeded."""
-        try:
-            answers = await loop.run_in_executor(self._executor, self._fn, [t for t, _ in live])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the function failed: every caller in the batch gets it
-            for _, f in live:
+            except Exception as exc:  # the function failed: every caller in the batch gets it
+                for _, f in live:
+                    if not f.done():
+                        f.set_exception(exc)
+                continue
+            if len(answers) != len(live):  # a broken function must not kill the batcher
+                wrong = ValueError(f"batch function returned {len(answers)} rows for {len(live)}")
+                for _, f in live:
+                    if not f.done():
+                        f.set_exception(wrong)
+                continue
+            self.batches += 1
+            self.items += len(live)
+            for row, (_, f) in enumerate(live):
                 if not f.done():
-                    f.set_exception(exc)
-            return False
-        if len(answers) != len(live):  # a broken function must not kill the batcher
-            wrong = ValueError(f"batch function returned {len(answers)} rows for {len(live)}")
-            for _, f in live:
-                if not f.done():
-                    f.set_exception(wrong)
-            return False
-        for row, (_, f) in enumerate(live):
-            if not f.done():
-                f.set_result(answers[row])
-        return True
+                    f.set_result(answers[row])
 
     async def close_async(self) -> None:
         """Stop the batcher: pending callers are cancelled, the worker thread released."""
