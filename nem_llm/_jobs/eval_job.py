@@ -13,6 +13,7 @@ from typing import Any
 
 from openai import AsyncOpenAI
 
+from .._matching.pipeline import tapped
 from .._text import fold
 from ..catalog import load_catalog
 from ..errors import ConfigError
@@ -149,11 +150,17 @@ async def run_eval(
                     highlight=False,
                 )
         k = max(RECALL_KS)
+        index = matcher.index
+        # one retrieval per query at the largest k, shared by the recall columns and the
+        # matching (which routes its head); with ANN search the shortlist grows with k
+        # (a top 10 is then not the head of a top 50): the recall retrieval stays apart
+        share = index is not None and not index.use_ann
         retrieved: list[list[Candidate]] = []
-        for lo in range(0, len(texts), _RETRIEVE_CHUNK):
-            retrieved.extend(
-                await matcher.retrieve_async(texts[lo : lo + _RETRIEVE_CHUNK], top_k=k)
-            )
+        if not share:
+            for lo in range(0, len(texts), _RETRIEVE_CHUNK):
+                retrieved.extend(
+                    await matcher.retrieve_async(texts[lo : lo + _RETRIEVE_CHUNK], top_k=k)
+                )
         task = None
         if progress is not None:
             from rich.markup import escape
@@ -166,7 +173,13 @@ async def run_eval(
             if task is not None:
                 bar.update(task, completed=done)
 
-        results = await matcher.match_batch_async(items, on_progress=on_progress)
+        if share:
+            with tapped(k) as tap:
+                results = await matcher.match_batch_async(items, on_progress=on_progress)
+            # a query that failed validation (an error record) retrieved nothing
+            retrieved = [tap.found.get(i, []) for i in range(len(texts))]
+        else:
+            results = await matcher.match_batch_async(items, on_progress=on_progress)
         if client is not None:
             await client.close()
     if keep_results is not None:

@@ -10,7 +10,9 @@ the running loop's governor. :meth:`QueryPipeline.prepare_async` stops before th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from .._retrieval.fitting import Taught
@@ -28,10 +30,39 @@ from .decision import Decider, Pending, error_result
 from .rewrite import Rewriter
 from .runtime import Runtime
 
-__all__ = ["QueryPipeline", "query_text", "split_query", "valid_queries"]
+__all__ = ["QueryPipeline", "Tap", "query_text", "split_query", "tapped", "valid_queries"]
 
 # routes a person's labels decided: never audited, never closed by an audit
 _LEARNED = frozenset({"learned", "learned_novel"})
+
+
+class Tap:
+    """A wider retrieval kept from the matching itself (``nem-llm eval``'s recall columns):
+    each query's retrieval asks for ``k`` candidates (at least its own ``top_k``), keeps them
+    all in ``found`` (by the query's position) and routes the head, its own ``top_k``.
+
+    Only for an exact index, where a top-``k`` list is the head of a top-``K`` list (the
+    index's tie rule): the matching is then the same as without the tap.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.found: dict[int, list[Candidate]] = {}
+
+
+_tap: ContextVar[Tap | None] = ContextVar("nem_llm_retrieval_tap", default=None)
+
+
+@contextmanager
+def tapped(k: int) -> Iterator[Tap]:
+    """Within the block, the matching's retrievals are widened to ``k`` and kept (a
+    context variable: the tasks a batch starts inside the block see it)."""
+    tap = Tap(k)
+    token = _tap.set(tap)
+    try:
+        yield tap
+    finally:
+        _tap.reset(token)
 
 
 def split_query(query: object, index: int | None = None) -> tuple[object, Mapping[str, Any] | None]:
@@ -144,7 +175,13 @@ class QueryPipeline:
         normalized = validate_query(text, index=index, max_chars=self.settings.max_query_chars)
         k = top_k or self.settings.top_k
         mask_key = self.retriever.mask_key(where)
-        candidates = await self.candidates_async(normalized, k, mask_key, flush=alone)
+        tap = _tap.get()
+        if tap is None:
+            candidates = await self.candidates_async(normalized, k, mask_key, flush=alone)
+        else:
+            wide = await self.candidates_async(normalized, max(k, tap.k), mask_key, flush=alone)
+            tap.found[index] = wide
+            candidates = wide[:k]
         route, candidates = self.route(candidates, normalized, thresholds, attributes)
         return normalized, k, mask_key, route, candidates
 

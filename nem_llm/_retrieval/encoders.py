@@ -85,9 +85,9 @@ _MODEL_FILES = (
     "model.safetensors",
     "pytorch_model.bin",
 )
-#: Calls of at most this many texts (the matcher's query micro-batches) run on the caller's
-#: thread; larger ones are split into tasks of ``_TASK_TEXTS`` over ``threads`` workers.
-_QUERY_CALL = 256
+#: A call's texts are split into tasks of this many (sorted by length, so a pass's texts pad
+#: alike) that ``threads`` workers take in turn; a call of at most ``threads`` tasks' texts
+#: (the matcher's query micro-batches) is dealt pass by pass into one task per worker.
 _TASK_TEXTS = 64
 _EXTRAS = {"onnx": "fast", "onnx-int8": "fast", "static": "static"}
 _PACKAGES = {"onnx": ("onnxruntime", "onnx"), "static": ("model2vec", "skeletoken")}
@@ -327,12 +327,12 @@ class OnnxEmbedder:
         cache_dir: where exports are kept (default :func:`encoder_cache_dir`).
         batch_size: texts per forward pass (sorted by length, as sentence-transformers
             does); ``None``: 16 for fp32 (faster here than 64: less padding), 1 for int8.
-        threads: forward passes run in parallel for a call of more than 256 texts (the
-            catalog), each on one core (``None``: one per CPU). A smaller call (the
-            matcher's query micro-batches) runs on the calling thread alone. Every pass
-            is single-threaded: splitting the work by batches rather than inside each
-            (small) pass measured faster here, and idle workers never spin on a core
-            the event loop needs.
+        threads: forward passes run in parallel on this many worker threads, each pass
+            on one core (``None``: one per CPU), for every call: the catalog's and the
+            matcher's query micro-batches alike (a flush of 100 queries is two tasks of 50
+            on two cores). Every pass is single-threaded: splitting the work by texts
+            rather than inside each (small) pass measured faster here, and idle workers
+            block on a queue, never spinning on a core the event loop needs.
     """
 
     def __init__(
@@ -354,6 +354,7 @@ class OnnxEmbedder:
         self.batch_size = batch_size or (1 if quantize else 16)
         self.threads = max(1, threads or os.cpu_count() or 1)
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
         self._onnx: Any = None
         self._tokenizer: Any = None
         self._inputs: list[str] = []
@@ -423,16 +424,32 @@ class OnnxEmbedder:
         # sentence-transformers strips texts and sorts them by length (less padding)
         stripped = [str(t).strip() for t in texts]
         order = np.argsort([-len(t) for t in stripped], kind="stable")
-        step = max(self.batch_size, _TASK_TEXTS)
-        tasks = [order[lo : lo + step] for lo in range(0, len(order), step)]
-        if len(texts) <= _QUERY_CALL or self.threads == 1:
+        bs = self.batch_size
+        if len(order) <= self.threads * _TASK_TEXTS:  # a small call: one task per worker,
+            passes = [order[lo : lo + bs] for lo in range(0, len(order), bs)]  # dealt in turn
+            n = min(self.threads, len(passes))
+            tasks = [np.concatenate(passes[i::n]) for i in range(n)]
+        else:
+            step = max(bs, _TASK_TEXTS)
+            tasks = [order[lo : lo + step] for lo in range(0, len(order), step)]
+        if len(tasks) <= 1:
             for rows in tasks:
                 self._encode_rows(session, stripped, rows, out)
         else:
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="nem-llm-onnx") as pool:
-                # onnxruntime and tokenizers release the GIL: passes run in parallel
-                list(pool.map(lambda rows: self._encode_rows(session, stripped, rows, out), tasks))
+            # onnxruntime and tokenizers release the GIL: passes run in parallel
+            list(
+                self._workers().map(
+                    lambda rows: self._encode_rows(session, stripped, rows, out), tasks
+                )
+            )
         return out
+
+    def _workers(self) -> ThreadPoolExecutor:
+        """The encoder's worker threads (made once; idle ones block, they do not spin)."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="nem-llm-onnx")
+            return self._pool
 
     def _encode_rows(
         self, session: Any, texts: list[str], rows: npt.NDArray[np.intp], out: Vectors

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 
 from .._text import fold
 from ..models import Candidate
@@ -31,18 +32,33 @@ _ROMAN = frozenset(
 )  # fmt: skip
 
 
+# Routing reads the same catalog names over and over (every query's candidates): their
+# tokens are kept, bounded, rather than folded and split again for each query.
+_CACHED = 1 << 16
+
+
 def code_tokens(text: str) -> list[str]:
     """The number and code tokens of ``text`` (folded): "Boeing 737-800" -> ["737", "800"]."""
+    return list(_code_tokens(text))
+
+
+@lru_cache(maxsize=_CACHED)
+def _code_tokens(text: str) -> tuple[str, ...]:
     out = []
     for token in _TOKEN.findall(fold(text)):
-        if any(ch.isdigit() for ch in token) or token in _ROMAN:
+        if token in _ROMAN or not token.isalpha():  # a digit in it, or a roman numeral
             out.append((token.lstrip("0") or "0") if token.isdigit() else token)
-    return out
+    return tuple(out)
 
 
 def name_tokens(text: str) -> list[str]:
     """The word tokens of ``text`` (folded, letters and digits): "Smith, J." -> ["smith", "j"]."""
-    return _TOKEN.findall(fold(text))
+    return list(_name_tokens(text))
+
+
+@lru_cache(maxsize=_CACHED)
+def _name_tokens(text: str) -> tuple[str, ...]:
+    return tuple(_TOKEN.findall(fold(text)))
 
 
 def identity_form(candidate: Candidate) -> str:
@@ -56,14 +72,14 @@ def identity_form(candidate: Candidate) -> str:
 
 def number_conflict(query: str, candidate: Candidate) -> bool:
     """Whether the candidate's name carries a number or code the query does not have."""
-    theirs = code_tokens(identity_form(candidate))
+    theirs = _code_tokens(identity_form(candidate))
     if not theirs:
         return False
-    ours = set(code_tokens(query))
+    ours = set(_code_tokens(query))
     return any(token not in ours for token in theirs)
 
 
-def _fits(query: list[str], form: list[str]) -> bool:
+def _fits(query: Sequence[str], form: Sequence[str]) -> bool:
     """Every query token is a distinct form token, or an initial of one (or has one as its
     initial), and at least one is a whole word of two letters or more."""
     free = list(form)
@@ -91,11 +107,11 @@ def _fits(query: list[str], form: list[str]) -> bool:
 def name_compatible(query: str, candidates: Sequence[Candidate]) -> Candidate | None:
     """The first candidate whose name (or matched alias) the query fits by whole words and
     initials in any order ("J. Smith", "Smith John", "Tolkien"), or ``None``."""
-    tokens = name_tokens(query)
+    tokens = _name_tokens(query)
     if not tokens or len(tokens) > 8:
         return None
     for candidate in candidates:
         for form in {candidate.name, identity_form(candidate)}:
-            if _fits(tokens, name_tokens(form)):
+            if _fits(tokens, _name_tokens(form)):
                 return candidate
     return None

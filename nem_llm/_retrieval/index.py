@@ -20,7 +20,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +32,15 @@ from ..catalog import Catalog
 from ..errors import CatalogError, ConfigError
 from ..models import Candidate, Entity
 from .ann import DenseANN, faiss_available
+from .arrays import (
+    Hits,
+    dense_top,
+    keep_rows,
+    ragged_top,
+    row_dots,
+    segment_argmax,
+    take_rows,
+)
 from .embedding import DEFAULT_MODEL_NAME
 from .encoders import encoder_of
 from .lexical import fit_vectorizer, load_vectorizer, save_vectorizer, shortlist
@@ -39,6 +48,7 @@ from .lexical import fit_vectorizer, load_vectorizer, save_vectorizer, shortlist
 __all__ = ["ANN_MIN_FORMS", "HybridIndex", "IndexMode", "catalog_fingerprint"]
 
 F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
 _QUERY_CHUNK = 64  # queries scored at once: bounds the (queries x forms) score matrix
 # Forms per query from each of the dense and lexical ANN shortlists: at least 100, and one
 # in 1,500 forms. Measured at 1.1M forms of near-duplicate names (bench_scale.py): 100 gave
@@ -47,10 +57,14 @@ _SHORTLIST = 100
 _SHORTLIST_SHARE = 1_500
 _EXACT_SUBSET = 20_000  # a filter allowing at most this many forms: exact over them
 _ANN_ADD_CHUNK = 4_096  # vectors added to the ANN index while searches wait (a moment)
-# Below this many multiply-adds (queries x forms x dim, ~1 ms on one core) the dense product
-# runs on one BLAS thread: OpenBLAS's helper threads cost more than they save on a product
-# this small, and they busy-wait after it (CPU taken from the encoder and the event loop).
-_SMALL_PRODUCT = 32_000_000
+# A lexical index of at most this many (n-gram x form) cells is also kept dense (64 MB)
+_DENSE_LEXICAL = 16_000_000
+# Below this many multiply-adds (queries x forms x dim) dense products run on one BLAS
+# thread. OpenBLAS's helper threads busy-wait after a product (CPU taken from the encoder
+# and the event loop) and lose to one thread on a busy machine: 64 queries x 1,000 forms
+# took 12.6-22 ms on two threads vs 1.5 ms on one, x 100,000 forms 169 vs 120 ms (load 4.3,
+# two cores). Only exact search over several 100k forms is left to use both cores.
+_SMALL_PRODUCT = 8_000_000_000
 _blas_lock = threading.Lock()
 _blas_controller: Any = None
 
@@ -105,104 +119,69 @@ class _State:
     vectors: npt.NDArray[Any]  # (forms, dim) float32 or float16 unit rows
     lex_forms: sp.csr_matrix | None  # (forms x n-grams)
     inverted: sp.csr_matrix | None  # (n-grams x forms), the same weights transposed
-    starts: npt.NDArray[np.int64]  # first form of each entity
-    owners: npt.NDArray[np.int64]  # entity of each form
-    slots: npt.NDArray[np.int64]  # stable ANN id of each form
-    form_of_slot: npt.NDArray[np.int64]  # current form of each slot (-1: removed)
+    starts: I64  # first form of each entity
+    counts: I64  # forms of each entity
+    owners: I64  # entity of each form
+    slots: I64  # stable ANN id of each form
+    form_of_slot: I64  # current form of each slot (-1: removed)
+    entity_ids: tuple[str, ...]  # each entity's id and name, for the candidates
+    entity_names: tuple[str, ...]
 
-    def ends(self) -> npt.NDArray[np.int64]:
-        ends: npt.NDArray[np.int64] = np.r_[self.starts[1:], len(self.catalog.forms)]
-        return ends.astype(np.int64)
+    # the lexical postings as one dense (n-grams x forms) array, for a small catalog (made
+    # on first use): a batch's lexical scores are then one sparse x dense product, several
+    # times faster than a sparse x sparse one made dense after
+    dense_inverted: list[npt.NDArray[np.float32]] = field(default_factory=list)
+
+    def inverted_array(self) -> npt.NDArray[np.float32] | None:
+        """:attr:`inverted` as a dense array if it has at most ``_DENSE_LEXICAL`` cells."""
+        inv = self.inverted
+        if inv is None or inv.shape[0] * inv.shape[1] > _DENSE_LEXICAL:
+            return None
+        if not self.dense_inverted:
+            self.dense_inverted.append(inv.toarray().astype(np.float32))
+        return self.dense_inverted[0]
+
+    @property
+    def single_form(self) -> bool:
+        """Whether every entity has one form (then form and entity positions coincide)."""
+        return len(self.starts) == len(self.owners)
 
 
 def _state(
     catalog: Catalog,
     vectors: npt.NDArray[Any],
     lex_forms: sp.csr_matrix | None,
-    slots: npt.NDArray[np.int64],
+    slots: I64,
     *,
     inverted: sp.csr_matrix | None = None,
 ) -> _State:
     owners = np.asarray(catalog.form_entity, dtype=np.int64)
     form_of_slot = np.full(int(slots.max()) + 1 if len(slots) else 0, -1, dtype=np.int64)
     form_of_slot[slots] = np.arange(len(slots), dtype=np.int64)
+    # forms of one entity are contiguous: reduceat over these starts gives per-entity max
+    starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]).astype(np.int64)
     return _State(
         catalog=catalog,
         vectors=vectors,
         lex_forms=lex_forms,
         inverted=inverted if inverted is not None or lex_forms is None else lex_forms.T.tocsr(),
-        # forms of one entity are contiguous: reduceat over these starts gives per-entity max
-        starts=np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]).astype(np.int64),
+        starts=starts,
+        counts=np.diff(np.r_[starts, len(owners)]).astype(np.int64),
         owners=owners,
         slots=slots,
         form_of_slot=form_of_slot,
+        entity_ids=tuple(e.id for e in catalog.entities),
+        entity_names=tuple(e.name for e in catalog.entities),
     )
 
 
-def _forms_of(st: _State, entities: npt.NDArray[np.int64]) -> tuple[Any, Any]:
-    """Form positions of ``entities`` (sorted) and each entity's first position in them."""
-    lo = st.starts[entities]
-    counts = st.ends()[entities] - lo
-    offsets = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
-    forms = np.repeat(lo - offsets, counts) + np.arange(int(counts.sum()), dtype=np.int64)
-    return forms, offsets
-
-
-def _pair_dots(queries: sp.csr_matrix, rows: sp.csr_matrix, bounds: list[int]) -> F32:
-    """Dot product of each row with its query's row; query ``i`` owns rows
-    ``bounds[i]:bounds[i + 1]``. One scatter into a dense lookup per query: no product
-    matrix (a (queries x rows) sparse product would compute every cross pair too)."""
-    table = np.zeros(queries.shape[1], dtype=np.float32)
-    prod = np.zeros(len(rows.data), dtype=np.float32)
-    for i in range(queries.shape[0]):
-        qcols = queries.indices[queries.indptr[i] : queries.indptr[i + 1]]
-        table[qcols] = queries.data[queries.indptr[i] : queries.indptr[i + 1]]
-        lo, hi = rows.indptr[bounds[i]], rows.indptr[bounds[i + 1]]
-        prod[lo:hi] = rows.data[lo:hi] * table[rows.indices[lo:hi]]
-        table[qcols] = 0.0
-    owner = np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))
-    return np.bincount(owner, weights=prod, minlength=rows.shape[0]).astype(np.float32)
-
-
-def _take_rows(
-    array: npt.NDArray[Any], kept: npt.NDArray[np.int64], extra: npt.NDArray[Any] | None
-) -> npt.NDArray[Any]:
-    """``array[kept]`` followed by ``extra``, written into one new array (one copy)."""
-    n_extra = 0 if extra is None else len(extra)
-    out = np.empty((len(kept) + n_extra, *array.shape[1:]), dtype=array.dtype)
-    # kept rows come in long runs (few removals): copy run by run (memcpy speed; np.take
-    # with a row index is ~5x slower on a million rows)
-    breaks = np.flatnonzero(np.diff(kept) != 1) + 1
-    at = 0
-    for run in np.split(kept, breaks) if len(kept) else []:
-        out[at : at + len(run)] = array[run[0] : run[-1] + 1]
-        at += len(run)
-    if extra is not None:
-        out[len(kept) :] = extra
-    return out
-
-
-def _keep_rows(
-    matrix: sp.csr_matrix, keep: npt.NDArray[np.bool_], extra: sp.csr_matrix | None
-) -> sp.csr_matrix:
-    """The rows of a CSR matrix where ``keep``, then ``extra``'s rows: a masked copy of the
-    arrays (scipy's fancy row indexing is several times slower on a million rows)."""
-    nnz = np.diff(matrix.indptr)
-    parts_data, parts_idx = [matrix.data], [matrix.indices]
-    row_nnz = nnz
-    if not keep.all():
-        mask = np.repeat(keep, nnz)
-        parts_data, parts_idx = [matrix.data[mask]], [matrix.indices[mask]]
-        row_nnz = nnz[keep]
-    if extra is not None:
-        parts_data.append(extra.data.astype(matrix.data.dtype))
-        parts_idx.append(extra.indices.astype(matrix.indices.dtype))
-        row_nnz = np.r_[row_nnz, np.diff(extra.indptr)]
-    indptr = np.r_[0, np.cumsum(row_nnz)].astype(matrix.indptr.dtype)
-    return sp.csr_matrix(
-        (np.concatenate(parts_data), np.concatenate(parts_idx), indptr),
-        shape=(len(row_nnz), matrix.shape[1]),
-    )
+def _forms_of(st: _State, entities: I64) -> tuple[I64, I64, I64]:
+    """The form positions of ``entities``, entity after entity, and where each entity's
+    forms start in that list and how many there are."""
+    lens = st.counts[entities]
+    starts = np.cumsum(lens) - lens
+    forms = np.repeat(st.starts[entities] - starts, lens) + np.arange(int(lens.sum()))
+    return forms.astype(np.int64, copy=False), starts, lens
 
 
 class HybridIndex:
@@ -319,14 +298,18 @@ class HybridIndex:
                     dense[:, lo : lo + 65_536] = query_vecs @ part.T
         lex = None
         if qlex is not None and st.inverted is not None:
-            lex = np.asarray((qlex @ st.inverted).todense(), dtype=np.float32)
+            table = st.inverted_array()
+            product = qlex @ (st.inverted if table is None else table)
+            lex = np.asarray(product.todense() if table is None else product, dtype=np.float32)
         return self._combine(dense, lex)
 
     def _subset_scores(
         self, st: _State, query_vecs: F32, qlex: sp.csr_matrix | None, forms: Any
     ) -> F32:
         """(queries x len(forms)) combined scores over the given forms only."""
-        dense: F32 = query_vecs @ np.asarray(st.vectors[forms], dtype=np.float32).T
+        vectors = np.asarray(st.vectors[forms], dtype=np.float32)
+        with _one_blas_thread(query_vecs.shape[0] * vectors.size):
+            dense: F32 = query_vecs @ vectors.T
         lex = None
         if qlex is not None and st.lex_forms is not None:
             lex = np.asarray((qlex @ st.lex_forms[forms].T).todense(), dtype=np.float32)
@@ -343,6 +326,10 @@ class HybridIndex:
         allowed: npt.NDArray[np.bool_] | Callable[[Catalog], npt.NDArray[np.bool_]] | None = None,
     ) -> list[list[Candidate]]:
         """Top-``k`` candidates per query, best first.
+
+        Ties (equal scores as reported, 6 decimals) are ordered by catalog position, and
+        the ``k``-th place goes to the first of tied entities: a top-``k`` list is the
+        head of a top-``K`` list for ``K > k`` (exact search).
 
         Args:
             query_vecs: ``(n, dim)`` unit vectors of the normalized queries.
@@ -379,7 +366,7 @@ class HybridIndex:
             entities = None
             if allowed is not None and n_allowed < n_entities // 4:
                 entities = np.flatnonzero(allowed)  # a small filtered subset: score only it
-            out.extend(self._top_k(st, qv, qlex, k, allowed, entities))
+            out.extend(self._candidates(st, qv, self._top_k(st, qv, qlex, k, allowed, entities)))
         return out
 
     def _ann_search(
@@ -390,39 +377,42 @@ class HybridIndex:
         k: int,
         allowed: npt.NDArray[np.bool_] | None,
     ) -> list[list[Candidate]]:
-        """Per query: the dense and lexical shortlists (widened for a filter), re-scored
+        """The dense and lexical shortlists of the batch (widened for a filter), re-scored
         exactly; exact search over the allowed entities when the filter is small or a
-        shortlist holds fewer than ``k`` allowed entities."""
+        query's shortlist holds fewer than ``k`` allowed entities."""
         assert self._ann is not None
         n_forms = len(st.catalog.forms)
+        n_entities = len(st.catalog.entities)
         allowed_forms = n_forms if allowed is None else int(allowed[st.owners].sum())
         if allowed is not None and (allowed_forms <= _EXACT_SUBSET or allowed_forms < n_forms / 20):
-            return self._top_k(st, qv, qlex, k, allowed, np.flatnonzero(allowed))
+            hits = self._top_k(st, qv, qlex, k, allowed, np.flatnonzero(allowed))
+            return self._candidates(st, qv, hits)
         widen = n_forms / max(1, allowed_forms)
         n = min(n_forms, int(max(_SHORTLIST, n_forms // _SHORTLIST_SHARE, 4 * k) * widen))
         with self._search_lock:
             slots = self._ann.search(qv, n, nprobe=int(self.nprobe * min(widen, 4.0)))
-        lexical: list[npt.NDArray[np.int64]] = []
+        found = (slots >= 0) & (slots < len(st.form_of_slot))
+        rows = np.nonzero(found)[0]
+        forms = st.form_of_slot[slots[found]]
         if qlex is not None and st.inverted is not None and self._rare is not None:
-            lexical = shortlist(qlex, st.inverted, self._rare, n)
-        per_query: list[npt.NDArray[np.int64]] = []
-        short: list[int] = []
-        for row in range(qv.shape[0]):
-            found = slots[row][(slots[row] >= 0) & (slots[row] < len(st.form_of_slot))]
-            forms = st.form_of_slot[found]
-            if lexical:
-                forms = np.concatenate([forms[forms >= 0], lexical[row]])
-            entities = np.unique(st.owners[forms[forms >= 0]])
-            if allowed is not None:
-                entities = entities[allowed[entities]]
-            if len(entities) < k:
-                short.append(row)
-            per_query.append(entities)
-        out = self._rescore(st, qv, qlex, k, per_query)
+            lex_rows, lex_forms = shortlist(qlex, st.inverted, self._rare, n)
+            rows = np.concatenate([rows, lex_rows])
+            forms = np.concatenate([forms, lex_forms])
+        live = forms >= 0
+        # each query's candidate entities, once each: (row, entity) sorted by row, entity
+        pairs = np.unique(rows[live].astype(np.int64) * n_entities + st.owners[forms[live]])
+        pair_rows, pair_entities = np.divmod(pairs, n_entities)
+        if allowed is not None:
+            keep = allowed[pair_entities]
+            pair_rows, pair_entities = pair_rows[keep], pair_entities[keep]
+        hits = self._rescore(st, qv, qlex, k, pair_rows, pair_entities)
+        out = self._candidates(st, qv, hits)
+        counts = np.bincount(pair_rows, minlength=qv.shape[0])
         everyone = np.flatnonzero(allowed) if allowed is not None else None
-        for row in short:  # rare: fall back to exact search for this query
+        for row in np.flatnonzero(counts < k).tolist():  # rare: exact search for this query
             qrow = qlex[row] if qlex is not None else None
-            out[row] = self._top_k(st, qv[row : row + 1], qrow, k, allowed, everyone)[0]
+            exact = self._top_k(st, qv[row : row + 1], qrow, k, allowed, everyone)
+            out[row] = self._candidates(st, qv[row : row + 1], exact)[0]
         return out
 
     def _rescore(
@@ -431,50 +421,28 @@ class HybridIndex:
         qv: F32,
         qlex: sp.csr_matrix | None,
         k: int,
-        per_query: list[npt.NDArray[np.int64]],
-    ) -> list[list[Candidate]]:
-        """Exact scores of each query's own candidate entities (all their forms)."""
-        q_rows, form_parts, seg_starts = [], [], []
-        base = 0
-        for row, entities in enumerate(per_query):
-            forms, offsets = _forms_of(st, entities)
-            form_parts.append(forms)
-            seg_starts.append(offsets + base)
-            q_rows.append(np.full(len(forms), row, dtype=np.int64))
-            base += len(forms)
-        forms = np.concatenate(form_parts)
-        qi = np.concatenate(q_rows)
+        rows: I64,
+        entities: I64,
+    ) -> Hits:
+        """Exact scores of each query's own candidate entities (all their forms), top ``k``.
+
+        ``rows`` and ``entities`` pair each query (a row of ``qv``) with one of its
+        candidate entities, sorted by row.
+        """
+        if len(entities) == 0:
+            return Hits.empty(qv.shape[0])
+        forms, seg_starts, seg_lens = _forms_of(st, entities)
+        form_rows = np.repeat(rows, seg_lens)
         vecs = np.asarray(st.vectors[forms], dtype=np.float32)
-        dense = np.einsum("ij,ij->i", vecs, qv[qi]).astype(np.float32)
+        scores = np.einsum("ij,ij->i", vecs, qv[form_rows]).astype(np.float32, copy=False)
         lex = None
         if qlex is not None and st.lex_forms is not None:
-            bounds = np.cumsum([0] + [len(f) for f in form_parts]).tolist()
-            lex = _pair_dots(qlex, st.lex_forms[forms], bounds)
-        scores = self._combine(dense[None, :], None if lex is None else lex[None, :])[0]
-        out: list[list[Candidate]] = []
-        for row, entities in enumerate(per_query):
-            starts = seg_starts[row]
-            if len(entities) == 0:
-                out.append([])
-                continue
-            seg_lo = int(starts[0])
-            seg = scores[seg_lo : seg_lo + len(form_parts[row])]
-            ends = np.r_[starts[1:], seg_lo + len(seg)]
-            ent_scores = np.maximum.reduceat(seg, starts - seg_lo)
-            kk = min(k, len(entities))
-            top = np.argpartition(-ent_scores, kk - 1)[:kk]
-            top = top[_best_first(ent_scores[top], entities[top])]
-            cands = []
-            for col in top:
-                lo, hi = int(starts[col]), int(ends[col])
-                best = lo + int(np.argmax(scores[lo:hi]))
-                cands.append(
-                    self._candidate(
-                        st, qv[row], int(entities[col]), int(forms[best]), float(ent_scores[col])
-                    )
-                )
-            out.append(cands)
-        return out
+            lex = row_dots(qlex[form_rows], st.lex_forms[forms])
+        scores = self._combine(scores[None, :], None if lex is None else lex[None, :])[0]
+        ent_scores = np.maximum.reduceat(scores, seg_starts)
+        best = segment_argmax(scores, ent_scores, seg_starts, seg_lens)
+        order, bounds = ragged_top(rows, entities, ent_scores, k, qv.shape[0])
+        return Hits(rows[order], entities[order], forms[best[order]], ent_scores[order], bounds)
 
     def _top_k(
         self,
@@ -484,58 +452,69 @@ class HybridIndex:
         k: int,
         allowed: npt.NDArray[np.bool_] | None,
         entities: npt.NDArray[np.int64] | None,
-    ) -> list[list[Candidate]]:
+    ) -> Hits:
         """Exact top-k over all entities (``entities`` None) or over a sorted subset."""
         if entities is None:
             form_scores = self._all_scores(st, qv, qlex)
-            forms = None
             ent_scores = np.maximum.reduceat(form_scores, st.starts, axis=1)
             if allowed is not None:
                 ent_scores[:, ~allowed] = -1.0  # below every real score (they are >= 0)
-            ent_ids = None
-            offsets = st.starts
+            offsets, counts = st.starts, st.counts
+            subset_forms = None
         else:
-            forms, offsets = _forms_of(st, entities)
-            form_scores = self._subset_scores(st, qv, qlex, forms)
+            subset_forms, offsets, counts = _forms_of(st, entities)
+            form_scores = self._subset_scores(st, qv, qlex, subset_forms)
             ent_scores = np.maximum.reduceat(form_scores, offsets, axis=1)
-            ent_ids = entities
-        n = ent_scores.shape[1]
-        kk = min(k, n)
-        if kk < n:
-            top = np.argpartition(-ent_scores, kk - 1, axis=1)[:, :kk]
-        else:
-            top = np.tile(np.arange(n), (ent_scores.shape[0], 1))
-        ends = np.r_[offsets[1:], form_scores.shape[1]]
-        out = []
-        for row in range(ent_scores.shape[0]):
-            positions = top[row] if ent_ids is None else ent_ids[top[row]]
-            idx = top[row][_best_first(ent_scores[row, top[row]], positions)]
-            cands = []
-            for col in idx:
-                start, end = int(offsets[col]), int(ends[col])
-                best = start + int(np.argmax(form_scores[row, start:end]))
-                form = best if forms is None else int(forms[best])
-                entity = int(col) if ent_ids is None else int(ent_ids[col])
-                cands.append(
-                    self._candidate(st, qv[row], entity, form, float(ent_scores[row, col]))
-                )
-            out.append(cands)
-        return out
+        cols = dense_top(ent_scores, min(k, ent_scores.shape[1]))
+        n_rows, kk = cols.shape
+        rows = np.repeat(np.arange(n_rows, dtype=np.int64), kk)
+        flat = cols.ravel()
+        scores = ent_scores[rows, flat]
+        if st.single_form and subset_forms is None:
+            best = flat  # one form per entity: its form is the entity's position
+        else:  # the first best form of each chosen entity
+            lens = counts[flat]
+            starts = np.cumsum(lens) - lens
+            cand = np.repeat(offsets[flat] - starts, lens) + np.arange(int(lens.sum()))
+            values = form_scores[np.repeat(rows, lens), cand]
+            best = cand[segment_argmax(values, scores, starts, lens)]
+        if entities is not None and subset_forms is not None:
+            flat, best = entities[flat], subset_forms[best]
+        bounds = np.arange(0, n_rows * kk + 1, kk, dtype=np.int64)
+        return Hits(rows, flat, best, scores, bounds)
 
-    def _candidate(self, st: _State, qvec: F32, entity: int, form: int, score: float) -> Candidate:
-        dense = float(qvec @ np.asarray(st.vectors[form], dtype=np.float32))
+    def _candidates(self, st: _State, qv: F32, hits: Hits) -> list[list[Candidate]]:
+        """The batch's candidate lists from its flat hits (scores reported to 6 decimals)."""
+        vecs = np.asarray(st.vectors[hits.forms], dtype=np.float32)
+        dense = np.einsum("ij,ij->i", vecs, qv[hits.rows]).astype(np.float64)
+        score = hits.scores.astype(np.float64)
         w = self.lexical_weight
-        # the lexical part, recovered from the combined score (exact unless clipped)
-        lexical = (score - (1.0 - w) * dense) / w if w > 0 else None
-        ent = st.catalog.entities[entity]
-        return Candidate(
-            entity_id=ent.id,
-            name=ent.name,
-            score=round(score, 6),
-            dense_score=round(dense, 6),
-            lexical_score=None if lexical is None else round(min(max(lexical, 0.0), 1.0), 6),
-            matched_form=st.catalog.forms[form],
-        )
+        scores = [round(x, 6) for x in score.tolist()]
+        denses = [round(x, 6) for x in dense.tolist()]
+        lexicals: list[float | None]
+        if w > 0:
+            # the lexical part, recovered from the combined score (exact unless clipped)
+            lexical = np.clip((score - (1.0 - w) * dense) / w, 0.0, 1.0)
+            lexicals = [round(x, 6) for x in lexical.tolist()]
+        else:
+            lexicals = [None] * len(scores)
+        ids, names, forms = st.entity_ids, st.entity_names, st.catalog.forms
+        make = Candidate.model_construct  # the fields are of their types: no validation
+        flat = [
+            make(
+                entity_id=ids[e],
+                name=names[e],
+                score=s,
+                dense_score=d,
+                lexical_score=x,
+                matched_form=forms[f],
+            )
+            for e, f, s, d, x in zip(
+                hits.entities.tolist(), hits.forms.tolist(), scores, denses, lexicals, strict=True
+            )
+        ]
+        b = hits.bounds.tolist()
+        return [flat[b[i] : b[i + 1]] for i in range(len(b) - 1)]
 
     # -- incremental updates -------------------------------------------------------------
 
@@ -598,9 +577,9 @@ class HybridIndex:
                 form_entity=owners,
                 by_id={e.id: i for i, e in enumerate(entities)},
             )
-            lex = None if st.lex_forms is None else _keep_rows(st.lex_forms, keep_forms, new_lex)
+            lex = None if st.lex_forms is None else keep_rows(st.lex_forms, keep_forms, new_lex)
             slots = np.concatenate([st.slots[kept], new_slots]).astype(np.int64)
-            vectors = _take_rows(st.vectors, kept, new_vectors)
+            vectors = take_rows(st.vectors, kept, new_vectors)
             new_state = _state(catalog, vectors, lex, slots)
             rare = self._rare_ngrams(new_state)
             if self._ann is not None:
@@ -793,12 +772,3 @@ class HybridIndex:
         )
         loaded.version = int(manifest.get("version", 0))
         return loaded
-
-
-def _best_first(scores: npt.NDArray[np.float32], entities: npt.NDArray[np.int64]) -> Any:
-    """Order best first by the score as reported (6 decimals), ties in catalog order.
-
-    Duplicate entities differ only by float noise that depends on how the texts were
-    batched; their order must not (it decides "top" answers).
-    """
-    return np.lexsort((entities, -np.round(scores, 6)))

@@ -67,24 +67,27 @@ def shortlist(
     inverted: sp.csr_matrix,
     rare: npt.NDArray[np.bool_],
     n: int,
-) -> list[I64]:
+) -> tuple[I64, I64]:
     """Per query, up to ``n`` form positions with the highest score over rare n-grams.
 
     Args:
         queries: (queries x n-grams) TF-IDF rows.
         inverted: (n-grams x forms) postings with TF-IDF weights.
         rare: per n-gram, whether its postings are short enough to read.
+
+    Returns:
+        Flat ``(rows, forms)``: the query (row of ``queries``) and one of its forms, by row.
     """
     q = queries.tocsr(copy=True)
     q.data = q.data * rare[q.indices]
     q.eliminate_zeros()
     scores = (q @ inverted).tocsr()
-    out: list[I64] = []
-    for row in range(scores.shape[0]):
+    lens = np.diff(scores.indptr)
+    keep = np.ones(len(scores.data), dtype=bool)
+    for row in np.flatnonzero(lens > n).tolist():  # only long rows need choosing
         lo, hi = scores.indptr[row], scores.indptr[row + 1]
-        data, cols = scores.data[lo:hi], scores.indices[lo:hi]
-        if hi - lo > n:
-            keep = np.argpartition(-data, n - 1)[:n]
-            cols = cols[keep]
-        out.append(np.asarray(cols, dtype=np.int64))
-    return out
+        cut = np.ones(hi - lo, dtype=bool)
+        cut[np.argpartition(-scores.data[lo:hi], n - 1)[:n]] = False
+        keep[lo:hi][cut] = False
+    rows = np.repeat(np.arange(scores.shape[0], dtype=np.int64), lens)
+    return rows[keep], scores.indices[keep].astype(np.int64)

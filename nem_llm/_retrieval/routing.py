@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
 from .._text import fold
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 __all__ = ["Route", "RouteFeatures", "RouteKind", "features", "route"]
 
 RouteKind = Literal["matched", "novel", "adjudicate"]
+
+# the candidates' names recur from query to query: each is folded once (bounded)
+_fold = lru_cache(maxsize=1 << 16)(fold)
 
 
 @dataclass(frozen=True)
@@ -62,16 +66,16 @@ def features(query: str, candidates: Sequence[Candidate], *, detail: bool = True
     compatible = name_compatible(query, candidates) is not None
     top = candidates[0]
     runner_up = candidates[1] if len(candidates) > 1 else None
-    top_form = fold(top.matched_form or top.name)
-    q = fold(query)
+    top_form = _fold(top.matched_form or top.name)
+    q = _fold(query)
     # an exact hit is unique only if no other candidate's name is a near twin of the query:
     # one that contains it ("Chinook" vs "Chinook Jargon", "Moba" vs "Bimoba": the mention
     # may mean either) or is one edit from it ("Bubi" vs "Bube", "Kwa" vs "Kwa'": a mention
     # of one, spelt the way another language spells it, is exactly the other's name)
     exact = q == top_form and not any(
-        _near_twin(q, fold(form)) for c in candidates[1:] for form in _forms(c)
+        _near_twin(q, _fold(form)) for c in candidates[1:] for form in _forms(c)
     )
-    same = runner_up is not None and fold(runner_up.matched_form or runner_up.name) == top_form
+    same = runner_up is not None and _fold(runner_up.matched_form or runner_up.name) == top_form
     margin = top.score - (runner_up.score if runner_up is not None else 0.0)
     if not detail:
         return RouteFeatures(
