@@ -307,24 +307,22 @@ def _read_csv(
                 line=1,
             )
     start = reader.line_num + 1  # the line the next record starts on
+    n_lines = text.count("\n") + (0 if text.endswith("\n") else 1)
     for row in reader:
         # an empty cell is an absent value (an empty id or name stays, to be reported)
         keep = {columns.id, columns.name}
         cells = {k: v for k, v in row.items() if k is not None and (v != "" or k in keep)}
-        _check_closed(text, start, reader.line_num, path)
+        if reader.line_num > start and reader.line_num >= n_lines:  # the last record
+            _check_closed(text, start, reader.line_num, path)
         yield start, columns.remap(cells, from_csv=True)
         start = reader.line_num + 1
 
 
 def _check_closed(text: str, start: int, end: int, path: Path) -> None:
     """A quote that is never closed swallows every later line into one field (the csv
-    module says nothing): a record that runs to the end of the file over several lines with
-    an odd number of quotes is that, and the catalog is refused naming the line."""
-    if end == start:
-        return
+    module says nothing): the last record, run over several lines to the end of the file
+    with an odd number of quotes, is that, and the catalog is refused naming the line."""
     lines = text.split("\n")
-    if end < len(lines) - (1 if text.endswith("\n") else 0):
-        return  # the record ended before the file did: its quotes closed
     if "\n".join(lines[start - 1 : end]).count('"') % 2:
         raise CatalogError(
             "a quote opened on this line is never closed: the rest of the file would be one field",
