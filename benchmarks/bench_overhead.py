@@ -244,13 +244,13 @@ async def _overhead_case(
             gov = Governor(Limits(concurrency=concurrency, timeout=120.0), model=SIM_MODEL)
 
             # as the matcher calls it: re-asks paced by the governor where supported
-            paced = "pace" in inspect.signature(adj.decide).parameters
+            paced = "pace" in inspect.signature(adj.decide_async).parameters
             extra: dict[str, Any] = {"pace": gov.pace_async} if paced else {}
 
             async def one(i: int) -> Any:
                 m = prep.messages[i]
                 return await gov.call_async(
-                    lambda: adj.decide(m, prep.ids[i], request_timeout=120.0, **extra),
+                    lambda: adj.decide_async(m, prep.ids[i], request_timeout=120.0, **extra),
                     estimated_tokens=estimate_tokens(m),
                     usage_of=lambda d: d.usage,
                 )
@@ -331,7 +331,8 @@ def _count_retrieval_cpu(matcher: Any) -> list[float]:
     their spin-waiting shows up in the remainder, as it does in a user's process.
     """
     spent = [0.0]
-    retrieve = matcher._retrieve_batch
+    runtime = matcher._runtime  # the micro-batcher calls its search function per batch
+    retrieve = runtime._search
 
     def timed(items: Any) -> Any:
         t0 = time.thread_time()
@@ -340,7 +341,7 @@ def _count_retrieval_cpu(matcher: Any) -> list[float]:
         finally:
             spent[0] += time.thread_time() - t0
 
-    matcher._retrieve_batch = timed
+    runtime._search = timed
     return spent
 
 
