@@ -6,11 +6,59 @@ semicolons); the header line says which: the candidate seen most often outside q
 
 from __future__ import annotations
 
-__all__ = ["SNIFFED_DELIMITERS", "delimiter_hint", "sniff_delimiter"]
+from collections.abc import Iterable
+
+__all__ = [
+    "CSV_QUOTED",
+    "SNIFFED_DELIMITERS",
+    "delimiter_hint",
+    "ends_inside_quotes",
+    "scan_csv_line",
+    "sniff_delimiter",
+]
 
 #: Delimiters a header line is sniffed for (``.csv`` files without an explicit one).
 SNIFFED_DELIMITERS = (",", ";", "\t", "|")
 _NAMES = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
+
+
+# States of a simplified copy of the csv module's parser, used to find where a record ends
+# when the csv module cannot say (a quote never closed: it reads to the end of the file).
+_CSV_START, _CSV_FIELD, CSV_QUOTED, _CSV_AFTER_QUOTE = range(4)
+
+
+def scan_csv_line(text: str, state: int, delimiter: str) -> int:
+    """Return the CSV parser state after ``text``; ``CSV_QUOTED`` means the record goes on."""
+    i = 0
+    n = len(text)
+    while i < n:
+        if state == CSV_QUOTED:
+            j = text.find('"', i)
+            if j < 0:
+                return CSV_QUOTED
+            state, i = _CSV_AFTER_QUOTE, j + 1
+            continue
+        c = text[i]
+        i += 1
+        if state == _CSV_FIELD:
+            if c == delimiter or c in "\r\n":
+                state = _CSV_START
+        elif c == '"':
+            state = CSV_QUOTED  # opens a quoted field, or (after a quote) is an escaped quote
+        elif c == delimiter or c in "\r\n":
+            state = _CSV_START
+        else:
+            state = _CSV_FIELD
+    return state
+
+
+def ends_inside_quotes(lines: Iterable[str], delimiter: str) -> bool:
+    """Whether a record's physical lines leave a quoted field open (its quote is never
+    closed)."""
+    state = _CSV_START
+    for text in lines:
+        state = scan_csv_line(text, CSV_QUOTED if state == CSV_QUOTED else _CSV_START, delimiter)
+    return state == CSV_QUOTED
 
 
 def _count_outside_quotes(text: str, delimiter: str) -> int:

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from pydantic import ValidationError
 
 from ._parquet import PARQUET_SUFFIX, iter_parquet_rows
-from ._sniff import delimiter_hint, sniff_delimiter
+from ._sniff import delimiter_hint, ends_inside_quotes, sniff_delimiter
 from .errors import CatalogError, ConfigError
 from .models import Entity
 
@@ -313,17 +313,17 @@ def _read_csv(
         keep = {columns.id, columns.name}
         cells = {k: v for k, v in row.items() if k is not None and (v != "" or k in keep)}
         if reader.line_num > start and reader.line_num >= n_lines:  # the last record
-            _check_closed(text, start, reader.line_num, path)
+            _check_closed(text, start, reader.line_num, delimiter, path)
         yield start, columns.remap(cells, from_csv=True)
         start = reader.line_num + 1
 
 
-def _check_closed(text: str, start: int, end: int, path: Path) -> None:
+def _check_closed(text: str, start: int, end: int, delimiter: str, path: Path) -> None:
     """A quote that is never closed swallows every later line into one field (the csv
     module says nothing): the last record, run over several lines to the end of the file
-    with an odd number of quotes, is that, and the catalog is refused naming the line."""
-    lines = text.split("\n")
-    if "\n".join(lines[start - 1 : end]).count('"') % 2:
+    and still inside quotes (the queries' reader scans the same way), is that, and the
+    catalog is refused naming the line."""
+    if ends_inside_quotes(text.split("\n")[start - 1 : end], delimiter):
         raise CatalogError(
             "a quote opened on this line is never closed: the rest of the file would be one field",
             source=str(path),

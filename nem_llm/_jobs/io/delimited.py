@@ -12,41 +12,12 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ..._sniff import delimiter_hint, sniff_delimiter
+from ..._sniff import CSV_QUOTED, delimiter_hint, ends_inside_quotes, scan_csv_line, sniff_delimiter
 from ...errors import InputError
 from ._lines import EncodingErrors, decode_line, line_cap, open_binary, physical_lines
 from .rows import QueryRow, ReadOptions, Schema, error_row
 
 __all__ = ["read_delimited_queries"]
-
-# States of a simplified copy of the csv module's parser, used only to find where a record
-# ends after the csv module gave up on it (see _skip_rest_of_record).
-_START, _FIELD, _QUOTED, _AFTER_QUOTE = range(4)
-
-
-def _scan_csv_line(text: str, state: int, delimiter: str) -> int:
-    """Return the CSV parser state after ``text``; ``_QUOTED`` means the record goes on."""
-    i = 0
-    n = len(text)
-    while i < n:
-        if state == _QUOTED:
-            j = text.find('"', i)
-            if j < 0:
-                return _QUOTED
-            state, i = _AFTER_QUOTE, j + 1
-            continue
-        c = text[i]
-        i += 1
-        if state == _FIELD:
-            if c == delimiter or c in "\r\n":
-                state = _START
-        elif c == '"':
-            state = _QUOTED  # opens a quoted field, or (after a quote) is an escaped quote
-        elif c == delimiter or c in "\r\n":
-            state = _START
-        else:
-            state = _FIELD
-    return state
 
 
 class _LineFeeder:
@@ -127,15 +98,12 @@ def _skip_rest_of_record(feeder: _LineFeeder, delimiter: str) -> bool:
     scanned, never kept, so a long field costs time, not memory. Returns False when the
     quote is never closed (the scan ran to the end of the file).
     """
-    state = _START
-    for text in feeder.record_lines:
-        state = _scan_csv_line(text, _QUOTED if state == _QUOTED else _START, delimiter)
-    if state != _QUOTED:
+    if not ends_inside_quotes(feeder.record_lines, delimiter):
         return True
     feeder.keep = False
     try:
         for text in feeder:
-            if _scan_csv_line(text, _QUOTED, delimiter) != _QUOTED:
+            if scan_csv_line(text, CSV_QUOTED, delimiter) != CSV_QUOTED:
                 return True
     finally:
         feeder.keep = True
