@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .._text import fold, validate_query
 from ..config import Thresholds
@@ -83,6 +83,14 @@ _WORKLOAD_POOL = 20_000
 _WORKLOAD_SEED = 0
 # workload queries the label-free novel route is checked on (retrieved once at fit)
 _CHECK_POOL = 2_000
+T = TypeVar("T")
+
+
+def _drawn(items: list[T], cap: int) -> list[T]:
+    """``items``, or a seeded sample of ``cap`` of them when there are more."""
+    return random.Random(_WORKLOAD_SEED).sample(items, cap) if len(items) > cap else items
+
+
 # extra candidates retrieved per probe: its own entity may be among them (see calibration)
 _PROBE_EXTRA = 1
 
@@ -244,9 +252,7 @@ class Fitter:
         (:func:`~nem_llm._retrieval.workload.workload_check`)."""
         if novel_ceiling(calibration) is None:
             return calibration
-        pool = list(dict.fromkeys(workload))
-        if len(pool) > _CHECK_POOL:
-            pool = random.Random(_WORKLOAD_SEED).sample(pool, _CHECK_POOL)
+        pool = _drawn(list(dict.fromkeys(workload)), _CHECK_POOL)
         found = await self.retriever.retrieve_many_async(pool, max(self.settings.top_k, 2))
         thresholds = Thresholds.from_calibration(calibration)
         below = sum(
@@ -263,9 +269,7 @@ class Fitter:
         are too few, or no field the catalog shares)."""
         if len(records) < MIN_RECORDS:
             return None
-        pool = list(records)
-        if len(pool) > _WORKLOAD_POOL:
-            pool = random.Random(_WORKLOAD_SEED).sample(pool, _WORKLOAD_POOL)
+        pool = _drawn(list(records), _WORKLOAD_POOL)
         k = max(self.settings.top_k, 2)
         found = await self.retriever.retrieve_many_async([q for q, _ in pool], k)
         loop = asyncio.get_running_loop()
@@ -343,10 +347,7 @@ class Fitter:
         the routing model is fit on them (and any labels given). ``labelled`` and
         ``label_usage`` in the calibration say how many were labelled and what it cost.
         """
-        rng = random.Random(_WORKLOAD_SEED)
-        pool = list(dict.fromkeys(workload))
-        if len(pool) > _WORKLOAD_POOL:
-            pool = rng.sample(pool, _WORKLOAD_POOL)
+        pool = _drawn(list(dict.fromkeys(workload)), _WORKLOAD_POOL)
         k = max(self.settings.top_k, 2)
         found = await self.retriever.retrieve_many_async(pool, k)
         feats = [features(q, c, detail=False) for q, c in zip(pool, found, strict=True)]
